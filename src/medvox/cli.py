@@ -1,0 +1,249 @@
+"""The ``medvox`` command line: each subcommand parses its flags and calls one API function.
+
+The original pipeline's flags keep working verbatim, e.g.::
+
+    medvox train --fold 0 --pretrained-path pretrained/medicalnet_resnet50_3d.pth --lr 2e-4 \
+        --batch_size 6 --epochs 60 --optimizer adam --loss LDAM --multi_gpu --gpu --amp
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+from medvox import config as config_mod
+
+# flag dest -> dotted config key; every flag defaults to None so "unset" never overrides
+_DATA_FLAGS = {
+    "data": "data.path",
+    "image_col": "data.image_cols",
+    "label_col": "data.label_col",
+    "group_col": "data.group_col",
+    "fold_col": "data.fold_col",
+    "id_col": "data.id_col",
+    "cache_dir": "data.cache_dir",
+    "folds": "data.folds",
+    "split_seed": "data.split_seed",
+    "skip_bad": "data.skip_bad",
+    "target_shape": "data.target_shape",
+    "target_spacing": "data.target_spacing",
+    "normalization": "data.normalization",
+    "workers": "data.workers",
+}
+_TRAIN_FLAGS = {
+    "model": "model.name",
+    "pretrained_path": "model.pretrained_path",
+    "allow_partial": "model.allow_partial",
+    "head_lr_mult": "model.head_lr_mult",
+    "dropout": "model.dropout",
+    "lr": "optim.lr",
+    "weight_decay": "optim.weight_decay",
+    "optimizer": "optim.optimizer",
+    "scheduler": "optim.scheduler",
+    "loss": "loss.name",
+    "label_smoothing": "loss.label_smoothing",
+    "drw_start": "loss.drw_start",
+    "fold": "train.fold",
+    "epochs": "train.epochs",
+    "batch_size": "train.batch_size",
+    "gradient_accumulation_steps": "train.grad_accum",
+    "grad_clip": "train.grad_clip",
+    "ema_decay": "train.ema_decay",
+    "early_stopping": "train.early_stopping",
+    "monitor": "train.monitor",
+    "precision": "train.precision",
+    "amp": "train.amp",
+    "gpu": "train.gpu",
+    "multi_gpu": "train.multi_gpu",
+    "seed": "train.seed",
+    "deterministic": "train.deterministic",
+    "resume": "train.resume",
+    "output": "train.output",
+    "run_name": "train.run_name",
+    "plots": "train.plots",
+    "compile": "train.compile",
+    "threads": "train.threads",
+    "no_augment": "augment.enabled",
+}
+
+
+def _add_data_args(p: argparse.ArgumentParser, positional: bool = False) -> None:
+    if positional:
+        p.add_argument("data", help="a CSV/TSV manifest, a MedMNIST .npz, or a folder with one sub-folder per class")
+    else:
+        p.add_argument("--data", help="a CSV/TSV manifest, a MedMNIST .npz, or a folder-per-class (default: demo data)")
+    p.add_argument("--image-col", "--image_col", dest="image_col", action="append",
+                   help="manifest image column; repeat for multi-channel input (default: image)")
+    p.add_argument("--label-col", "--label_col", dest="label_col", help="manifest label column (default: label)")
+    p.add_argument("--group-col", "--group_col", dest="group_col", help="patient/group column (default: patient_id)")
+    p.add_argument("--fold-col", "--fold_col", dest="fold_col", help="column with a fixed fold (default: fold)")
+    p.add_argument("--id-col", "--id_col", dest="id_col", help="case id column (default: id; else the row)")
+    p.add_argument("--cache-dir", "--cache_dir", dest="cache_dir", help="preprocessing cache (default ~/.cache/medvox)")
+    p.add_argument("--folds", type=int, help="k of k-fold cross-validation (default 5)")
+    p.add_argument("--split-seed", "--split_seed", dest="split_seed", type=int, help="seed of the fold split")
+    p.add_argument("--skip-bad", "--skip_bad", dest="skip_bad", action="store_const", const=True,
+                   help="skip bad cases (listed in skipped_cases.json) instead of stopping")
+    p.add_argument("--target-shape", "--target_shape", dest="target_shape", type=int, nargs=3, metavar=("D", "H", "W"))
+    p.add_argument("--target-spacing", "--target_spacing", dest="target_spacing", type=float, nargs=3,
+                   metavar=("SZ", "SY", "SX"))
+    p.add_argument("--normalization", choices=["ct", "zscore", "minmax", "none"])
+    p.add_argument("--workers", type=int, help="preprocessing processes (default: auto)")
+
+
+def _add_train_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="YAML/JSON experiment config (flags override it)")
+    _add_data_args(p)
+    p.add_argument("--model", help="registered model name (default resnet50); see `medvox models`")
+    p.add_argument("--pretrained-path", "--pretrained_path", dest="pretrained_path",
+                   help="local MedicalNet / Swin UNETR checkpoint (.pth)")
+    p.add_argument("--allow-partial", "--allow_partial", dest="allow_partial", action="store_const", const=True,
+                   help="accept a checkpoint with missing or mismatched backbone tensors")
+    p.add_argument("--head-lr-mult", "--head_lr_mult", dest="head_lr_mult", type=float,
+                   help="learning-rate multiplier for new head layers (MedicalNet used 10-100)")
+    p.add_argument("--dropout", type=float, help="dropout before the classifier (default 0.4)")
+    p.add_argument("--lr", type=float, help="peak learning rate (default 2e-4)")
+    p.add_argument("--weight-decay", "--weight_decay", dest="weight_decay", type=float)
+    p.add_argument("--optimizer", choices=["adam", "adamw", "sgd"], help="default adam")
+    p.add_argument("--scheduler", choices=["cosine", "step", "plateau", "none"], help="default cosine")
+    p.add_argument("--loss", choices=["CE", "weighted_CE", "focal", "LDAM"], help="default LDAM")
+    p.add_argument("--label-smoothing", "--label_smoothing", dest="label_smoothing", type=float)
+    p.add_argument("--drw-start", "--drw_start", dest="drw_start", type=float,
+                   help="fraction of epochs after which LDAM's deferred re-weighting starts (default 0.8)")
+    p.add_argument("--fold", type=int, help="validation fold (default 0)")
+    p.add_argument("--epochs", type=int, help="default 60")
+    p.add_argument("--batch_size", "--batch-size", dest="batch_size", type=int, help="default 6")
+    p.add_argument("--gradient_accumulation_steps", "--gradient-accumulation-steps", "--grad-accum",
+                   dest="gradient_accumulation_steps", type=int, help="default 2")
+    p.add_argument("--grad_clip", "--grad-clip", dest="grad_clip", type=float, help="global norm (default 0.5)")
+    p.add_argument("--ema_decay", "--ema-decay", dest="ema_decay", type=float, help="0 disables EMA (default 0.999)")
+    p.add_argument("--early_stopping", "--early-stopping", dest="early_stopping", type=int,
+                   help="patience in epochs, 0 disables (default 7)")
+    p.add_argument("--monitor", help="validation metric for best checkpoints (default auc)")
+    p.add_argument("--precision", choices=["auto", "bf16", "fp16", "fp32"])
+    p.add_argument("--amp", action="store_const", const=True, help="mixed precision (bf16 where supported, else fp16)")
+    p.add_argument("--gpu", action="store_const", const=True, help="train on a GPU")
+    p.add_argument("--multi_gpu", "--multi-gpu", dest="multi_gpu", action="store_const", const=True,
+                   help="DDP over all visible GPUs")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--deterministic", action="store_const", const=True, help="bit-reproducible on CPU")
+    p.add_argument("--resume", action="store_const", const=True, help="continue from last.pt")
+    p.add_argument("--output", help="results root (default results/)")
+    p.add_argument("--run-name", "--run_name", dest="run_name", help="sub-folder under --output (default: model)")
+    p.add_argument("--plots", choices=["all", "best_last"], help="per-epoch confusion/ROC images to keep")
+    p.add_argument("--compile", action="store_const", const=True, help="torch.compile the model")
+    p.add_argument("--threads", type=int, help="CPU threads (default: all cores)")
+    p.add_argument("--no-augment", "--no_augment", dest="no_augment", action="store_const", const=False)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="any config key, e.g. --set augment.prob=0.5")
+
+
+def _overrides(args: argparse.Namespace, table: dict[str, str]) -> dict[str, Any]:
+    out = {key: getattr(args, dest) for dest, key in table.items() if getattr(args, dest, None) is not None}
+    for item in getattr(args, "set", []) or []:
+        if "=" not in item:
+            raise config_mod.ConfigError(f"--set expects KEY=VALUE, got {item!r}")
+        key, value = item.split("=", 1)
+        out[key.strip()] = value.strip()
+    return out
+
+
+def config_from_args(args: argparse.Namespace, table: dict[str, str] | None = None) -> config_mod.ExperimentConfig:
+    table = table if table is not None else {**_DATA_FLAGS, **_TRAIN_FLAGS}
+    return config_mod.resolve(getattr(args, "config", None), _overrides(args, table))
+
+
+def _cmd_check(args: argparse.Namespace) -> int:
+    from medvox.data.check import check_data
+
+    cfg = config_from_args(args, _DATA_FLAGS)
+    report = check_data(cfg.data)
+    print(report.format())
+    return 0 if report.ok else 1
+
+
+def _cmd_make_demo(args: argparse.Namespace) -> int:
+    from medvox.data.demo import make_demo_data
+
+    manifest = make_demo_data(Path(args.out), n_cases=args.n_cases, seed=args.seed)
+    print(f"demo data written: {manifest}")
+    return 0
+
+
+def _cmd_prepare(args: argparse.Namespace) -> int:
+    from medvox.data import prepare
+
+    cfg = config_from_args(args, _DATA_FLAGS)
+    prepared = prepare(cfg.data)
+    print(prepared.summary())
+    return 0
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from medvox.engine import train
+
+    cfg = config_from_args(args)
+    train(cfg)
+    return 0
+
+
+def _cmd_models(args: argparse.Namespace) -> int:
+    from medvox.models import list_models
+
+    print("\n".join(list_models()))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="medvox", description=__doc__.splitlines()[0])
+    from medvox import __version__
+
+    parser.add_argument("--version", action="version", version=f"medvox {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("check", help="check a dataset: every problem, by row and file, before anything runs")
+    _add_data_args(p, positional=True)
+    p.set_defaults(func=_cmd_check)
+
+    p = sub.add_parser("make-demo-data", help="write the synthetic CT demo dataset (.nii.gz + manifest)")
+    p.add_argument("out", help="output folder")
+    p.add_argument("--n-cases", "--n_cases", dest="n_cases", type=int, default=200)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_cmd_make_demo)
+
+    p = sub.add_parser("prepare", help="check, fingerprint, preprocess into the cache and split a dataset")
+    _add_data_args(p, positional=True)
+    p.set_defaults(func=_cmd_prepare)
+
+    p = sub.add_parser("train", help="train one fold")
+    _add_train_args(p)
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("models", help="list the registered models")
+    p.set_defaults(func=_cmd_models)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except config_mod.ConfigError as exc:
+        print(f"medvox: config error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("medvox: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # a clear one-line error for the errors we raise on purpose
+        from medvox.errors import MedvoxError
+
+        if isinstance(exc, MedvoxError):
+            print(f"medvox: error: {exc}", file=sys.stderr)
+            return exc.exit_code
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())
