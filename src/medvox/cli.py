@@ -57,6 +57,7 @@ _TRAIN_FLAGS = {
     "amp": "train.amp",
     "gpu": "train.gpu",
     "multi_gpu": "train.multi_gpu",
+    "devices": "train.devices",
     "seed": "train.seed",
     "deterministic": "train.deterministic",
     "resume": "train.resume",
@@ -126,6 +127,7 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gpu", action="store_const", const=True, help="train on a GPU")
     p.add_argument("--multi_gpu", "--multi-gpu", dest="multi_gpu", action="store_const", const=True,
                    help="DDP over all visible GPUs")
+    p.add_argument("--devices", type=int, help="number of DDP processes (e.g. 2 on CPU with gloo); default 1")
     p.add_argument("--seed", type=int)
     p.add_argument("--deterministic", action="store_const", const=True, help="bit-reproducible on CPU")
     p.add_argument("--resume", action="store_const", const=True, help="continue from last.pt")

@@ -121,6 +121,7 @@ class TrainConfig:
     amp: bool = False
     gpu: bool = False
     multi_gpu: bool = False
+    devices: int | None = None  # processes (DDP when > 1); None: 1, or every visible GPU with multi_gpu
     seed: int = 42
     deterministic: bool = False
     resume: bool = False

@@ -1,0 +1,83 @@
+"""The training engine: ``train(cfg)`` trains one fold (see ``trainer.FoldTrainer``)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+
+from medvox.config import ExperimentConfig
+from medvox.errors import DataError, TrainingError
+
+log = logging.getLogger("medvox")
+
+
+def _setup_logging(run_dir: Path | None, is_zero: bool) -> None:
+    log.setLevel(logging.INFO if is_zero else logging.WARNING)
+    log.propagate = False
+    for h in list(log.handlers):
+        if getattr(h, "_medvox", False):
+            log.removeHandler(h)
+            h.close()
+    handlers = [logging.StreamHandler(sys.stdout)]
+    if run_dir is not None and is_zero:
+        handlers.append(logging.FileHandler(run_dir / "train.log", encoding="utf-8"))
+    for h in handlers:
+        h.setFormatter(logging.Formatter("%(message)s"))
+        h._medvox = True
+        log.addHandler(h)
+    logging.getLogger("medvox.models").parent = log
+
+
+def _finished(run_dir: Path) -> dict | None:
+    """The metrics of a fold that ran to its end (with a final evaluation), else None."""
+    path = run_dir / "metrics.json"
+    if not path.exists():
+        return None
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+    return doc if "final" in doc else None
+
+
+def train(cfg: ExperimentConfig) -> dict:
+    """Train fold ``cfg.train.fold`` and write its run folder; returns the final ``metrics.json`` content.
+
+    Example:
+        >>> from medvox.config import resolve
+        >>> cfg = resolve(overrides={"data.path": "demo_data/manifest.csv", "model.name": "resnet10",
+        ...                          "train.epochs": 2})
+        >>> metrics = train(cfg)  # writes results/resnet10/fold_0/{best,best_ema,last}.pt, metrics.json, ...
+    """
+    from medvox.data import prepare
+    from medvox.engine.setup import fold_dir, make_fabric, resume_state, seed_everything
+    from medvox.engine.trainer import FoldTrainer
+
+    if not cfg.data.path:
+        raise DataError("no --data given: pass a manifest (.csv/.tsv), a MedMNIST .npz or a folder-per-class "
+                        "(try `medvox make-demo-data demo_data` and --data demo_data/manifest.csv)")
+    if not 0 <= cfg.train.fold < cfg.data.folds:
+        raise TrainingError(f"--fold {cfg.train.fold} is outside 0..{cfg.data.folds - 1} for --folds {cfg.data.folds}")
+    fabric = make_fabric(cfg.train)
+    fabric.launch()
+    seed_everything(cfg.train.seed, cfg.train.deterministic, cfg.train.threads)
+    _setup_logging(None, fabric.is_global_zero)
+    run_dir = fold_dir(cfg)
+    done = _finished(run_dir) if cfg.train.resume else None
+    if done is not None:
+        log.info("%s is already finished (%s); nothing to resume", run_dir, done["status"])
+        return done
+    state = resume_state(cfg, run_dir)  # refuses to touch an existing run before anything is written
+    prepared = prepare(cfg.data, progress=fabric.is_global_zero)
+    if fabric.is_global_zero:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    fabric.barrier()
+    _setup_logging(run_dir, fabric.is_global_zero)
+    log.info("training %s on fold %d of %d (%s, precision %s, %d process(es)) -> %s", cfg.model.name,
+             cfg.train.fold, cfg.data.folds, fabric.device, fabric._precision.precision, fabric.world_size, run_dir)
+    trainer = FoldTrainer(cfg, fabric, prepared, run_dir)
+    if state is not None:
+        trainer.load_state(state)
+    return trainer.fit()

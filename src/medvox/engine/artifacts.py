@@ -1,0 +1,123 @@
+"""Everything a fold writes besides checkpoints: metrics.json, CSV and TensorBoard logs, plots,
+prediction tables. Only rank 0 calls these."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from medvox.evaluation.metrics import to_jsonable
+
+
+def write_json(obj: Any, path: str | Path) -> None:
+    """JSON-safe (NumPy/torch types converted, NaN -> null) and atomic."""
+    path = Path(path)
+    text = json.dumps(to_jsonable(obj), indent=2, allow_nan=False) + "\n"
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _flatten(entry: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for key, value in entry.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(_flatten(value, name + "/"))
+        elif not isinstance(value, list):
+            out[name] = value
+    return out
+
+
+class EpochLogger:
+    """Appends one row per epoch to ``log.csv`` and scalars to TensorBoard (``tensorboard/``)."""
+
+    def __init__(self, run_dir: Path):
+        self.csv_path = run_dir / "log.csv"
+        self.tb_dir = run_dir / "tensorboard"
+        self._writer = None
+
+    def _tb(self):
+        if self._writer is None:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:  # TensorBoard is optional at run time
+                return None
+            self._writer = SummaryWriter(log_dir=str(self.tb_dir))
+        return self._writer
+
+    def rewrite(self, history: list[dict]) -> None:
+        """Rewrite the CSV from the full history (so a resumed run has no duplicate rows)."""
+        rows = [_flatten(to_jsonable(h)) for h in history]
+        keys = list(dict.fromkeys(k for row in rows for k in row))
+        tmp = self.csv_path.with_suffix(".csv.tmp")
+        with open(tmp, "w", newline="", encoding="utf-8") as fh:
+            writer = csv.DictWriter(fh, fieldnames=keys)
+            writer.writeheader()
+            writer.writerows(rows)
+        os.replace(tmp, self.csv_path)
+
+    def log(self, entry: dict, history: list[dict]) -> None:
+        self.rewrite(history)
+        writer = self._tb()
+        if writer is None:
+            return
+        for key, value in _flatten(to_jsonable(entry)).items():
+            if isinstance(value, (int, float)) and key != "epoch" and value is not None:
+                writer.add_scalar(key, value, entry["epoch"])
+        writer.flush()
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+
+
+def write_predictions(path: Path, case_ids: list[str], groups: list[str], labels: np.ndarray,
+                      probs: np.ndarray, classes: list[str], extra: dict[str, Any] | None = None) -> None:
+    """A CSV with one row per case: id, patient, label, per-class probabilities, predicted class."""
+    extra = extra or {}
+    with open(path, "w", newline="", encoding="utf-8") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["case_id", "patient_id", "label", *[f"prob_{c}" for c in classes], "predicted",
+                         *extra.keys()])
+        for i, cid in enumerate(case_ids):
+            label = classes[int(labels[i])] if labels[i] >= 0 else ""
+            writer.writerow([cid, groups[i], label, *[f"{p:.6f}" for p in probs[i]],
+                             classes[int(np.argmax(probs[i]))], *extra.values()])
+
+
+def epoch_plots(run_dir: Path, tag: str, labels: np.ndarray, probs: np.ndarray, metrics: dict,
+                classes: list[str]) -> list[Path]:
+    """Confusion matrix and ROC curve images for one evaluation (``tag`` e.g. ``epoch_003``)."""
+    from medvox.evaluation import plots
+
+    cm_path = run_dir / f"confusion_matrix_{tag}.png"
+    roc_path = run_dir / f"roc_curve_{tag}.png"
+    plots.plot_confusion_matrix(metrics["confusion_matrix"], classes, cm_path, title=f"Confusion matrix ({tag})")
+    if len(np.unique(labels)) > 1:
+        plots.plot_roc(labels, probs, classes, roc_path, title=f"ROC ({tag})")
+        return [cm_path, roc_path]
+    return [cm_path]
+
+
+def prune_epoch_plots(run_dir: Path, keep_epochs: set[int]) -> None:
+    """``--plots best_last``: delete per-epoch images except those of the kept epochs."""
+    for pattern in ("confusion_matrix_epoch_*.png", "roc_curve_epoch_*.png"):
+        for path in run_dir.glob(pattern):
+            try:
+                epoch = int(path.stem.rsplit("_", 1)[1])
+            except ValueError:
+                continue
+            if epoch not in keep_epochs:
+                path.unlink(missing_ok=True)

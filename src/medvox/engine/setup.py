@@ -1,0 +1,123 @@
+"""Fabric, precision, seeds, the run folder and the resume rules."""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from medvox.config import ExperimentConfig, TrainConfig, to_dict
+from medvox.engine.checkpoint import load_checkpoint
+from medvox.errors import TrainingError
+
+log = logging.getLogger("medvox")
+
+# Keys that may differ between an interrupted run and its --resume without changing the result.
+_RESUME_FREE_KEYS = {"train.resume", "train.threads", "data.workers", "data.cache_dir", "train.plots"}
+
+
+def resolve_precision(tc: TrainConfig, accelerator: str) -> str:
+    """Fabric precision string: bf16 where supported, fp16 with a grad scaler otherwise, fp32 on request.
+
+    ``auto`` means mixed precision on a GPU or with ``--amp``, fp32 otherwise.
+    """
+    choice = tc.precision.lower()
+    if choice not in ("auto", "bf16", "fp16", "fp32"):
+        raise ValueError(f"unknown precision {tc.precision!r}; choose auto, bf16, fp16 or fp32")
+    if choice == "auto":
+        if not (tc.amp or accelerator == "cuda"):
+            return "32-true"
+        bf16_ok = accelerator == "cpu" or torch.cuda.is_bf16_supported()
+        choice = "bf16" if bf16_ok else "fp16"
+    if choice == "fp16" and accelerator == "cpu":
+        log.info("fp16 autocast is a GPU feature; using bf16 on the CPU instead")
+        choice = "bf16"
+    return {"bf16": "bf16-mixed", "fp16": "16-mixed", "fp32": "32-true"}[choice]
+
+
+def make_fabric(tc: TrainConfig):
+    """A Lightning Fabric for the configured device(s); DDP when more than one process."""
+    from lightning.fabric import Fabric
+
+    wants_gpu = tc.gpu or tc.multi_gpu
+    if wants_gpu and not torch.cuda.is_available():
+        raise TrainingError("--gpu/--multi_gpu was given but no CUDA device is visible; drop the flag to train on the CPU")
+    accelerator = "cuda" if wants_gpu else "cpu"
+    devices = tc.devices if tc.devices is not None else (-1 if tc.multi_gpu else 1)
+    n_dev = torch.cuda.device_count() if devices == -1 else devices
+    strategy = "ddp" if n_dev > 1 else "auto"
+    if strategy == "ddp" and accelerator == "cpu":
+        from lightning.fabric.strategies import DDPStrategy
+
+        strategy = DDPStrategy(process_group_backend="gloo")
+    precision = resolve_precision(tc, accelerator)
+    if accelerator == "cuda":
+        torch.backends.cudnn.benchmark = not tc.deterministic
+    return Fabric(accelerator=accelerator, devices=devices, strategy=strategy, precision=precision)
+
+
+def seed_everything(seed: int, deterministic: bool, threads: int | None) -> None:
+    torch.set_num_threads(threads or os.cpu_count() or 1)
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.deterministic = True
+        torch.backends.cudnn.benchmark = False
+
+
+def epoch_seed(seed: int, epoch: int, rank: int) -> int:
+    """The RNG seed of one epoch on one rank: a resumed run replays exactly the same randomness."""
+    return (seed * 1_000_003 + epoch * 10_007 + rank) % (2**63 - 1)
+
+
+def fold_dir(cfg: ExperimentConfig) -> Path:
+    """``<output>/<run_name or model>/fold_<k>``."""
+    return Path(cfg.train.output) / (cfg.train.run_name or cfg.model.name) / f"fold_{cfg.train.fold}"
+
+
+def _diff(a: dict, b: dict, prefix: str = "") -> list[str]:
+    keys = []
+    for key in sorted(set(a) | set(b)):
+        va, vb = a.get(key), b.get(key)
+        if isinstance(va, dict) and isinstance(vb, dict) and key != "kwargs":
+            keys += _diff(va, vb, f"{prefix}{key}.")
+        elif va != vb:
+            keys.append(f"{prefix}{key}")
+    return keys
+
+
+def resume_state(cfg: ExperimentConfig, run_dir: Path) -> dict[str, Any] | None:
+    """The state to resume from, None for a fresh run; refuses to overwrite an existing run.
+
+    Raises:
+        TrainingError: the folder holds a run and ``--resume`` was not given, or ``--resume`` was given
+            with a config that differs from the interrupted run's.
+    """
+    last = run_dir / "last.pt"
+    existing = [p.name for p in (last, run_dir / "metrics.json") if p.exists()]
+    if not cfg.train.resume:
+        if existing:
+            raise TrainingError(
+                f"{run_dir} already holds a run ({', '.join(existing)}); nothing was changed. Pass --resume to "
+                "continue it, or choose another --output / --run-name for a new run."
+            )
+        return None
+    if not last.exists():
+        log.info("--resume: no last.pt in %s, starting a fresh run", run_dir)
+        return None
+    state = load_checkpoint(last)
+    differ = [k for k in _diff(state["config"], to_dict(cfg)) if k not in _RESUME_FREE_KEYS]
+    if differ:
+        raise TrainingError(
+            f"--resume: the config differs from the interrupted run in {', '.join(differ)}; resume with the "
+            f"same settings (see {run_dir / 'config.json'}) or start a new run under another --output."
+        )
+    return state

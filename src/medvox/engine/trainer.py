@@ -1,0 +1,334 @@
+"""Train one fold: the original ResNet50-3D pipeline's options, exact resume, per-fold artifacts.
+
+Per epoch: train (augmented on the device, accumulated, clipped, mixed precision), validate the raw
+and the EMA weights, keep ``best.pt`` / ``best_ema.pt`` by their own monitored metric, write ``last.pt``
+(everything needed to resume exactly), ``metrics.json``, logs and plots. At the end, the EMA weights
+(or the raw ones when EMA is off) at their best epoch are evaluated once more: that is the result.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from medvox import __version__
+from medvox.config import ExperimentConfig, save, to_dict
+from medvox.data.loader import ArrayLoader
+from medvox.engine import artifacts, loop
+from medvox.engine.checkpoint import atomic_save, load_checkpoint
+from medvox.engine.ema import create_ema, update_ema
+from medvox.engine.optim import Schedule, build_optimizer, param_groups
+from medvox.engine.runinfo import run_info
+from medvox.engine.setup import epoch_seed
+
+log = logging.getLogger("medvox")
+
+
+def _better(value: float | None, best: float | None, mode: str) -> bool:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return False
+    if best is None:
+        return True
+    return value < best if mode == "min" else value > best
+
+
+class FoldTrainer:
+    """Holds the model, optimizer, EMA and state of one fold's training."""
+
+    def __init__(self, cfg: ExperimentConfig, fabric, prepared, run_dir: Path):
+        self.cfg, self.fabric, self.data, self.run_dir = cfg, fabric, prepared, run_dir
+        tc = cfg.train
+        self.train_idx, self.val_idx = prepared.fold(tc.fold)
+        self.classes = list(prepared.classes)
+        self.mode = "min" if "loss" in tc.monitor else "max"
+        self.loaders = self._make_loaders()
+        self.model, self.ema = self._make_model()
+        self.raw_model = self.model  # the unwrapped module: its state_dict has clean keys
+        groups = param_groups(self.model, cfg.optim, self._head_names(), cfg.model.head_lr_mult)
+        optimizer = build_optimizer(groups, cfg.optim)
+        compiled = torch.compile(self.model) if tc.compile else self.model
+        self.model, self.optimizer = fabric.setup(compiled, optimizer)
+        steps = math.ceil(len(self.loaders["train"]) / tc.grad_accum)
+        self.schedule = Schedule(self.optimizer, cfg.optim, tc.epochs, steps)
+        self.criterion = self._make_loss()
+        self.augment = self._make_augment()
+        self.history: list[dict] = []
+        self.best: dict[str, dict] = {"raw": {"value": None, "epoch": None}, "ema": {"value": None, "epoch": None}}
+        self.bad_epochs = 0
+        self.start_epoch = 1
+        self.logger = artifacts.EpochLogger(run_dir) if fabric.is_global_zero else None
+
+    # ---------------------------------------------------------------- construction
+    def _make_loaders(self) -> dict[str, ArrayLoader]:
+        tc, f = self.cfg.train, self.fabric
+        common = dict(rank=f.global_rank, world_size=f.world_size)
+        train = ArrayLoader(self.data.images, self.data.labels, self.train_idx, tc.batch_size, shuffle=True,
+                            seed=tc.seed, drop_last=len(self.train_idx) // f.world_size > tc.batch_size, **common)
+        val = ArrayLoader(self.data.images, self.data.labels, self.val_idx, max(tc.batch_size, 16), **common)
+        loaders = {"train": train, "val": val}
+        if len(self.data.test_idx):
+            loaders["test"] = ArrayLoader(self.data.images, self.data.labels, self.data.test_idx,
+                                          max(tc.batch_size, 16), **common)
+        return loaders
+
+    def _make_model(self):
+        from medvox.models import create_model, load_pretrained
+
+        mc = self.cfg.model
+        cosine = mc.cosine_head if mc.cosine_head is not None else self.cfg.loss.name == "LDAM"
+        model = create_model(mc.name, in_channels=int(self.data.images.shape[1]), num_classes=len(self.classes),
+                             dropout=mc.dropout, cosine_head=cosine, **mc.kwargs)
+        self.pretrained_report = None
+        if mc.pretrained_path:
+            self.pretrained_report = load_pretrained(model, mc.pretrained_path, allow_partial=mc.allow_partial)
+            if self.fabric.is_global_zero:
+                log.info(self.pretrained_report.summary())
+        model = model.to(self.fabric.device)
+        if self.cfg.train.channels_last:
+            model = model.to(memory_format=torch.channels_last_3d)
+        ema = create_ema(model, self.cfg.train.ema_decay)  # after .to(device), before the DDP wrap
+        return model, ema
+
+    def _head_names(self) -> set[str]:
+        if self.pretrained_report is not None and hasattr(self.raw_model, "head_param_names"):
+            return set(self.raw_model.head_param_names())
+        return set()
+
+    def _make_loss(self):
+        from medvox.losses import build_loss
+
+        counts = self.data.class_counts(self.train_idx)
+        return build_loss(self.cfg.loss, counts, self.cfg.train.epochs).to(self.fabric.device)
+
+    def _make_augment(self):
+        if not self.cfg.augment.enabled:
+            return None
+        from medvox.transforms import BatchAugment
+
+        return BatchAugment(self.cfg.augment)
+
+    # ---------------------------------------------------------------- state
+    def _common(self) -> dict[str, Any]:
+        return {"config": to_dict(self.cfg), "plan": self.data.plan, "classes": self.classes,
+                "medvox_version": __version__}
+
+    def _state(self, epoch: int) -> dict[str, Any]:
+        scaler = getattr(self.fabric._precision, "scaler", None)
+        return {
+            **self._common(), "kind": "last", "epoch": epoch, "model": self.raw_model.state_dict(),
+            "ema": self.ema.state_dict() if self.ema is not None else None,
+            "optimizer": self.optimizer.state_dict(), "schedule": self.schedule.state_dict(),
+            "scaler": scaler.state_dict() if scaler is not None else None,
+            "history": artifacts.to_jsonable(self.history), "best": self.best, "bad_epochs": self.bad_epochs,
+            "rng": torch.get_rng_state(),
+        }
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        """Restore everything ``_state`` saved; training continues at the next epoch."""
+        self.raw_model.load_state_dict(state["model"])
+        if self.ema is not None and state.get("ema") is not None:
+            self.ema.load_state_dict(state["ema"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.schedule.load_state_dict(state["schedule"])
+        scaler = getattr(self.fabric._precision, "scaler", None)
+        if scaler is not None and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+        self.history, self.best, self.bad_epochs = state["history"], state["best"], state["bad_epochs"]
+        torch.set_rng_state(state["rng"])
+        self.start_epoch = int(state["epoch"]) + 1
+        log.info("resumed from %s at epoch %d", self.run_dir / "last.pt", state["epoch"])
+
+    # ---------------------------------------------------------------- one epoch
+    def _evaluate(self, model, split: str) -> tuple[dict, np.ndarray, np.ndarray, np.ndarray]:
+        from medvox.evaluation.metrics import compute_metrics
+
+        idx, labels, logits = loop.predict(self.fabric, model, self.loaders[split],
+                                           channels_last=self.cfg.train.channels_last)
+        probs = loop.softmax_np(logits)
+        metrics = compute_metrics(labels, probs, class_names=self.classes)
+        metrics["loss"] = loop.cross_entropy_np(logits, labels)
+        return metrics, idx, labels, probs
+
+    def _train_epoch(self, epoch: int):
+        tc, f = self.cfg.train, self.fabric
+        seed = epoch_seed(tc.seed, epoch, f.global_rank)
+        torch.manual_seed(seed)  # dropout: the same randomness whether or not the run was resumed
+        gen = torch.Generator().manual_seed(seed)
+        self.loaders["train"].set_epoch(epoch)
+        if hasattr(self.criterion, "set_epoch"):
+            self.criterion.set_epoch(epoch - 1)
+        with _Progress(f.is_global_zero, f"epoch {epoch}/{tc.epochs}",
+                       len(self.loaders["train"]) * tc.batch_size) as bar:
+            return loop.train_one_epoch(
+                f, self.model, self.loaders["train"], self.optimizer, self.criterion, self.schedule,
+                accum=tc.grad_accum, grad_clip=tc.grad_clip, augment=self.augment, generator=gen,
+                ema_update=lambda: update_ema(self.ema, self.raw_model), channels_last=tc.channels_last,
+                progress=bar.advance)
+
+    def _run_epoch(self, epoch: int) -> dict:
+        lr = self.optimizer.param_groups[0]["lr"]
+        stats = self._train_epoch(epoch)
+        t0 = time.perf_counter()
+        val, _, labels, probs = self._evaluate(self.model, "val")
+        entry = {"epoch": epoch, "lr": lr, "train": {"loss": stats.loss, "optimizer_steps": stats.optimizer_steps,
+                                                      "skipped_steps": stats.skipped_steps}, "val": val}
+        if self.ema is not None:
+            entry["val_ema"] = self._evaluate(self.ema.module, "val")[0]
+        d = stats.as_dict()
+        entry["time"] = {"train_seconds": d["seconds"], "samples_per_s": d["samples_per_s"],
+                         "data_wait_frac": d["data_wait_frac"], "val_seconds": time.perf_counter() - t0}
+        self.schedule.epoch_end(val.get(self.cfg.train.monitor))
+        if self.fabric.is_global_zero:
+            artifacts.epoch_plots(self.run_dir, f"epoch_{epoch:03d}", labels, probs, val, self.classes)
+        return entry
+
+    def _update_best(self, epoch: int, entry: dict) -> bool:
+        """Save best.pt / best_ema.pt where their metric improved; True when either improved."""
+        monitor, improved = self.cfg.train.monitor, False
+        for kind, key, fname in (("raw", "val", "best.pt"), ("ema", "val_ema", "best_ema.pt")):
+            if key not in entry:
+                continue
+            value = entry[key].get(monitor)
+            if _better(value, self.best[kind]["value"], self.mode):
+                self.best[kind] = {"value": value, "epoch": epoch}
+                improved = True
+                weights = (self.raw_model if kind == "raw" else self.ema.module).state_dict()
+                if self.fabric.is_global_zero:
+                    atomic_save({**self._common(), "kind": kind, "epoch": epoch, "model": weights,
+                                 "metrics": entry[key]}, self.run_dir / fname)
+        return improved
+
+    # ---------------------------------------------------------------- the run
+    def fit(self) -> dict:
+        tc, f = self.cfg.train, self.fabric
+        if f.is_global_zero and self.start_epoch == 1:
+            self._write_start()
+        status = "complete"
+        for epoch in range(self.start_epoch, tc.epochs + 1):
+            entry = self._run_epoch(epoch)
+            self.history.append(entry)
+            improved = self._update_best(epoch, entry)
+            self.bad_epochs = 0 if improved else self.bad_epochs + 1
+            stop = tc.early_stopping > 0 and self.bad_epochs >= tc.early_stopping
+            if f.is_global_zero:
+                atomic_save(self._state(epoch), self.run_dir / "last.pt")
+                self._write_epoch(entry, "early_stopped" if stop else "running")
+            f.barrier()
+            if stop:
+                log.info("early stopping: no %s improvement for %d epochs", tc.monitor, self.bad_epochs)
+                status = "early_stopped"
+                break
+        return self._finish(status)
+
+    def _write_start(self) -> None:
+        save(self.cfg, self.run_dir / "config.json")
+        artifacts.write_json(run_info(self.data.data_hash), self.run_dir / "run_info.json")
+        artifacts.write_json(self.data.splits, self.run_dir / "splits.json")
+        artifacts.write_json(self.data.plan, self.run_dir / "plan.json")
+        if self.pretrained_report is not None:
+            self.pretrained_report.save(self.run_dir / "pretrained_report.json")
+
+    def _metrics_doc(self, status: str, final: dict | None = None) -> dict:
+        return {"status": status, "model": self.cfg.model.name, "fold": self.cfg.train.fold,
+                "monitor": self.cfg.train.monitor, "mode": self.mode, "classes": self.classes,
+                "epochs_run": len(self.history), "best": self.best, "history": self.history, **(final or {})}
+
+    def _write_epoch(self, entry: dict, status: str) -> None:
+        from medvox.evaluation import plots
+
+        artifacts.write_json(self._metrics_doc(status), self.run_dir / "metrics.json")
+        self.logger.log(entry, self.history)
+        plots.plot_loss_curve(self.history, self.run_dir / "loss_curve.png")
+        plots.plot_learning_curves(self.history, self.run_dir / "learning_curves.png")
+        log.info(_summary_line(entry, self.cfg.train.monitor))
+
+    def _finish(self, status: str) -> dict:
+        """Evaluate the final weights (EMA at its best epoch when enabled) on validation and test."""
+        kind = "ema" if self.ema is not None and self.best["ema"]["epoch"] is not None else "raw"
+        fname = "best_ema.pt" if kind == "ema" else "best.pt"
+        final_model = self.ema.module if kind == "ema" else self.raw_model
+        if (self.run_dir / fname).exists():
+            final_model.load_state_dict(load_checkpoint(self.run_dir / fname)["model"])
+        final = {"weights": fname, "epoch": self.best[kind]["epoch"]}
+        for split in ("val", "test"):
+            if split in self.loaders:
+                final[split] = self._final_split(final_model, split)
+        doc = self._metrics_doc(status, {"final": final})
+        if self.fabric.is_global_zero:
+            artifacts.write_json(doc, self.run_dir / "metrics.json")
+            if self.cfg.train.plots == "best_last":
+                artifacts.prune_epoch_plots(self.run_dir, {self.best["raw"]["epoch"], len(self.history)})
+            self.logger.close()
+            log.info("fold %d %s: final (%s) val %s=%s", self.cfg.train.fold, status, fname,
+                     self.cfg.train.monitor, _fmt(final["val"].get(self.cfg.train.monitor)))
+        return artifacts.to_jsonable(doc)
+
+    def _final_split(self, model, split: str) -> dict:
+        from medvox.evaluation.metrics import best_threshold, compute_metrics
+
+        metrics, idx, labels, probs = self._evaluate(model, split)
+        if split == "val" and len(self.classes) == 2 and len(np.unique(labels)) == 2:
+            self.threshold = float(best_threshold(labels, probs, rule="youden"))
+            metrics["at_val_threshold"] = compute_metrics(labels, probs, threshold=self.threshold,
+                                                          class_names=self.classes)
+        elif split == "test" and getattr(self, "threshold", None) is not None:
+            metrics["at_val_threshold"] = compute_metrics(labels, probs, threshold=self.threshold,
+                                                          class_names=self.classes)
+        if self.fabric.is_global_zero:
+            cases = [self.data.cases[i] for i in idx]
+            artifacts.write_predictions(self.run_dir / f"{split}_predictions.csv", [c.id for c in cases],
+                                        [c.group for c in cases], labels, probs, self.classes)
+            artifacts.epoch_plots(self.run_dir, f"{split}_final", labels, probs, metrics, self.classes)
+        return metrics
+
+
+def _fmt(v) -> str:
+    return "n/a" if v is None else f"{v:.4f}"
+
+
+def _summary_line(entry: dict, monitor: str) -> str:
+    v, e, t = entry["val"], entry.get("val_ema", {}), entry["time"]
+    parts = [f"epoch {entry['epoch']:3d}", f"lr {entry['lr']:.2e}", f"train loss {entry['train']['loss']:.4f}",
+             f"val loss {_fmt(v.get('loss'))}", f"val {monitor} {_fmt(v.get(monitor))}",
+             f"acc {_fmt(v.get('accuracy'))}", f"f1 {_fmt(v.get('f1'))}"]
+    if e:
+        parts.append(f"ema {monitor} {_fmt(e.get(monitor))}")
+    parts.append(f"{t['samples_per_s'] or 0:.1f} samples/s")
+    return " | ".join(parts)
+
+
+class _Progress:
+    """A rich progress bar over the samples of one epoch, with the running loss and throughput."""
+
+    def __init__(self, enabled: bool, description: str, total: int):
+        self.enabled, self.description, self.total = enabled, description, total
+        self._progress = None
+
+    def __enter__(self):
+        if self.enabled:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+            self._progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                      TextColumn("loss {task.fields[loss]:.4f}"), TextColumn("{task.fields[rate]}"),
+                                      TimeElapsedColumn(), transient=True)
+            self._progress.start()
+            self._task = self._progress.add_task(self.description, total=self.total, loss=float("nan"), rate="")
+            self._t0 = time.perf_counter()
+        return self
+
+    def advance(self, n: int, loss: float) -> None:
+        if self._progress is not None:
+            done = self._progress.tasks[0].completed + n
+            rate = f"{done / max(time.perf_counter() - self._t0, 1e-9):.1f} samples/s"
+            self._progress.update(self._task, advance=n, loss=loss, rate=rate)
+
+    def __exit__(self, *exc):
+        if self._progress is not None:
+            self._progress.stop()
+        return False

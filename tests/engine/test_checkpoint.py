@@ -1,0 +1,89 @@
+"""Checkpoints: atomic writes, a full disk keeps the old file, NaN weights are refused, pickles that run
+code are refused."""
+
+from __future__ import annotations
+
+import errno
+import os
+import pickle
+
+import pytest
+import torch
+
+from medvox.engine import checkpoint as ckpt
+from medvox.errors import CheckpointError, TrainingError
+
+
+def test_round_trip(tmp_path):
+    state = {"model": {"w": torch.randn(3, 3)}, "epoch": 4, "history": [{"auc": 0.5}], "rng": torch.get_rng_state()}
+    ckpt.atomic_save(state, tmp_path / "last.pt")
+    back = ckpt.load_checkpoint(tmp_path / "last.pt")
+    assert back["epoch"] == 4 and back["history"] == [{"auc": 0.5}]
+    assert torch.equal(back["model"]["w"], state["model"]["w"])
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]  # no temp file left behind
+
+
+def test_crash_during_write_keeps_the_previous_file(tmp_path, monkeypatch):
+    path = tmp_path / "last.pt"
+    ckpt.atomic_save({"model": {"w": torch.ones(2)}, "epoch": 1}, path)
+
+    def dying_save(obj, fh):
+        fh.write(b"half a checkpoint")
+        raise KeyboardInterrupt  # stands in for a kill in the middle of torch.save
+
+    monkeypatch.setattr(ckpt.torch, "save", dying_save)
+    with pytest.raises(KeyboardInterrupt):
+        ckpt.atomic_save({"model": {"w": torch.zeros(2)}, "epoch": 2}, path)
+    monkeypatch.undo()
+    assert ckpt.load_checkpoint(path)["epoch"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
+
+
+def test_full_disk_fails_clearly_and_keeps_the_previous_file(tmp_path, monkeypatch):
+    path = tmp_path / "best.pt"
+    ckpt.atomic_save({"model": {"w": torch.ones(2)}, "epoch": 1}, path)
+
+    def full(obj, fh):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(ckpt.torch, "save", full)
+    with pytest.raises(TrainingError, match="no space left.*previous checkpoint is intact"):
+        ckpt.atomic_save({"model": {"w": torch.zeros(2)}, "epoch": 2}, path)
+    monkeypatch.undo()
+    assert ckpt.load_checkpoint(path)["epoch"] == 1
+
+
+def test_nan_weights_are_never_written(tmp_path):
+    path = tmp_path / "best.pt"
+    ckpt.atomic_save({"model": {"w": torch.ones(2)}, "epoch": 1}, path)
+    with pytest.raises(TrainingError, match="'w' holds NaN/Inf"):
+        ckpt.atomic_save({"model": {"w": torch.tensor([1.0, float("nan")])}, "epoch": 2}, path)
+    assert ckpt.load_checkpoint(path)["epoch"] == 1
+
+
+class _Evil:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_pickle_that_runs_code_is_refused(tmp_path):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.pt"
+    with open(path, "wb") as fh:
+        pickle.dump({"model": _Evil(marker)}, fh)
+    with pytest.raises(CheckpointError, match="weights_only=True"):
+        ckpt.load_checkpoint(path)
+    assert not marker.exists()
+
+
+def test_missing_and_truncated_files(tmp_path):
+    with pytest.raises(CheckpointError, match="does not exist"):
+        ckpt.load_checkpoint(tmp_path / "nope.pt")
+    path = tmp_path / "cut.pt"
+    ckpt.atomic_save({"model": {"w": torch.randn(100)}}, path)
+    path.write_bytes(path.read_bytes()[:50])
+    with pytest.raises(CheckpointError, match="cannot load"):
+        ckpt.load_checkpoint(path)
