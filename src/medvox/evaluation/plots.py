@@ -1,0 +1,244 @@
+"""Training curves, confusion matrix, ROC, precision-recall and reliability diagrams as PNG files.
+
+Figures are built with ``matplotlib.figure.Figure`` and rendered by the Agg canvas on save, without
+``pyplot``: no display is needed, no global figure registry fills up (nothing to forget to close),
+and each figure is cleared right after it is written. The Agg backend is also selected at import,
+before any ``pyplot`` import, unless ``pyplot`` is already loaded (a notebook keeps its backend).
+
+``history`` is the trainer's list of per-epoch dicts::
+
+    {"epoch": 1, "lr": 1e-4, "train": {"loss": 0.7}, "val": {"loss": 0.6, "auc": 0.8, ...},
+     "val_ema": {...}}  # "val_ema" only with EMA
+
+Missing keys, ``None`` and NaN values leave gaps in the curves instead of failing.
+
+Example:
+    >>> import tempfile, pathlib
+    >>> out = pathlib.Path(tempfile.mkdtemp()) / "cm.png"
+    >>> plot_confusion_matrix([[5, 1], [2, 7]], ["benign", "malignant"], out).name
+    'cm.png'
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+if "matplotlib.pyplot" not in sys.modules:  # headless (servers, DDP workers); keep a notebook's own backend
+    matplotlib.use("Agg")
+
+import numpy as np  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+from sklearn import metrics as skm  # noqa: E402
+
+from medvox.evaluation.calibration import expected_calibration_error, reliability_bins  # noqa: E402
+from medvox.evaluation.metrics import _class_names, _validate  # noqa: E402
+
+_CURVES = (("loss", "Loss"), ("accuracy", "Accuracy"), ("auc", "AUC"), ("f1", "F1"),
+           ("balanced_accuracy", "Balanced accuracy"))
+_STYLES = {"train": ("tab:blue", "-"), "val": ("tab:orange", "-"), "val_ema": ("tab:green", "--")}
+_LABELS = {"train": "train", "val": "val (raw)", "val_ema": "val (EMA)"}
+
+
+def plot_loss_curve(history: Sequence[dict], path: str | Path, title: str = "Loss") -> Path:
+    """Train and validation loss per epoch (raw and EMA when present).
+
+    Args:
+        history: per-epoch dicts (see the module docstring).
+        path: PNG to write; parent folders are created.
+        title: figure title.
+
+    Returns:
+        ``path`` as a ``Path``.
+    """
+    fig = Figure(figsize=(6.4, 4.2), layout="constrained")
+    ax = fig.add_subplot()
+    _plot_metric(ax, history, "loss", sections=("train", "val", "val_ema"))
+    ax.set(title=title, xlabel="epoch", ylabel="loss")
+    return _save(fig, path)
+
+
+def plot_learning_curves(history: Sequence[dict], path: str | Path) -> Path:
+    """A 2 x 3 grid: loss, accuracy, AUC, F1, balanced accuracy (train / raw / EMA), and the LR."""
+    fig = Figure(figsize=(15, 8.5), layout="constrained")
+    axes = fig.subplots(2, 3).ravel()
+    for ax, (key, label) in zip(axes, _CURVES, strict=False):
+        _plot_metric(ax, history, key, sections=("train", "val", "val_ema"))
+        ax.set(title=label, xlabel="epoch")
+    epochs, lrs = _series(history, None, "lr")
+    axes[5].plot(epochs, lrs, color="tab:purple", marker=".")
+    axes[5].set(title="Learning rate", xlabel="epoch")
+    if np.isfinite(lrs).any() and np.nanmin(lrs) > 0:
+        axes[5].set_yscale("log")
+    fig.suptitle("Learning curves")
+    return _save(fig, path)
+
+
+def plot_confusion_matrix(
+    cm: Any, class_names: Sequence[str], path: str | Path, title: str = "Confusion matrix"
+) -> Path:
+    """Counts (left) and row-normalised percentages (right); rows are the true class.
+
+    Args:
+        cm: ``(K, K)`` counts (nested list or array), rows = true, columns = predicted.
+        class_names: ``K`` names.
+        path: PNG to write.
+        title: figure title.
+    """
+    counts = np.asarray(cm, dtype=float)
+    if counts.ndim != 2 or counts.shape[0] != counts.shape[1]:
+        raise ValueError(f"cm must be a square (K, K) matrix, got shape {counts.shape}")
+    names = _class_names(class_names, counts.shape[0])
+    rows = counts.sum(axis=1, keepdims=True)
+    pct = np.divide(100 * counts, rows, out=np.zeros_like(counts), where=rows > 0)
+    k = counts.shape[0]
+    fig = Figure(figsize=(2 * (2.5 + 0.55 * k), 2.5 + 0.55 * k), layout="constrained")
+    for ax, data, fmt, label in zip(fig.subplots(1, 2), (counts, pct), ("{:.0f}", "{:.1f}%"),
+                                    ("counts", "row %"), strict=True):
+        image = ax.imshow(data, cmap="Blues", vmin=0, vmax=max(data.max(), 1e-9))
+        fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
+        _annotate(ax, data, fmt, fontsize=max(6, 12 - k // 2))
+        ax.set(xticks=range(k), yticks=range(k), xlabel="predicted", ylabel="true", title=label)
+        ax.set_xticklabels(names, rotation=45 if k > 3 else 0, ha="right" if k > 3 else "center")
+        ax.set_yticklabels(names)
+    fig.suptitle(title)
+    return _save(fig, path)
+
+
+def plot_roc(y_true: Any, probs: Any, class_names: Sequence[str], path: str | Path, title: str = "ROC") -> Path:
+    """ROC curve with the AUC in the legend: binary (class 1 positive) or one-vs-rest per class.
+
+    Classes absent from ``y_true`` (or present in every sample) have no ROC and are left out.
+    """
+    y, p = _validate(y_true, probs)
+    names = _class_names(class_names, p.shape[1])
+    fig = Figure(figsize=(6, 5.5), layout="constrained")
+    ax = fig.add_subplot()
+    for c in _scored_classes(y, p):
+        fpr, tpr, _ = skm.roc_curve(y == c, p[:, c])
+        auc = skm.roc_auc_score(y == c, p[:, c])
+        label = f"AUC = {auc:.3f}" if p.shape[1] == 2 else f"{names[c]} (AUC = {auc:.3f})"
+        ax.plot(fpr, tpr, lw=2, label=label)
+    ax.plot([0, 1], [0, 1], color="grey", ls=":", lw=1)
+    ax.set(xlim=(0, 1), ylim=(0, 1.01), xlabel="false positive rate", ylabel="true positive rate", title=title)
+    _legend(ax, "lower right")
+    return _save(fig, path)
+
+
+def plot_pr(y_true: Any, probs: Any, class_names: Sequence[str], path: str | Path,
+            title: str = "Precision-recall") -> Path:
+    """Precision-recall curves with average precision (AP) in the legend and the prevalence line."""
+    y, p = _validate(y_true, probs)
+    names = _class_names(class_names, p.shape[1])
+    fig = Figure(figsize=(6, 5.5), layout="constrained")
+    ax = fig.add_subplot()
+    for c in _scored_classes(y, p):
+        precision, recall, _ = skm.precision_recall_curve(y == c, p[:, c])
+        ap = skm.average_precision_score(y == c, p[:, c])
+        label = f"AP = {ap:.3f}" if p.shape[1] == 2 else f"{names[c]} (AP = {ap:.3f})"
+        line = ax.step(recall, precision, where="post", lw=2, label=label)[0]
+        ax.axhline(float(np.mean(y == c)), color=line.get_color(), ls=":", lw=1)  # a random classifier
+    ax.set(xlim=(0, 1), ylim=(0, 1.01), xlabel="recall", ylabel="precision", title=title)
+    _legend(ax, "lower left")
+    return _save(fig, path)
+
+
+def plot_reliability(y_true: Any, probs_before: Any, probs_after: Any | None, path: str | Path,
+                     n_bins: int = 15, title: str = "Reliability") -> Path:
+    """Reliability diagram (top-label confidence vs accuracy) before and after calibration, with ECE.
+
+    Args:
+        y_true: ``(N,)`` labels.
+        probs_before: ``(N, K)`` uncalibrated probabilities.
+        probs_after: ``(N, K)`` calibrated probabilities, or ``None``.
+        path: PNG to write.
+        n_bins: equal-width confidence bins.
+        title: figure title.
+    """
+    fig = Figure(figsize=(11, 4.8), layout="constrained")
+    diagram, hist = fig.subplots(1, 2)
+    diagram.plot([0, 1], [0, 1], color="grey", ls=":", lw=1, label="perfect calibration")
+    sets = [("before", probs_before, "tab:red"), ("after", probs_after, "tab:blue")]
+    for name, probs, color in (s for s in sets if s[1] is not None):
+        bins = reliability_bins(y_true, probs, n_bins)
+        ece = expected_calibration_error(y_true, probs, n_bins)
+        conf = [np.nan if v is None else v for v in bins["confidence"]]
+        acc = [np.nan if v is None else v for v in bins["accuracy"]]
+        diagram.plot(conf, acc, marker="o", color=color, label=f"{name} (ECE = {ece:.3f})")
+        centres = (np.asarray(bins["edges"][:-1]) + np.asarray(bins["edges"][1:])) / 2
+        hist.bar(centres, bins["count"], width=1 / n_bins, alpha=0.5, color=color, label=name)
+    diagram.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence (max probability)", ylabel="accuracy", title=title)
+    diagram.legend(loc="upper left")
+    hist.set(xlim=(0, 1), xlabel="confidence", ylabel="samples", title="Confidence histogram")
+    hist.legend(loc="upper left")
+    return _save(fig, path)
+
+
+def _save(fig: Figure, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    fig.clear()  # release the artists now rather than at garbage collection
+    return path
+
+
+def _series(history: Sequence[dict], section: str | None, key: str) -> tuple[list[int], np.ndarray]:
+    """``(epochs, values)`` of ``history[i][section][key]``; missing, None or NaN -> NaN (a gap)."""
+    epochs, values = [], []
+    for i, entry in enumerate(history):
+        node = entry if section is None else entry.get(section)
+        value = node.get(key) if isinstance(node, dict) else None
+        if isinstance(value, (list, tuple)):  # e.g. one LR per parameter group: plot the first
+            value = value[0] if value else None
+        epochs.append(int(entry.get("epoch", i + 1)))
+        values.append(_finite(value))
+    return epochs, np.asarray(values, dtype=float)
+
+
+def _finite(value: Any) -> float:
+    try:
+        out = float(value)
+    except (TypeError, ValueError):
+        return math.nan
+    return out if math.isfinite(out) else math.nan
+
+
+def _plot_metric(ax, history: Sequence[dict], key: str, sections: Sequence[str]) -> None:
+    drawn = False
+    for section in sections:
+        epochs, values = _series(history, section, key)
+        if not np.isfinite(values).any():
+            continue
+        color, ls = _STYLES[section]
+        ax.plot(epochs, values, color=color, ls=ls, marker="." if len(epochs) < 40 else None,
+                label=_LABELS[section])
+        drawn = True
+    if drawn:
+        ax.legend(loc="best", fontsize=8)
+    else:
+        ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes, color="grey")
+    ax.grid(alpha=0.3)
+
+
+def _annotate(ax, data: np.ndarray, fmt: str, fontsize: int) -> None:
+    threshold = data.max() / 2 if data.max() > 0 else 1
+    for (i, j), value in np.ndenumerate(data):
+        ax.text(j, i, fmt.format(value), ha="center", va="center", fontsize=fontsize,
+                color="white" if value > threshold else "black")
+
+
+def _scored_classes(y: np.ndarray, p: np.ndarray) -> list[int]:
+    candidates = [1] if p.shape[1] == 2 else range(p.shape[1])
+    return [c for c in candidates if 0 < int((y == c).sum()) < len(y)]
+
+
+def _legend(ax, loc: str) -> None:
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(loc=loc, fontsize=8)
+    else:
+        ax.text(0.5, 0.5, "undefined: one class only", ha="center", va="center", transform=ax.transAxes)

@@ -1,0 +1,216 @@
+"""One fused affine resample (rotate, zoom, translate) for a whole batch on its own device.
+
+Conventions (shared by every function here, by the tests, and by :mod:`medvox.transforms.tta`):
+
+* ``theta`` is a ``(B, 3, 4)`` matrix ``[A | t]`` in *voxel space*, axes in array order
+  ``(D, H, W)``, origin at the volume centre ``(N - 1) / 2``. It is a pull-back, as in
+  ``F.affine_grid`` and ``scipy.ndimage.affine_transform``: the output voxel at centred position
+  ``p_out`` takes its value from the input at ``p_in = A @ p_out + t * N``, where ``N`` holds the
+  sizes ``(D, H, W)``. The linear part ``A`` is in voxel units (voxels are taken as isotropic,
+  which the preprocessing's resampling to a common spacing provides), so a 90-degree rotation of a
+  non-cubic volume is a real rotation. The translation ``t`` is a fraction of the extent along
+  each axis, which keeps ``theta`` independent of the volume shape.
+* ``align_corners=False`` (PyTorch's default): a voxel is a cell, the normalised coordinate
+  ``u`` in ``[-1, 1]`` spans the full extent, and ``p = u * N / 2``. Converting ``A`` to
+  normalised coordinates is then ``S^-1 A S`` with ``S = diag(N / 2)``, and ``t`` becomes ``2 t``.
+* Outside the input the default fill is the per-(sample, channel) minimum (``padding_mode="min"``),
+  because z-scored CT has a negative background: padding with 0 would paint a bright frame.
+
+Example:
+    >>> g = torch.Generator().manual_seed(0)
+    >>> theta, applied = random_affine_matrices(4, g)
+    >>> x = torch.randn(4, 1, 20, 24, 28)
+    >>> apply_affine(x, theta).shape
+    torch.Size([4, 1, 20, 24, 28])
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+_MODES = ("bilinear", "nearest")
+_PADDINGS = ("min", "zeros", "border", "reflection")
+
+
+def rotation_matrices(angles: torch.Tensor) -> torch.Tensor:
+    """Rotation matrices ``R0(a0) @ R1(a1) @ R2(a2)`` about the D, H and W axes.
+
+    Same matrices and order as MONAI's ``create_rotate(3, angles)`` (intrinsic "XYZ" with
+    x = D, y = H, z = W), so ``rotate_params`` carry over unchanged.
+
+    Args:
+        angles: ``(B, 3)`` angles in radians about axes 0 (D), 1 (H), 2 (W).
+
+    Returns:
+        ``(B, 3, 3)`` rotation matrices in the dtype of ``angles``.
+    """
+    c, s = torch.cos(angles), torch.sin(angles)
+    one, zero = torch.ones_like(c[:, 0]), torch.zeros_like(c[:, 0])
+
+    def _mat(rows: list[list[torch.Tensor]]) -> torch.Tensor:
+        return torch.stack([torch.stack(r, dim=-1) for r in rows], dim=-2)
+
+    r0 = _mat([[one, zero, zero], [zero, c[:, 0], -s[:, 0]], [zero, s[:, 0], c[:, 0]]])
+    r1 = _mat([[c[:, 1], zero, s[:, 1]], [zero, one, zero], [-s[:, 1], zero, c[:, 1]]])
+    r2 = _mat([[c[:, 2], -s[:, 2], zero], [s[:, 2], c[:, 2], zero], [zero, zero, one]])
+    return r0 @ r1 @ r2
+
+
+def build_affine(angles: torch.Tensor, zoom: torch.Tensor, translate: torch.Tensor) -> torch.Tensor:
+    """Compose rotation, zoom and translation into one pull-back ``theta`` per sample.
+
+    ``A = R(angles) @ diag(1 / zoom)`` and ``t = -translate``, so ``zoom > 1`` enlarges the
+    content and, without rotation or zoom, content moves by ``+translate * N`` voxels.
+
+    Args:
+        angles: ``(B, 3)`` radians about D, H, W.
+        zoom: ``(B, 3)`` or ``(B, 1)`` forward zoom factors (content size multiplier).
+        translate: ``(B, 3)`` forward shift as a fraction of the extent along D, H, W.
+
+    Returns:
+        ``(B, 3, 4)`` ``theta`` in the module's convention (float64 if inputs are float64).
+
+    Example:
+        >>> eye = build_affine(torch.zeros(1, 3), torch.ones(1, 3), torch.zeros(1, 3))
+        >>> eye[0, :, :3].diagonal().tolist()
+        [1.0, 1.0, 1.0]
+    """
+    if angles.ndim != 2 or angles.shape[1] != 3 or translate.shape != angles.shape:
+        raise ValueError(f"angles and translate must be (B, 3), got {tuple(angles.shape)}, {tuple(translate.shape)}")
+    if bool((zoom <= 0).any()):
+        raise ValueError("zoom factors must be > 0")
+    linear = rotation_matrices(angles) / zoom.expand(-1, 3).unsqueeze(1)  # R @ diag(1/zoom)
+    return torch.cat([linear, -translate.unsqueeze(-1)], dim=-1)
+
+
+def random_affine_matrices(
+    batch: int,
+    generator: torch.Generator,
+    rotate_deg: float = 11.5,
+    zoom: float = 0.08,
+    translate: float = 0.08,
+    prob: float = 0.6,
+    isotropic_zoom: bool = True,
+    device: torch.device | str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Draw one random affine per sample; identity where the sample is not selected.
+
+    Angles about each axis are uniform in ``+-rotate_deg``, zoom uniform in
+    ``[1 - zoom, 1 + zoom]`` (one factor, or one per axis), translation uniform in
+    ``+-translate`` of the extent. Every number is drawn on the CPU from ``generator``, always in
+    the same order and amount, so the same seed gives the same matrices on CPU and GPU.
+
+    Args:
+        batch: number of samples ``B``.
+        generator: a CPU ``torch.Generator``.
+        rotate_deg: maximum absolute angle per axis, in degrees.
+        zoom: maximum relative zoom, in ``[0, 1)``.
+        translate: maximum shift as a fraction of the extent.
+        prob: per-sample probability that the transform is applied.
+        isotropic_zoom: one zoom factor for all axes (``True``) or one per axis.
+        device: where to put the outputs.
+
+    Returns:
+        ``theta`` ``(B, 3, 4)`` float32 and the ``applied`` mask ``(B,)`` bool.
+
+    Example:
+        >>> theta, applied = random_affine_matrices(2, torch.Generator().manual_seed(1))
+        >>> theta.shape, applied.shape
+        (torch.Size([2, 3, 4]), torch.Size([2]))
+    """
+    _check_generator(generator)
+    if batch < 1:
+        raise ValueError(f"batch must be >= 1, got {batch}")
+    if rotate_deg < 0 or translate < 0 or not 0 <= zoom < 1:
+        raise ValueError(f"need rotate_deg >= 0, translate >= 0, 0 <= zoom < 1; got {rotate_deg}, {translate}, {zoom}")
+    if not 0.0 <= prob <= 1.0:
+        raise ValueError(f"prob must be in [0, 1], got {prob}")
+    opts = {"generator": generator, "dtype": torch.float64}
+    angles = (torch.rand(batch, 3, **opts) * 2 - 1) * math.radians(rotate_deg)
+    zooms = 1 + (torch.rand(batch, 3, **opts) * 2 - 1) * zoom
+    shifts = (torch.rand(batch, 3, **opts) * 2 - 1) * translate
+    applied = torch.rand(batch, generator=generator) < prob
+    if isotropic_zoom:
+        zooms = zooms[:, :1]
+    theta = build_affine(angles, zooms, shifts)
+    theta = torch.where(applied.view(-1, 1, 1), theta, identity_affine(batch, dtype=torch.float64))
+    return theta.to(device=device, dtype=torch.float32), applied.to(device)
+
+
+def identity_affine(batch: int, dtype: torch.dtype = torch.float32, device=None) -> torch.Tensor:
+    """``(B, 3, 4)`` identity ``theta``."""
+    return torch.eye(3, 4, dtype=dtype, device=device).expand(batch, 3, 4).clone()
+
+
+def normalized_theta(theta: torch.Tensor, spatial_shape: tuple[int, int, int]) -> torch.Tensor:
+    """Convert voxel-space ``theta`` (D, H, W order) into ``F.affine_grid``'s normalised (x, y, z).
+
+    Args:
+        theta: ``(B, 3, 4)`` in the module's convention.
+        spatial_shape: ``(D, H, W)``.
+
+    Returns:
+        ``(B, 3, 4)`` float32 matrix for ``F.affine_grid(..., align_corners=False)``.
+    """
+    th = theta.to(torch.float64)
+    half = torch.tensor(spatial_shape, dtype=torch.float64, device=theta.device) / 2
+    # S^-1 A S with S = diag(N / 2): row i scaled by 1/half_i, column j by half_j
+    linear = th[:, :, :3] * half.view(1, 1, 3) / half.view(1, 3, 1)
+    shift = 2 * th[:, :, 3:]  # t * N in voxels / (N / 2)
+    norm = torch.cat([linear, shift], dim=-1)
+    # affine_grid's coordinate order is (x, y, z) = (W, H, D): reverse rows and spatial columns
+    rev = [2, 1, 0]
+    norm = norm[:, rev][:, :, [2, 1, 0, 3]]
+    return norm.to(torch.float32)
+
+
+def apply_affine(
+    x: torch.Tensor, theta: torch.Tensor, mode: str = "bilinear", padding_mode: str = "min"
+) -> torch.Tensor:
+    """Resample a batch with one ``F.affine_grid`` + ``F.grid_sample`` (trilinear by default).
+
+    The grid and the sampling run in float32 whatever the dtype of ``x``; the result is cast back.
+
+    Args:
+        x: ``(B, C, D, H, W)`` volumes, any float dtype, any device.
+        theta: ``(B, 3, 4)`` pull-back matrices in the module's convention.
+        mode: ``"bilinear"`` (trilinear) or ``"nearest"``.
+        padding_mode: ``"min"`` fills outside the input with each (sample, channel)'s minimum;
+            ``"zeros"``, ``"border"`` and ``"reflection"`` are ``grid_sample``'s own.
+
+    Returns:
+        ``(B, C, D, H, W)`` tensor, same dtype and device as ``x``.
+
+    Example:
+        >>> x = torch.rand(1, 1, 8, 8, 8)
+        >>> torch.allclose(apply_affine(x, identity_affine(1)), x, atol=1e-5)
+        True
+    """
+    if x.ndim != 5:
+        raise ValueError(f"x must be (B, C, D, H, W), got shape {tuple(x.shape)}")
+    if theta.shape != (x.shape[0], 3, 4):
+        raise ValueError(f"theta must be ({x.shape[0]}, 3, 4), got {tuple(theta.shape)}")
+    if mode not in _MODES:
+        raise ValueError(f"mode must be one of {_MODES}, got {mode!r}")
+    if padding_mode not in _PADDINGS:
+        raise ValueError(f"padding_mode must be one of {_PADDINGS}, got {padding_mode!r}")
+    xf = x.float()
+    grid_theta = normalized_theta(theta.to(x.device), tuple(x.shape[2:]))
+    grid = F.affine_grid(grid_theta, list(xf.shape), align_corners=False)
+    if padding_mode == "min":
+        # shift so the minimum is 0, pad with zeros, shift back: the fill is the minimum
+        low = xf.amin(dim=(2, 3, 4), keepdim=True)
+        out = F.grid_sample(xf - low, grid, mode=mode, padding_mode="zeros", align_corners=False) + low
+    else:
+        out = F.grid_sample(xf, grid, mode=mode, padding_mode=padding_mode, align_corners=False)
+    return out.to(x.dtype)
+
+
+def _check_generator(generator: torch.Generator) -> None:
+    if not isinstance(generator, torch.Generator):
+        raise ValueError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+    if generator.device.type != "cpu":
+        raise ValueError("generator must live on the CPU (parameters are drawn there and moved to x.device)")
