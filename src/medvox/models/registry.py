@@ -1,0 +1,118 @@
+"""A timm-style model registry: ``@register_model``, ``create_model(name, **kwargs)``, ``list_models()``.
+
+``create_model`` drops ``None``-valued arguments, so a flag or config field left unset never
+overrides a factory's default, and turns every bad argument into one clear ``ValueError``.
+
+Example:
+    >>> model = create_model("resnet18", in_channels=1, num_classes=3, dropout=None)
+    >>> sorted(model.head_param_names())
+    ['fc.bias', 'fc.weight']
+"""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch.nn as nn
+
+_MODELS: dict[str, Callable[..., nn.Module]] = {}
+
+
+def register_model(fn: Callable[..., nn.Module] | None = None, *, name: str | None = None):
+    """Register a model factory (a function or a class) under ``name`` (default: its ``__name__``).
+
+    Usable as ``@register_model`` or ``register_model(MyModel, name="my_model")``.
+    """
+
+    def _register(f: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+        key = name or f.__name__
+        old = _MODELS.get(key)
+        # the same definition registered again (a module reload) is fine; a different one is a clash
+        if old is not None and (old.__module__, old.__qualname__) != (f.__module__, f.__qualname__):
+            raise ValueError(f"a model named {key!r} is already registered by {old.__module__}")
+        _MODELS[key] = f
+        return f
+
+    return _register(fn) if fn is not None else _register
+
+
+def list_models() -> list[str]:
+    """Names of the registered models, sorted."""
+    return sorted(_MODELS)
+
+
+def create_model(name: str, in_channels: int = 1, num_classes: int = 2, dropout: float | None = 0.4,
+                 pretrained: str | Path | None = None, *, allow_partial: bool = False,
+                 in_channels_strategy: str = "average", **kwargs: Any) -> nn.Module:
+    """Build a registered model, optionally loading a local pretrained checkpoint.
+
+    Args:
+        name: a name from ``list_models()``.
+        in_channels: input channels ``C`` of ``(B, C, D, H, W)``.
+        num_classes: number of logits.
+        dropout: dropout before the head; ``None`` keeps the factory's default.
+        pretrained: a local ``.pth``/``.pt``/``.safetensors`` file; see ``load_pretrained``.
+            The ``LoadReport`` is stored on ``model.pretrained_report``.
+        allow_partial: load what fits when backbone tensors are missing or mis-shaped.
+        in_channels_strategy: how the first conv adapts to a different channel count
+            (``"average"`` or ``"error"``).
+        **kwargs: factory arguments (``variant``, ``cosine_head``, ``grad_checkpointing``,
+            ``feature_size``, ...); ``None`` values are dropped.
+
+    Returns:
+        The model, in training mode, on the CPU.
+
+    Raises:
+        ValueError: unknown name, unknown argument, or an argument out of range.
+        CheckpointError: the checkpoint is unreadable, unsafe, or does not fit.
+    """
+    if name not in _MODELS:
+        close = difflib.get_close_matches(str(name), list(_MODELS), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ValueError(f"unknown model {name!r}{hint}; known models: {', '.join(list_models())}")
+    factory = _MODELS[name]
+    args = {"in_channels": in_channels, "num_classes": num_classes, "dropout": dropout, **kwargs}
+    args = {k: v for k, v in args.items() if v is not None}
+    _check_arguments(name, factory, args)
+    model = factory(**args)
+    if pretrained is not None:
+        from medvox.models.pretrained import load_pretrained
+
+        model.pretrained_report = load_pretrained(
+            model, pretrained, allow_partial=allow_partial, in_channels_strategy=in_channels_strategy
+        )
+    return model
+
+
+def create_model_from_config(cfg: Any, in_channels: int, num_classes: int, *,
+                             cosine_head: bool | None = None) -> nn.Module:
+    """``create_model`` from a ``medvox.config.ModelConfig``.
+
+    Args:
+        cfg: the ``ModelConfig`` (name, dropout, pretrained_path, allow_partial, cosine_head, kwargs).
+        in_channels: input channels of the data.
+        num_classes: number of classes of the data.
+        cosine_head: the resolved choice when ``cfg.cosine_head`` is ``None`` (e.g. on for LDAM).
+    """
+    use_cosine = cfg.cosine_head if cfg.cosine_head is not None else cosine_head
+    return create_model(
+        cfg.name, in_channels=in_channels, num_classes=num_classes, dropout=cfg.dropout,
+        pretrained=cfg.pretrained_path or None, allow_partial=cfg.allow_partial,
+        **{"cosine_head": use_cosine, **dict(cfg.kwargs)},
+    )
+
+
+def _check_arguments(name: str, factory: Callable[..., nn.Module], args: dict[str, Any]) -> None:
+    params = inspect.signature(factory).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return
+    accepted = [p for p, v in params.items() if v.kind is not inspect.Parameter.VAR_POSITIONAL]
+    unknown = sorted(set(args) - set(accepted))
+    if unknown:
+        raise ValueError(
+            f"model {name!r} got unknown argument(s) {', '.join(unknown)}; accepted: {', '.join(accepted)}"
+        )
