@@ -39,3 +39,16 @@ def rng() -> np.random.Generator:
 def _isolated_cache(tmp_path_factory, monkeypatch):
     """Every test gets its own preprocessing cache, never the user's ~/.cache/medvox."""
     monkeypatch.setenv("MEDVOX_CACHE", str(tmp_path_factory.mktemp("medvox_cache")))
+
+
+@pytest.fixture(scope="session")
+def tiny_medmnist(medmnist_28, tmp_path_factory) -> Path:
+    """A small slice of the real AdrenalMNIST3D (28^3): 80 train + 20 val (the CV pool) and 30 test volumes."""
+    src = np.load(medmnist_28)
+    out = {}
+    for split, n in (("train", 80), ("val", 20), ("test", 30)):
+        out[f"{split}_images"] = src[f"{split}_images"][:n]
+        out[f"{split}_labels"] = src[f"{split}_labels"][:n]
+    path = tmp_path_factory.mktemp("tiny_medmnist") / "adrenal_tiny.npz"
+    np.savez(path, **out)
+    return path

@@ -9,6 +9,7 @@ The original pipeline's flags keep working verbatim, e.g.::
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -151,9 +152,28 @@ def _overrides(args: argparse.Namespace, table: dict[str, str]) -> dict[str, Any
     return out
 
 
+DEFAULT_CONFIG_FILES = ("medvox.yaml", "medvox.yml", "medvox.json")
+
+
+def _default_config_file() -> str | None:
+    """A ``medvox.yaml``/``.json`` in the working directory is read when no ``--config`` is given, so a
+    project folder can hold its data path and settings and the original command line works as it is."""
+    for name in DEFAULT_CONFIG_FILES:
+        if Path(name).is_file():
+            return name
+    return None
+
+
 def config_from_args(args: argparse.Namespace, table: dict[str, str] | None = None) -> config_mod.ExperimentConfig:
     table = table if table is not None else {**_DATA_FLAGS, **_TRAIN_FLAGS}
-    return config_mod.resolve(getattr(args, "config", None), _overrides(args, table))
+    config_file = getattr(args, "config", None) or _default_config_file()
+    overrides = _overrides(args, table)
+    if "data.path" not in overrides and os.environ.get("MEDVOX_DATA"):
+        overrides["data.path"] = os.environ["MEDVOX_DATA"]
+    cfg = config_mod.resolve(config_file, overrides)
+    if config_file and not getattr(args, "config", None):
+        print(f"medvox: using settings from {config_file}", file=sys.stderr)
+    return cfg
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
@@ -190,6 +210,35 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_cv(args: argparse.Namespace) -> int:
+    from medvox.engine.cv import run_cv
+
+    cfg = config_from_args(args)
+    run_cv(cfg, tta=not args.no_tta)
+    return 0
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from medvox.evaluation.predict import predict_cases
+
+    result = predict_cases(args.run, args.inputs, args.out, tta=args.tta, calibrated=not args.uncalibrated,
+                           batch_size=args.batch_size)
+    print(f"predicted {result['predicted']} case(s) -> {result['output']}")
+    if result["failed"]:
+        print(f"{result['failed']} input(s) could not be read (status 'error' in the CSV):", file=sys.stderr)
+        for f in result["failures"]:
+            print(f"  {f['case_id']} ({f['source']}): {f['error']}", file=sys.stderr)
+        return 4
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from medvox.demo import run_demo
+
+    run_demo(Path(args.out), data_dir=Path(args.data_dir), epochs=args.epochs, model=args.model)
+    return 0
+
+
 def _cmd_models(args: argparse.Namespace) -> int:
     from medvox.models import list_models
 
@@ -221,6 +270,30 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train one fold")
     _add_train_args(p)
     p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("cv", help="k-fold cross-validation (the main job): all folds, summary, test ensemble")
+    _add_train_args(p)
+    p.add_argument("--no-tta", "--no_tta", dest="no_tta", action="store_true",
+                   help="no test-time augmentation for the test-set ensemble")
+    p.set_defaults(func=_cmd_cv)
+
+    p = sub.add_parser("predict", help="predict new inputs with a trained run (fold ensemble)")
+    p.add_argument("--run", action="append", required=True,
+                   help="run folder (results/<model>), fold folder, or checkpoint .pt; repeatable")
+    p.add_argument("inputs", nargs="+", help="NIfTI/DICOM/.npy files, folders of them, or a manifest")
+    p.add_argument("--out", default="predictions.csv", help="output CSV (default predictions.csv)")
+    p.add_argument("--tta", action="store_true", help="test-time augmentation (flips, small affines)")
+    p.add_argument("--uncalibrated", action="store_true", help="ignore the fitted temperatures")
+    p.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int, default=8)
+    p.set_defaults(func=_cmd_predict)
+
+    p = sub.add_parser("demo", help="the main job on the embedded demo data: make it, cross-validate, report")
+    p.add_argument("--out", default="demo_results", help="results root (default demo_results/)")
+    p.add_argument("--data-dir", "--data_dir", dest="data_dir", default="demo_data",
+                   help="where the demo data is written (default demo_data/)")
+    p.add_argument("--epochs", type=int, default=None, help="epochs per fold (default: the demo's short schedule)")
+    p.add_argument("--model", default="resnet10", help="model (default resnet10)")
+    p.set_defaults(func=_cmd_demo)
 
     p = sub.add_parser("models", help="list the registered models")
     p.set_defaults(func=_cmd_models)

@@ -27,7 +27,6 @@ def _setup_logging(run_dir: Path | None, is_zero: bool) -> None:
         h.setFormatter(logging.Formatter("%(message)s"))
         h._medvox = True
         log.addHandler(h)
-    logging.getLogger("medvox.models").parent = log
 
 
 def _finished(run_dir: Path) -> dict | None:
@@ -56,7 +55,8 @@ def train(cfg: ExperimentConfig) -> dict:
     from medvox.engine.trainer import FoldTrainer
 
     if not cfg.data.path:
-        raise DataError("no --data given: pass a manifest (.csv/.tsv), a MedMNIST .npz or a folder-per-class "
+        raise DataError("no data given: pass --data (a manifest .csv/.tsv, a MedMNIST .npz or a folder-per-class), "
+                        "set data.path in ./medvox.yaml or --config, or set MEDVOX_DATA "
                         "(try `medvox make-demo-data demo_data` and --data demo_data/manifest.csv)")
     if not 0 <= cfg.train.fold < cfg.data.folds:
         raise TrainingError(f"--fold {cfg.train.fold} is outside 0..{cfg.data.folds - 1} for --folds {cfg.data.folds}")

@@ -46,9 +46,11 @@ def make_fabric(tc: TrainConfig):
 
     wants_gpu = tc.gpu or tc.multi_gpu
     if wants_gpu and not torch.cuda.is_available():
-        raise TrainingError("--gpu/--multi_gpu was given but no CUDA device is visible; drop the flag to train on the CPU")
+        # The original command line always carries --gpu/--multi_gpu: keep it working on a CPU-only machine.
+        log.warning("--gpu/--multi_gpu was given but no CUDA device is visible: training on the CPU")
+        wants_gpu = False
     accelerator = "cuda" if wants_gpu else "cpu"
-    devices = tc.devices if tc.devices is not None else (-1 if tc.multi_gpu else 1)
+    devices = tc.devices if tc.devices is not None else (-1 if tc.multi_gpu and wants_gpu else 1)
     n_dev = torch.cuda.device_count() if devices == -1 else devices
     strategy = "ddp" if n_dev > 1 else "auto"
     if strategy == "ddp" and accelerator == "cpu":

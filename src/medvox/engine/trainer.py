@@ -22,6 +22,7 @@ from medvox.config import ExperimentConfig, save, to_dict
 from medvox.data.loader import ArrayLoader
 from medvox.engine import artifacts, loop
 from medvox.engine.checkpoint import atomic_save, load_checkpoint
+from medvox.engine.compat import guard_cpu_bf16_conv3d
 from medvox.engine.ema import create_ema, update_ema
 from medvox.engine.optim import Schedule, build_optimizer, param_groups
 from medvox.engine.runinfo import run_info
@@ -86,10 +87,11 @@ class FoldTrainer:
                              dropout=mc.dropout, cosine_head=cosine, **mc.kwargs)
         self.pretrained_report = None
         if mc.pretrained_path:
+            # load_pretrained logs its one-line report ("Successfully loaded 318/318 backbone tensors ...")
             self.pretrained_report = load_pretrained(model, mc.pretrained_path, allow_partial=mc.allow_partial)
-            if self.fabric.is_global_zero:
-                log.info(self.pretrained_report.summary())
         model = model.to(self.fabric.device)
+        if self.fabric.device.type == "cpu" and "bf16" in str(self.fabric._precision.precision):
+            guard_cpu_bf16_conv3d(model)
         if self.cfg.train.channels_last:
             model = model.to(memory_format=torch.channels_last_3d)
         ema = create_ema(model, self.cfg.train.ema_decay)  # after .to(device), before the DDP wrap
@@ -116,7 +118,7 @@ class FoldTrainer:
     # ---------------------------------------------------------------- state
     def _common(self) -> dict[str, Any]:
         return {"config": to_dict(self.cfg), "plan": self.data.plan, "classes": self.classes,
-                "medvox_version": __version__}
+                "in_channels": int(self.data.images.shape[1]), "medvox_version": __version__}
 
     def _state(self, epoch: int) -> dict[str, Any]:
         scaler = getattr(self.fabric._precision, "scaler", None)

@@ -1,0 +1,36 @@
+"""``medvox cv``: every fold in turn, resumable fold by fold, then the cross-validation summary."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+
+from medvox.config import ExperimentConfig
+
+log = logging.getLogger("medvox")
+
+
+def run_cv(cfg: ExperimentConfig, tta: bool = True) -> dict:
+    """Train folds 0..k-1 (finished folds are skipped, an interrupted one resumes) and summarise.
+
+    Writes ``<output>/<run>/cv_summary.json``, ``oof_predictions.csv``, ``test_predictions.csv`` (when a
+    held-out test set exists) and ``cv_table.md``; returns the summary.
+    """
+    from medvox.data import prepare
+    from medvox.engine import train
+    from medvox.evaluation.summary import format_table, summarize
+
+    run_dir = Path(cfg.train.output) / (cfg.train.run_name or cfg.model.name)
+    fold_dirs = []
+    for k in range(cfg.data.folds):
+        fold_cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, fold=k, resume=True))
+        log.info("=== fold %d/%d ===", k + 1, cfg.data.folds)
+        train(fold_cfg)
+        fold_dirs.append(run_dir / f"fold_{k}")
+    prepared = prepare(cfg.data, progress=False)
+    summary = summarize(run_dir, fold_dirs, prepared, tta=tta)
+    table = format_table(summary)
+    (run_dir / "cv_table.md").write_text(table + "\n", encoding="utf-8")
+    log.info("cross-validation of %s over %d folds:\n%s", cfg.model.name, cfg.data.folds, table)
+    return summary

@@ -1,0 +1,124 @@
+"""``medvox predict``: a run folder (or checkpoints) + new inputs -> ``predictions.csv``.
+
+The preprocessing is rebuilt from the plan stored in the checkpoints, so the inputs are treated exactly
+as the training data was. Cases are read and predicted a few at a time (memory stays flat over
+thousands of inputs); an unreadable input is reported and the others are still predicted.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from medvox.config import DataConfig
+from medvox.errors import DataError
+
+log = logging.getLogger("medvox")
+
+
+def _cases(inputs: list[str], data_cfg: DataConfig | None):
+    """Cases from a manifest (labels optional) or from image files / folders of images."""
+    from medvox.data import cases_from_paths, load_source
+
+    if len(inputs) == 1 and Path(inputs[0]).suffix.lower() in (".csv", ".tsv", ".npz"):
+        cfg = data_cfg or DataConfig()
+        cfg = DataConfig(**{**cfg.__dict__, "path": inputs[0]})
+        return load_source(cfg, require_labels=False).cases
+    return cases_from_paths(inputs)
+
+
+def _check_plans(models) -> dict[str, Any]:
+    plan = models[0].plan
+    for m in models[1:]:
+        if m.plan != plan:
+            raise DataError(f"the checkpoints were trained with different preprocessing plans ({models[0].path} vs "
+                            f"{m.path}); predict with one run at a time")
+    return plan
+
+
+def predict_cases(checkpoints: list[str], inputs: list[str], out: str | Path, *, tta: bool = False,
+                  calibrated: bool = True, batch_size: int = 8, data_cfg: DataConfig | None = None,
+                  progress: bool = True) -> dict[str, Any]:
+    """Predict every input; write ``out`` (CSV) and return counts and the failures.
+
+    Columns: case_id, source, label (when known), prob_<class>..., predicted, spread (standard deviation
+    over the ensemble members of the predicted class's probability), status, error.
+    """
+    from medvox.data import preprocess_case
+    from medvox.evaluation.inference import ensemble_predict, find_checkpoints, load_model
+
+    models = [load_model(p) for p in find_checkpoints(checkpoints)]
+    plan, classes = _check_plans(models), models[0].classes
+    cases = _cases(inputs, data_cfg)
+    if not cases:
+        raise DataError(f"no input images found in {', '.join(inputs)} (NIfTI .nii/.nii.gz, DICOM folders, .npy)")
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    failures: list[dict[str, str]] = []
+    n_ok = 0
+    with open(out, "w", newline="", encoding="utf-8") as fh, _bar(progress, len(cases)) as bar:
+        writer = csv.writer(fh)
+        writer.writerow(["case_id", "source", "label", *[f"prob_{c}" for c in classes], "predicted", "spread",
+                         "status", "error"])
+        for start in range(0, len(cases), batch_size):
+            chunk, arrays = [], []
+            for case in cases[start:start + batch_size]:
+                try:
+                    arrays.append(preprocess_case(case, plan))
+                    chunk.append(case)
+                except Exception as exc:  # one bad input must not stop the others
+                    reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+                    failures.append({"case_id": case.id, "source": case.file, "error": reason})
+                    writer.writerow([case.id, case.file, "", *[""] * len(classes), "", "", "error", reason])
+            if chunk:
+                mean, per = ensemble_predict(models, np.stack(arrays), tta=tta, calibrated=calibrated,
+                                             batch_size=batch_size)
+                _write_rows(writer, chunk, classes, mean, per)
+                n_ok += len(chunk)
+            fh.flush()
+            bar(len(cases[start:start + batch_size]))
+    for f in failures:
+        log.error("could not predict %s (%s): %s", f["case_id"], f["source"], f["error"])
+    summary = {"predicted": n_ok, "failed": len(failures), "failures": failures, "output": str(out),
+               "models": [str(m.path) for m in models], "tta": tta, "calibrated": calibrated}
+    (out.with_suffix(".json")).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    return summary
+
+
+def _write_rows(writer, cases, classes: list[str], mean: np.ndarray, per: np.ndarray) -> None:
+    pred = mean.argmax(1)
+    spread = per[:, np.arange(len(pred)), pred].std(0)
+    for i, case in enumerate(cases):
+        label = classes[case.label] if case.label is not None and 0 <= case.label < len(classes) else ""
+        writer.writerow([case.id, case.file, label, *[f"{p:.6f}" for p in mean[i]], classes[pred[i]],
+                         f"{spread[i]:.6f}", "ok", ""])
+
+
+class _bar:
+    """A rich progress bar over the inputs (silent when disabled)."""
+
+    def __init__(self, enabled: bool, total: int):
+        self.enabled, self.total, self._p = enabled, total, None
+
+    def __enter__(self):
+        if self.enabled:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self._p = Progress(TextColumn("predict"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+            self._p.start()
+            self._task = self._p.add_task("predict", total=self.total)
+        return self
+
+    def __call__(self, n: int) -> None:
+        if self._p is not None:
+            self._p.update(self._task, advance=n)
+
+    def __exit__(self, *exc):
+        if self._p is not None:
+            self._p.stop()
+        return False

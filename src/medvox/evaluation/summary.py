@@ -1,0 +1,173 @@
+"""Cross-validation summary: per-fold statistics with bootstrap CIs, pooled out-of-fold predictions,
+per-fold temperature calibration, and the fold ensemble (with TTA) on the held-out test set."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from medvox.engine.artifacts import write_json, write_predictions
+from medvox.evaluation.metrics import compute_metrics, to_jsonable
+
+SUMMARY_METRICS = ("auc", "accuracy", "balanced_accuracy", "f1", "sensitivity", "specificity", "precision", "loss")
+
+
+def bootstrap_ci(values: list[float], n_boot: int = 2000, seed: int = 0, level: float = 0.95) -> list[float] | None:
+    """Percentile bootstrap CI of the mean of ``values`` (resampling folds with replacement)."""
+    vals = np.asarray([v for v in values if v is not None], dtype=float)
+    if len(vals) < 2:
+        return None
+    rng = np.random.default_rng(seed)
+    means = vals[rng.integers(0, len(vals), size=(n_boot, len(vals)))].mean(axis=1)
+    alpha = (1 - level) / 2
+    return [float(np.quantile(means, alpha)), float(np.quantile(means, 1 - alpha))]
+
+
+def fold_table(fold_metrics: list[dict]) -> dict[str, dict]:
+    """Mean, standard deviation (ddof=1) and bootstrap 95 % CI of every metric over folds."""
+    table = {}
+    for name in SUMMARY_METRICS:
+        values = [m.get(name) for m in fold_metrics]
+        present = [v for v in values if v is not None]
+        table[name] = {
+            "per_fold": values,
+            "mean": float(np.mean(present)) if present else None,
+            "std": float(np.std(present, ddof=1)) if len(present) > 1 else None,
+            "ci95": bootstrap_ci(present),
+        }
+    return table
+
+
+def read_predictions(path: Path) -> tuple[list[dict], list[str]]:
+    """Rows of a predictions CSV and its class names (from the ``prob_<class>`` columns)."""
+    with open(path, newline="", encoding="utf-8") as fh:
+        rows = list(csv.DictReader(fh))
+    classes = [c[len("prob_"):] for c in (rows[0].keys() if rows else []) if c.startswith("prob_")]
+    return rows, classes
+
+
+def _labels_probs(rows: list[dict], classes: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    index = {c: i for i, c in enumerate(classes)}
+    labels = np.array([index[r["label"]] for r in rows], dtype=np.int64)
+    probs = np.array([[float(r[f"prob_{c}"]) for c in classes] for r in rows], dtype=np.float64)
+    return labels, probs
+
+
+def fit_fold_calibration(fold_dir: Path) -> dict[str, Any]:
+    """Temperature scaling fitted on the fold's validation predictions; written to calibration.json.
+
+    Log-probabilities are valid logits (softmax is shift-invariant), so the saved probabilities suffice.
+    """
+    from medvox.evaluation.calibration import (
+        apply_temperature,
+        brier_score,
+        expected_calibration_error,
+        fit_temperature,
+    )
+
+    rows, classes = read_predictions(fold_dir / "val_predictions.csv")
+    labels, probs = _labels_probs(rows, classes)
+    logits = np.log(np.clip(probs, 1e-12, 1.0))
+    t = float(fit_temperature(logits, labels))
+    scaled = apply_temperature(logits, t)
+    after = np.exp(scaled - scaled.max(axis=1, keepdims=True))
+    after /= after.sum(axis=1, keepdims=True)
+    doc = {"temperature": t, "fitted_on": "validation", "n": len(labels),
+           "ece_before": expected_calibration_error(labels, probs), "ece_after": expected_calibration_error(labels, after),
+           "brier_before": brier_score(labels, probs), "brier_after": brier_score(labels, after)}
+    write_json(doc, fold_dir / "calibration.json")
+    return doc
+
+
+def write_oof(run_dir: Path, fold_dirs: list[Path]) -> tuple[dict, np.ndarray, np.ndarray, list[str]]:
+    """Concatenate every fold's validation predictions into ``oof_predictions.csv``; pooled metrics."""
+    all_rows, classes = [], []
+    for k, fold_dir in enumerate(fold_dirs):
+        rows, classes = read_predictions(fold_dir / "val_predictions.csv")
+        for r in rows:
+            r["fold"] = str(k)
+        all_rows += rows
+    with open(run_dir / "oof_predictions.csv", "w", newline="", encoding="utf-8") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(all_rows[0].keys()))
+        writer.writeheader()
+        writer.writerows(all_rows)
+    labels, probs = _labels_probs(all_rows, classes)
+    return compute_metrics(labels, probs, class_names=classes), labels, probs, classes
+
+
+def test_ensemble(run_dir: Path, fold_dirs: list[Path], prepared, tta: bool) -> dict[str, Any] | None:
+    """Average the fold models' (calibrated) probabilities on the held-out test set."""
+    from medvox.evaluation.inference import ensemble_predict, final_checkpoint, load_model
+
+    test_idx = prepared.test_idx
+    if len(test_idx) == 0:
+        return None
+    models = [load_model(final_checkpoint(d)) for d in fold_dirs]
+    images = prepared.images[np.sort(test_idx)]
+    order = np.sort(test_idx)
+    labels = prepared.labels[order]
+    out: dict[str, Any] = {"n": len(order), "tta": tta, "members": [str(m.path) for m in models]}
+    for name, use_tta, calibrated in (("ensemble", False, False), ("ensemble_tta", True, False),
+                                      ("ensemble_tta_calibrated", True, True)):
+        if use_tta and not tta:
+            continue
+        mean, per = ensemble_predict(models, images, tta=use_tta, calibrated=calibrated)
+        out[name] = compute_metrics(labels, mean, class_names=prepared.classes)
+        if name == "ensemble" or use_tta:
+            best, best_per = mean, per
+    out["per_fold"] = [compute_metrics(labels, p, class_names=prepared.classes) for p in best_per]
+    cases = [prepared.cases[i] for i in order]
+    write_predictions(run_dir / "test_predictions.csv", [c.id for c in cases], [c.group for c in cases], labels,
+                      best, prepared.classes)
+    _add_spread(run_dir / "test_predictions.csv", best_per)
+    return out
+
+
+def _add_spread(path: Path, per_model: np.ndarray) -> None:
+    """Append the ensemble spread (std over members of the predicted class's probability) to a CSV."""
+    with open(path, newline="", encoding="utf-8") as fh:
+        rows = list(csv.reader(fh))
+    mean = per_model.mean(0)
+    pred = mean.argmax(1)
+    spread = per_model[:, np.arange(len(pred)), pred].std(0)
+    rows[0].append("spread")
+    for i, row in enumerate(rows[1:]):
+        row.append(f"{spread[i]:.6f}")
+    with open(path, "w", newline="", encoding="utf-8") as fh:
+        csv.writer(fh).writerows(rows)
+
+
+def summarize(run_dir: Path, fold_dirs: list[Path], prepared=None, tta: bool = True) -> dict[str, Any]:
+    """Write ``cv_summary.json`` (+ ``oof_predictions.csv``, ``test_predictions.csv``) for a finished CV."""
+    folds = [json.loads((d / "metrics.json").read_text()) for d in fold_dirs]
+    fold_val = [f["final"]["val"] for f in folds]
+    oof_metrics, _, _, classes = write_oof(run_dir, fold_dirs)
+    calibration = [fit_fold_calibration(d) for d in fold_dirs]
+    summary = {
+        "model": folds[0]["model"], "folds": len(folds), "classes": classes, "monitor": folds[0]["monitor"],
+        "fold_final_weights": [f["final"]["weights"] for f in folds],
+        "cv": fold_table(fold_val), "oof": oof_metrics, "calibration": calibration,
+        "test": test_ensemble(run_dir, fold_dirs, prepared, tta) if prepared is not None else None,
+    }
+    write_json(summary, run_dir / "cv_summary.json")
+    return to_jsonable(summary)
+
+
+def format_table(summary: dict) -> str:
+    """A Markdown table: metric, mean +- std [95 % CI] over folds, pooled OOF, test ensemble."""
+    test = (summary.get("test") or {})
+    test_best = test.get("ensemble_tta_calibrated") or test.get("ensemble") or {}
+    lines = ["| metric | folds mean +- std [95 % CI] | pooled OOF | test ensemble |", "| --- | --- | --- | --- |"]
+    for name, row in summary["cv"].items():
+        if row["mean"] is None:
+            continue
+        ci = row["ci95"]
+        cell = f"{row['mean']:.3f} +- {row['std'] or 0:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
+        oof = summary["oof"].get(name)
+        tv = test_best.get(name)
+        lines.append(f"| {name} | {cell} | {'' if oof is None else f'{oof:.3f}'} | {'' if tv is None else f'{tv:.3f}'} |")
+    return "\n".join(lines)
