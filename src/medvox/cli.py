@@ -239,6 +239,48 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_report(args: argparse.Namespace) -> int:
+    from medvox.evaluation.report import write_report
+
+    path = write_report(Path(args.run_dir), Path(args.out) if args.out else None)
+    print(f"report written: {path}")
+    return 0
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from medvox.evaluation.compare import write_comparison
+
+    try:
+        path = write_comparison([Path(r) for r in args.runs], Path(args.out), n_boot=args.n_boot, seed=args.seed)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"medvox: error: {exc}", file=sys.stderr)
+        return 2
+    print(f"comparison written: {path}")
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from medvox.export import FORMATS, export_model
+
+    info = export_model(Path(args.run), Path(args.out), formats=tuple(args.format or FORMATS), fold=args.fold,
+                        calibrated=not args.uncalibrated)
+    for name, item in (info.get("files") or {}).items():
+        print(f"{name}: {item}")
+    for fmt, check in (info.get("checks") or {}).items():
+        print(f"{fmt}: max |p - p_torch| = {check}")
+    return 0
+
+
+def _cmd_explain(args: argparse.Namespace) -> int:
+    from medvox.evaluation.explain import explain
+
+    target = int(args.target_class) if args.target_class and args.target_class.isdigit() else args.target_class
+    results = explain(Path(args.run), args.inputs, Path(args.out), fold=args.fold, target_class=target)
+    for r in results:
+        print(f"{r.get('case_id')}: {r.get('cam_png')}" + (f"  (warning: {r['warning']})" if r.get("warning") else ""))
+    return 0
+
+
 def _cmd_models(args: argparse.Namespace) -> int:
     from medvox.models import list_models
 
@@ -294,6 +336,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=None, help="epochs per fold (default: the demo's short schedule)")
     p.add_argument("--model", default="resnet10", help="model (default resnet10)")
     p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser("report", help="one self-contained HTML report of a cross-validation run")
+    p.add_argument("run_dir", help="run folder (results/<model>)")
+    p.add_argument("--out", help="HTML file (default RUN_DIR/report.html)")
+    p.set_defaults(func=_cmd_report)
+
+    p = sub.add_parser("compare", help="compare runs side by side: table, ROC overlay, DeLong test on OOF AUCs")
+    p.add_argument("runs", nargs="+", help="two or more run folders")
+    p.add_argument("--out", required=True, help="output folder or .html file")
+    p.add_argument("--n-boot", "--n_boot", dest="n_boot", type=int, default=2000)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_cmd_compare)
+
+    p = sub.add_parser("export", help="export a run (fold ensemble) or checkpoint to TorchScript / ONNX / safetensors")
+    p.add_argument("run", help="run folder, fold folder or checkpoint .pt")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--format", action="append", choices=["torchscript", "onnx"], help="repeatable; default both")
+    p.add_argument("--fold", type=int, help="export one fold instead of the ensemble")
+    p.add_argument("--uncalibrated", action="store_true", help="ignore the fitted temperatures")
+    p.set_defaults(func=_cmd_export)
+
+    p = sub.add_parser("explain", help="3D Grad-CAM (CNN/Swin) or attention maps (MIL) as NIfTI overlay + PNG")
+    p.add_argument("--run", required=True, help="run folder, fold folder or checkpoint .pt")
+    p.add_argument("inputs", nargs="+", help="NIfTI/DICOM/.npy files or folders")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--fold", type=int, help="one fold instead of the fold average")
+    p.add_argument("--class", dest="target_class", help="class name or index to explain (default: predicted)")
+    p.set_defaults(func=_cmd_explain)
 
     p = sub.add_parser("models", help="list the registered models")
     p.set_defaults(func=_cmd_models)

@@ -73,8 +73,14 @@ def train(cfg: ExperimentConfig) -> dict:
     prepared = prepare(cfg.data, progress=fabric.is_global_zero)
     if fabric.is_global_zero:
         run_dir.mkdir(parents=True, exist_ok=True)
+        from medvox.engine.checkpoint import remove_stale_temp_files
+
+        remove_stale_temp_files(run_dir)  # half-written checkpoints of a killed run: never loaded, only deleted
     fabric.barrier()
     _setup_logging(run_dir, fabric.is_global_zero)
+    if prepared.skipped:
+        log.warning("--skip-bad: skipped %d bad case(s), listed with the reasons in %s", len(prepared.skipped),
+                    prepared.cache_dir / "skipped_cases.json")
     log.info("training %s on fold %d of %d (%s, precision %s, %d process(es)) -> %s", cfg.model.name,
              cfg.train.fold, cfg.data.folds, fabric.device, fabric._precision.precision, fabric.world_size, run_dir)
     trainer = FoldTrainer(cfg, fabric, prepared, run_dir)

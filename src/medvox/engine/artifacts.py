@@ -93,7 +93,7 @@ def write_predictions(path: Path, case_ids: list[str], groups: list[str], labels
                          *extra.keys()])
         for i, cid in enumerate(case_ids):
             label = classes[int(labels[i])] if labels[i] >= 0 else ""
-            writer.writerow([cid, groups[i], label, *[f"{p:.6f}" for p in probs[i]],
+            writer.writerow([cid, groups[i], label, *[f"{p:.8g}" for p in probs[i]],
                              classes[int(np.argmax(probs[i]))], *extra.values()])
 
 

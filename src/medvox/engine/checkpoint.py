@@ -10,12 +10,15 @@ from __future__ import annotations
 import errno
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from medvox.errors import CheckpointError, TrainingError
+
+TEMP_SUFFIX = ".tmp"  # what the atomic writers name their temp files: .<name>.<random>.tmp
 
 
 def _check_finite(state: dict[str, Any], what: str) -> None:
@@ -27,16 +30,16 @@ def _check_finite(state: dict[str, Any], what: str) -> None:
             )
 
 
-def atomic_save(obj: dict[str, Any], path: str | Path) -> None:
-    """``torch.save`` to ``path`` atomically; model weights in ``obj['model']``/``obj['ema']`` must be finite."""
-    path = Path(path)
-    for key in ("model", "ema"):
-        if isinstance(obj.get(key), dict):
-            _check_finite(obj[key], f"{path.name} ({key})")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+def _atomic_write(path: Path, write: Callable[[Any], None]) -> None:
+    """Write ``path`` through ``write(fh)`` into a temp file beside it, fsync, then rename over ``path``.
+
+    A crash leaves the old file (plus, at worst, a ``.<name>.*.tmp`` that ``remove_stale_temp_files``
+    deletes on the next start); a full disk raises a clear ``TrainingError`` and keeps the old file.
+    """
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as fh:
-            torch.save(obj, fh)
+            write(fh)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
@@ -51,6 +54,42 @@ def atomic_save(obj: dict[str, Any], path: str | Path) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def atomic_save(obj: dict[str, Any], path: str | Path) -> None:
+    """``torch.save`` to ``path`` atomically; model weights in ``obj['model']``/``obj['ema']`` must be finite."""
+    path = Path(path)
+    for key in ("model", "ema"):
+        if isinstance(obj.get(key), dict):
+            _check_finite(obj[key], f"{path.name} ({key})")
+    _atomic_write(path, lambda fh: torch.save(obj, fh))
+
+
+def atomic_save_safetensors(state_dict: dict[str, torch.Tensor], path: str | Path,
+                            metadata: dict[str, str] | None = None) -> None:
+    """The weights alone as ``safetensors`` (no pickle: safe to load anywhere), atomically, finite only.
+
+    Tensors are stored as independent contiguous CPU copies (safetensors refuses strided or shared
+    storage, and channels-last convolution weights are strided).
+    """
+    from safetensors.torch import save as safetensors_bytes
+
+    path = Path(path)
+    _check_finite(state_dict, path.name)
+    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state_dict.items()}
+    data = safetensors_bytes(tensors, metadata=metadata)
+    _atomic_write(path, lambda fh: fh.write(data))
+
+
+def remove_stale_temp_files(folder: str | Path) -> list[Path]:
+    """Delete ``.<name>.*.tmp`` files that a killed writer left in ``folder`` (each can be as large as a
+    checkpoint, and a run preempted many times would otherwise fill the disk). Call it before writing."""
+    removed = []
+    for tmp in Path(folder).glob(f".*{TEMP_SUFFIX}"):
+        if tmp.is_file():
+            tmp.unlink(missing_ok=True)
+            removed.append(tmp)
+    return removed
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:

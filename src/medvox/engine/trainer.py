@@ -21,12 +21,13 @@ from medvox import __version__
 from medvox.config import ExperimentConfig, save, to_dict
 from medvox.data.loader import ArrayLoader
 from medvox.engine import artifacts, loop
-from medvox.engine.checkpoint import atomic_save, load_checkpoint
+from medvox.engine.checkpoint import atomic_save, atomic_save_safetensors, load_checkpoint
 from medvox.engine.compat import guard_cpu_bf16_conv3d
 from medvox.engine.ema import create_ema, update_ema
 from medvox.engine.optim import Schedule, build_optimizer, param_groups
-from medvox.engine.runinfo import run_info
+from medvox.engine.runinfo import content_hash, run_info
 from medvox.engine.setup import epoch_seed
+from medvox.errors import TrainingError
 
 log = logging.getLogger("medvox")
 
@@ -152,6 +153,13 @@ class FoldTrainer:
 
         idx, labels, logits = loop.predict(self.fabric, model, self.loaders[split],
                                            channels_last=self.cfg.train.channels_last)
+        if not np.isfinite(logits).all():
+            # the last optimizer step of an epoch can make the weights non-finite after a finite loss:
+            # stop with the clear error here, before anything is written with these weights
+            raise TrainingError(
+                f"the model's outputs on the {split} set are NaN/Inf: its weights diverged; stopping before any "
+                "checkpoint is overwritten. Lower --lr, keep --grad_clip on, or use --precision fp32."
+            )
         probs = loop.softmax_np(logits)
         metrics = compute_metrics(labels, probs, class_names=self.classes)
         metrics["loss"] = loop.cross_entropy_np(logits, labels)
@@ -204,7 +212,20 @@ class FoldTrainer:
                 if self.fabric.is_global_zero:
                     atomic_save({**self._common(), "kind": kind, "epoch": epoch, "model": weights,
                                  "metrics": entry[key]}, self.run_dir / fname)
+                    # the same weights without pickle (best.safetensors / best_ema.safetensors): loadable
+                    # where unpickling is not allowed; the metadata says what to build them into
+                    atomic_save_safetensors(weights, (self.run_dir / fname).with_suffix(".safetensors"),
+                                            self._safetensors_metadata(kind, epoch))
         return improved
+
+    def _safetensors_metadata(self, kind: str, epoch: int) -> dict[str, str]:
+        import json
+
+        common = self._common()
+        return {"format": "pt", "kind": kind, "epoch": str(epoch), "model": self.cfg.model.name,
+                "in_channels": str(common["in_channels"]), "classes": json.dumps(self.classes),
+                "medvox_version": __version__, "config": json.dumps(common["config"]),
+                "plan": json.dumps(artifacts.to_jsonable(common["plan"]))}
 
     # ---------------------------------------------------------------- the run
     def fit(self) -> dict:
@@ -230,7 +251,10 @@ class FoldTrainer:
 
     def _write_start(self) -> None:
         save(self.cfg, self.run_dir / "config.json")
-        artifacts.write_json(run_info(self.data.data_hash), self.run_dir / "run_info.json")
+        artifacts.write_json(run_info(content_hash(self.data), cache_dataset=self.data.data_hash),
+                             self.run_dir / "run_info.json")
+        if self.data.skipped:  # what --skip-bad dropped belongs to the run's record, not only to the cache
+            artifacts.write_json(self.data.skipped, self.run_dir / "skipped_cases.json")
         artifacts.write_json(self.data.splits, self.run_dir / "splits.json")
         artifacts.write_json(self.data.plan, self.run_dir / "plan.json")
         if self.pretrained_report is not None:
@@ -309,6 +333,10 @@ class _Progress:
     """A rich progress bar over the samples of one epoch, with the running loss and throughput."""
 
     def __init__(self, enabled: bool, description: str, total: int):
+        import sys
+
+        # a bar only on a terminal: in a log file the one-line epoch summary says it all
+        enabled = enabled and sys.stdout.isatty()
         self.enabled, self.description, self.total = enabled, description, total
         self._progress = None
 

@@ -82,7 +82,8 @@ def find_checkpoints(paths: list[str | Path]) -> list[Path]:
         if p.is_file():
             found.append(p)
             continue
-        folds = sorted(p.glob("fold_*")) if not (p / "metrics.json").exists() else [p]
+        is_fold = any((p / name).exists() for name in ("metrics.json", "best_ema.pt", "best.pt"))
+        folds = [p] if is_fold else sorted(p.glob("fold_*"))
         for fold in folds:
             ck = final_checkpoint(fold)
             if ck is not None:

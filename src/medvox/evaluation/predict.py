@@ -95,7 +95,7 @@ def _write_rows(writer, cases, classes: list[str], mean: np.ndarray, per: np.nda
     spread = per[:, np.arange(len(pred)), pred].std(0)
     for i, case in enumerate(cases):
         label = classes[case.label] if case.label is not None and 0 <= case.label < len(classes) else ""
-        writer.writerow([case.id, case.file, label, *[f"{p:.6f}" for p in mean[i]], classes[pred[i]],
+        writer.writerow([case.id, case.file, label, *[f"{p:.8g}" for p in mean[i]], classes[pred[i]],
                          f"{spread[i]:.6f}", "ok", ""])
 
 

@@ -13,6 +13,7 @@ import numpy as np
 from medvox.engine.artifacts import write_json, write_predictions
 from medvox.evaluation.metrics import compute_metrics, to_jsonable
 
+T_BOUNDS = (0.05, 20.0)
 SUMMARY_METRICS = ("auc", "accuracy", "balanced_accuracy", "f1", "sensitivity", "specificity", "precision", "loss")
 
 
@@ -72,11 +73,15 @@ def fit_fold_calibration(fold_dir: Path) -> dict[str, Any]:
     rows, classes = read_predictions(fold_dir / "val_predictions.csv")
     labels, probs = _labels_probs(rows, classes)
     logits = np.log(np.clip(probs, 1e-12, 1.0))
-    t = float(fit_temperature(logits, labels))
+    fitted = float(fit_temperature(logits, labels))
+    # A near-useless model (early epochs) drives T towards infinity: every probability ~1/K and, written
+    # to CSV, the ranking is lost. Bounded T keeps the ranking; the bound is recorded.
+    t = min(max(fitted, T_BOUNDS[0]), T_BOUNDS[1])
     scaled = apply_temperature(logits, t)
     after = np.exp(scaled - scaled.max(axis=1, keepdims=True))
     after /= after.sum(axis=1, keepdims=True)
-    doc = {"temperature": t, "fitted_on": "validation", "n": len(labels),
+    doc = {"temperature": t, "fitted_temperature": fitted, "bounds": list(T_BOUNDS), "fitted_on": "validation",
+           "n": len(labels),
            "ece_before": expected_calibration_error(labels, probs), "ece_after": expected_calibration_error(labels, after),
            "brier_before": brier_score(labels, probs), "brier_after": brier_score(labels, after)}
     write_json(doc, fold_dir / "calibration.json")

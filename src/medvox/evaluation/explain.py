@@ -1,0 +1,298 @@
+"""``medvox explain``: where a model looked, as a map in the input image's own space.
+
+* CNNs and Swin (anything with a spatial ``cam_target_layer``): 3D Grad-CAM (Selvaraju et al. 2017) with
+  ``monai.visualize.GradCAM`` on that layer, for the predicted (or a chosen) class, upsampled to the
+  preprocessed volume and scaled to ``[0, 1]`` by its maximum.
+* Attention MIL: the model's attention weights, each instance's weight painted on the voxels it covers
+  (a slice, a 2.5D slab, a 3D patch; a slice covered by overlapping slabs gets their mean weight). The
+  attention does not depend on a class.
+
+With a run folder, the fold models' maps are averaged (the ensemble that ``medvox predict`` uses).
+
+Each map is computed on the preprocessed volume (the plan's spacing and shape) and taken back to the input
+grid by undoing the two geometric steps of preprocessing: the centre crop/pad (voxels the model never saw,
+cropped away, get 0) and the resampling (linear interpolation on the same voxel-centre-preserving grid as
+``scipy.ndimage.zoom(grid_mode=True)``). The RAS reorientation is undone exactly, so
+``<case>_cam.nii.gz`` has the shape and affine of the input NIfTI and overlays it in any viewer. The map is
+smooth at the resolution of the target layer (e.g. 1/32 of the input for a strided ResNet): sub-voxel
+agreement is not meaningful, and intensity normalisation plays no part in the geometry.
+
+Example:
+    >>> results = explain(Path("results/resnet50"), [Path("ct_001.nii.gz")], Path("cams"))
+    >>> results[0]["cam_nifti"], results[0]["cam_png"]
+    ('cams/ct_001_cam.nii.gz', 'cams/ct_001_cam.png')
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+import torch
+from scipy import ndimage
+
+from medvox.data import io as image_io
+
+APPROXIMATION = ("map computed on the preprocessed volume; crop/pad undone (cropped-away voxels = 0), "
+                 "resampling undone by linear interpolation, orientation restored exactly")
+
+
+def explain(checkpoint_or_run: Path, inputs: list[Path | str], out_dir: Path, *, fold: int | None = None,
+            target_class: int | str | None = None) -> list[dict[str, Any]]:
+    """Write ``<case>_cam.nii.gz`` and ``<case>_cam.png`` for every input; also ``explain.json``.
+
+    Args:
+        checkpoint_or_run: a checkpoint ``.pt``, a fold folder, or a run folder (fold ensemble).
+        inputs: NIfTI / DICOM series folders / ``.npy`` files, or folders of them.
+        out_dir: output folder (created).
+        fold: with a run folder, use only ``fold_<fold>``.
+        target_class: class index or name for Grad-CAM (default: the predicted class).
+
+    Returns:
+        One dict per input: ``case_id``, ``source``, ``method`` (``"gradcam"``/``"attention"``),
+        ``target_class``, ``probabilities``, ``cam_nifti``, ``cam_png``, ``peak_voxel`` (index into the
+        NIfTI's data array), ``peak_world_mm`` (RAS), ``attention`` (MIL: the instance weights, mean over
+        members), ``cam_resolution`` (Grad-CAM: the target layer's spatial size), ``warning`` (e.g. a
+        1 x 1 x 1 feature map that cannot localise), ``approximation``, and for ``.npy`` inputs ``cam_npy``
+        (the map in the input array's own ``(D, H, W)`` order; the NIfTI holds it as ``(W, H, D)``).
+    """
+    from medvox.data import cases_from_paths
+    from medvox.evaluation.inference import load_model
+    from medvox.evaluation.runs import resolve_checkpoints
+
+    members = [load_model(p) for p in resolve_checkpoints(Path(checkpoint_or_run), fold)]
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    results = [_explain_case(members, case, out_dir, target_class) for case in cases_from_paths([str(p) for p in inputs])]
+    (out_dir / "explain.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    return results
+
+
+def _explain_case(members, case, out_dir: Path, target_class: int | str | None) -> dict[str, Any]:
+    from medvox.data.preprocess import preprocess_volume, read_case
+    from medvox.evaluation.inference import ensemble_predict
+
+    plan, classes = members[0].plan, members[0].classes
+    array, meta = read_case(case)
+    spacing = meta.get("spacing", [1.0, 1.0, 1.0])
+    x = preprocess_volume(array, meta, plan)
+    probs = ensemble_predict(members, x[None])[0][0]
+    target = _class_index(target_class, classes, int(probs.argmax()))
+    explained = _ensemble_map(members, torch.from_numpy(x)[None], target)
+    method = explained["method"]
+    original = to_input_grid(explained["map"], array.shape[-3:], spacing, plan)
+    name = re.sub(r"[^A-Za-z0-9._-]+", "_", case.id).strip("._") or "case"
+    nifti, peak, world = _save_nifti(original, case, meta, out_dir / f"{name}_cam.nii.gz")
+    extra = {}
+    if case.images and image_io.suffix_of(case.images[0]) == ".npy":  # also in the input's own array order
+        extra["cam_npy"] = str(out_dir / f"{name}_cam.npy")
+        np.save(extra["cam_npy"], original)
+    title = (f"{case.id}: {method}" + (f" for class {classes[target]}" if method == "gradcam" else "") +
+             f" (p = {probs[target]:.3f})")
+    png = save_overlay(array[0] if array.ndim == 4 else array, original, spacing, title, out_dir / f"{name}_cam.png",
+                       value_range=_attention_range(explained["attention"]))
+    return {"case_id": case.id, "source": case.file, "method": method,
+            "target_class": classes[target] if method == "gradcam" else None,
+            "predicted": classes[int(probs.argmax())],
+            "probabilities": {c: float(p) for c, p in zip(classes, probs, strict=True)},
+            "cam_nifti": str(nifti), "cam_png": str(png), "peak_voxel": peak, "peak_world_mm": world,
+            "attention": explained["attention"], "cam_resolution": explained["cam_resolution"],
+            "warning": explained["warning"], "members": [str(m.path) for m in members],
+            "approximation": APPROXIMATION, **extra}
+
+
+def _attention_range(attention: list[float] | None) -> tuple[float, float] | None:
+    return (float(min(attention)), float(max(attention))) if attention else None
+
+
+def _class_index(target: int | str | None, classes: list[str], predicted: int) -> int:
+    if target is None:
+        return predicted
+    if isinstance(target, str) and target in classes:
+        return classes.index(target)
+    if isinstance(target, str) and target.isdigit():  # an index given on the command line
+        target = int(target)
+    if isinstance(target, int) and 0 <= target < len(classes):
+        return target
+    raise ValueError(f"unknown target class {target!r}; the model's classes are {classes}")
+
+
+def _ensemble_map(members, x: torch.Tensor, target: int) -> dict[str, Any]:
+    """Mean over members of Grad-CAM (each scaled to max 1) or of the MIL attention maps."""
+    maps, attentions, grids = [], [], []
+    for m in members:
+        if hasattr(m.model, "last_attention"):
+            cam, att = attention_map(m.model, x)
+            attentions.append(att)
+        else:
+            cam, grid = gradcam_map(m.model, x, target)
+            grids.append(grid)
+        maps.append(cam)
+    out = {"map": np.mean(maps, axis=0), "method": "attention" if attentions else "gradcam",
+           "attention": np.mean(attentions, axis=0).tolist() if attentions else None,
+           "cam_resolution": grids[0] if grids else None, "warning": None}
+    if grids and int(np.prod(grids[0])) == 1:
+        out["warning"] = (f"the target layer's feature map is 1 x 1 x 1 for a {tuple(x.shape[2:])} input: the "
+                          "Grad-CAM is flat and cannot localise (use a larger target shape or variant='faithful')")
+    return out
+
+
+def gradcam_map(model: torch.nn.Module, x: torch.Tensor, class_idx: int) -> tuple[np.ndarray, list[int]]:
+    """3D Grad-CAM of one preprocessed volume ``x (1, C, D, H, W)``.
+
+    Returns:
+        ``(map (D, H, W) in [0, 1], spatial shape of the target layer's feature map)``.
+    """
+    from monai.visualize import GradCAM
+
+    # a copy: MONAI leaves hooks on the module and turns in-place ops of the target layer off
+    model = copy.deepcopy(model).eval()
+    # MONAI's default post-processing maps (min, max) to (1, 0), flipping the map: scale by the max instead
+    cam = GradCAM(nn_module=model, target_layers=model.cam_target_layer, postprocessing=lambda t: t)
+    with torch.enable_grad():
+        # an input that requires grad lets the full backward hook fire the usual way (no warning)
+        out = cam(x.detach().float().requires_grad_(True), class_idx=class_idx)
+    grid = [int(n) for n in cam.nn_module.activations[model.cam_target_layer].shape[2:]]
+    out = out[0, 0].detach().cpu().numpy().astype(np.float32)
+    peak = float(out.max())
+    return (out / peak if peak > 0 else out), grid
+
+
+def attention_map(model: torch.nn.Module, x: torch.Tensor) -> tuple[np.ndarray, list[float]]:
+    """MIL attention of ``x (1, C, D, H, W)`` painted on the voxels: ``(map (D, H, W), weights (N,))``."""
+    with torch.no_grad():
+        _, attention = model(x.float(), return_attention=True)
+    att = attention[0].double().cpu().numpy()
+    return instance_map(model, att, tuple(x.shape[2:])), att.tolist()
+
+
+def instance_map(model, attention: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:
+    """Each instance's weight on the voxels it covers (see the module docstring)."""
+    d, h, w = shape
+    if model.instance == "slice":
+        return np.broadcast_to(attention[:, None, None], shape).astype(np.float32)
+    if model.instance == "slab":
+        k, s = model.slab_size, model.slab_stride
+        total, count = np.zeros(max(d, k)), np.zeros(max(d, k))
+        for i, a in enumerate(attention):
+            total[i * s:i * s + k] += a
+            count[i * s:i * s + k] += 1
+        per_slice = np.divide(total, count, out=np.zeros_like(total), where=count > 0)[:d]
+        return np.broadcast_to(per_slice[:, None, None], shape).astype(np.float32)
+    grid = [-(-n // p) for n, p in zip(shape, model.patch_size, strict=True)]  # ceil: the far end is padded
+    blocks = attention.reshape(grid)
+    for axis, p in enumerate(model.patch_size):
+        blocks = np.repeat(blocks, p, axis=axis)
+    return np.ascontiguousarray(blocks[:d, :h, :w]).astype(np.float32)
+
+
+def to_input_grid(volume: np.ndarray, in_shape, spacing, plan: dict[str, Any]) -> np.ndarray:
+    """Take a ``(D, H, W)`` map on the preprocessed grid back to the input's (RAS array) grid.
+
+    Undoes ``preprocess_volume``'s crop/pad, then its resampling (same grid convention).
+    """
+    in_shape = tuple(int(n) for n in in_shape)
+    factors = np.asarray(spacing, float) / np.asarray(plan["target_spacing"], float)
+    resampled = np.allclose(factors, 1.0, rtol=1e-3)
+    # the shape scipy.ndimage.zoom produced (its own rounding rule)
+    zoomed = in_shape if resampled else tuple(int(round(n * f)) for n, f in zip(in_shape, factors, strict=True))
+    out = _uncrop(np.asarray(volume, np.float32), zoomed)
+    if zoomed == in_shape:
+        return out
+    ratio = np.asarray(zoomed, float) / np.asarray(in_shape, float)
+    # grid_mode: voxel j of the input grid is centred at (j + 0.5) * ratio - 0.5 on the zoomed grid
+    return ndimage.affine_transform(out, ratio, offset=0.5 * ratio - 0.5, output_shape=in_shape, order=1,
+                                    mode="nearest").astype(np.float32)
+
+
+def _uncrop(x: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """Inverse of ``crop_or_pad`` (centre, odd remainder at the end): re-pad what was cropped (with 0)."""
+    for axis, size in enumerate(shape):
+        have = x.shape[axis]
+        if size > have:  # the forward pass cropped
+            widths = [(0, 0)] * x.ndim
+            start = (size - have) // 2
+            widths[axis] = (start, size - have - start)
+            x = np.pad(x, widths)
+        elif size < have:  # the forward pass padded
+            before = (have - size) // 2
+            x = np.take(x, range(before, before + size), axis=axis)
+    return x
+
+
+_SWAP = np.array([[0, 0, 1, 0], [0, 1, 0, 0], [1, 0, 0, 0], [0, 0, 0, 1]], dtype=float)  # (d,h,w) <-> (i,j,k)
+
+
+def _save_nifti(cam: np.ndarray, case, meta: dict[str, Any], path: Path) -> tuple[Path, list[int], list[float]]:
+    """Save the RAS-array map in the input file's own voxel order and affine (NIfTI), else in RAS."""
+    canon_affine = np.asarray(meta["affine"], float) @ _SWAP
+    data, affine = np.ascontiguousarray(cam.T), canon_affine  # (D, H, W) -> (i, j, k)
+    first = Path(case.images[0]) if case.images else None
+    if first is not None and image_io.suffix_of(first) in image_io.NIFTI_SUFFIXES:
+        original = nib.load(str(first))
+        transform = nib.orientations.ornt_transform(nib.io_orientation(canon_affine), nib.io_orientation(original.affine))
+        data = nib.orientations.apply_orientation(data, transform)
+        affine = original.affine
+    img = nib.Nifti1Image(np.asarray(data, dtype=np.float32), affine)
+    img.set_qform(affine, code=1)
+    nib.save(img, str(path))
+    peak = peak_index(data)
+    world = (affine @ np.array([*peak, 1.0]))[:3].round(3).tolist()
+    return path, peak, world
+
+
+def peak_index(volume: np.ndarray) -> list[int]:
+    """The voxel of the maximum; with ties (a flat map), the centre of the tied voxels, if it is one of them."""
+    top = volume >= volume.max() - 1e-6 * max(abs(float(volume.max())), 1e-12)
+    centre = tuple(int(round(c)) for c in ndimage.center_of_mass(top))
+    if top[centre]:
+        return list(centre)
+    return [int(v) for v in np.unravel_index(int(np.argmax(volume)), volume.shape)]
+
+
+def save_overlay(image: np.ndarray, cam: np.ndarray, spacing, title: str, path: Path,
+                 value_range: tuple[float, float] | None = None) -> Path:
+    """Three orthogonal slices through the map's maximum: the image in grey, the map overlaid.
+
+    Args:
+        image: ``(D, H, W)`` RAS array (D inferior->superior, H posterior->anterior, W left->right).
+        cam: the map on the same grid.
+        spacing: ``(sD, sH, sW)`` mm, for the aspect ratios.
+        title: figure title.
+        path: PNG to write.
+        value_range: the map values the colours span (default ``(0, max)``); attention weights, all
+            positive and close together, use their own ``(min, max)``.
+    """
+    from matplotlib.figure import Figure
+
+    d, h, w = peak_index(cam)
+    sd, sh, sw = (float(s) for s in spacing)
+    lo, hi = np.percentile(image, [0.5, 99.9])  # a small bright lesion keeps its contrast
+    vmin, vmax = value_range if value_range is not None else (0.0, float(cam.max()))
+    if vmax - vmin <= 1e-6 * max(vmax, 1e-12):
+        title += " [uniform map]"
+        vmin = 0.0
+    views = [(f"axial (slice {d})", image[d], cam[d], sh / sw, ("L", "R", "P", "A")),
+             (f"coronal (row {h})", image[:, h], cam[:, h], sd / sw, ("L", "R", "I", "S")),
+             (f"sagittal (column {w})", image[:, :, w], cam[:, :, w], sd / sh, ("P", "A", "I", "S"))]
+    fig = Figure(figsize=(13, 4.8), layout="constrained")
+    for ax, (name, img, heat, aspect, (left, right, bottom, top)) in zip(fig.subplots(1, 3), views, strict=True):
+        ax.imshow(img, cmap="gray", vmin=lo, vmax=hi if hi > lo else lo + 1, origin="lower", aspect=aspect)
+        shown = ax.imshow(np.ma.masked_less_equal(heat, vmin + 0.05 * (vmax - vmin)), cmap="jet", alpha=0.4,
+                          vmin=vmin, vmax=vmax, origin="lower", aspect=aspect)
+        ax.set_title(name, fontsize=10)
+        ax.set_xticks([])
+        ax.set_yticks([])
+        for x, y, text, ha, va in ((0.01, 0.5, left, "left", "center"), (0.99, 0.5, right, "right", "center"),
+                                   (0.5, 0.01, bottom, "center", "bottom"), (0.5, 0.99, top, "center", "top")):
+            ax.text(x, y, text, transform=ax.transAxes, color="yellow", ha=ha, va=va, fontsize=9)
+    fig.colorbar(shown, ax=fig.axes, fraction=0.02, pad=0.01)
+    fig.suptitle(title, fontsize=11)
+    fig.savefig(path, dpi=90, facecolor="white")
+    fig.clear()
+    return path

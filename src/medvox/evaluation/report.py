@@ -1,0 +1,313 @@
+"""``medvox report``: one self-contained HTML page for a cross-validation run.
+
+The page holds everything a reader needs offline: configuration, data and preprocessing plan, the
+cross-validation table (mean +- std [95 % CI] over folds, pooled out-of-fold, test ensemble), learning
+curves, ROC / precision-recall curves and confusion matrices of the pooled out-of-fold and the test
+predictions, calibration before/after temperature scaling, and per-fold tables. Every image is an
+embedded ``data:image/png;base64`` URI and the CSS is inline: no network, no external file.
+
+Curves are drawn from the prediction CSVs (``oof_predictions.csv``, ``test_predictions.csv``), the numbers
+come from ``cv_summary.json`` and the folds' ``metrics.json``; all text is HTML-escaped. A missing piece (no
+test set, EMA off, one fold, a deleted plot) becomes a note in the page, never an error.
+
+Example:
+    >>> write_report(Path("results/resnet50"))  # -> results/resnet50/report.html
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from medvox.evaluation import htmlpage as html
+from medvox.evaluation.htmlpage import Html, fmt
+from medvox.evaluation.runs import Run, load_run
+
+_FOLD_COLS = ("auc", "accuracy", "balanced_accuracy", "f1", "sensitivity", "specificity", "loss")
+_TEST_VARIANTS = (("ensemble", "fold ensemble"), ("ensemble_tta", "ensemble + TTA"),
+                  ("ensemble_tta_calibrated", "ensemble + TTA + temperature scaling"))
+
+
+def write_report(run_dir: Path, out: Path | None = None) -> Path:
+    """Write the HTML report of a cross-validation run.
+
+    Args:
+        run_dir: ``<output>/<run>`` with ``cv_summary.json`` and ``fold_<k>/`` folders (a run whose
+            summary is missing still gets a page from its folds).
+        out: the HTML file (default ``run_dir/report.html``).
+
+    Returns:
+        The path of the written page.
+
+    Raises:
+        FileNotFoundError: ``run_dir`` holds neither ``cv_summary.json`` nor any ``fold_<k>``.
+    """
+    run = load_run(Path(run_dir))
+    out = Path(out) if out is not None else run.path / "report.html"
+    with tempfile.TemporaryDirectory(prefix="medvox_report_") as tmp:
+        sections = [
+            ("summary", "Cross-validation summary", _summary_section(run)),
+            ("folds", "Per-fold results", _folds_section(run)),
+            ("curves", "Learning curves", _curves_section(run)),
+            ("oof", "Pooled out-of-fold predictions", _predictions_section(run, "oof", Path(tmp))),
+            ("test", "Held-out test set", _test_section(run, Path(tmp))),
+            ("calibration", "Calibration", _calibration_section(run, Path(tmp))),
+            ("data", "Data and preprocessing", _data_section(run)),
+            ("config", "Configuration and environment", _config_section(run)),
+        ]
+    title = f"medvox report: {run.name}"
+    intro = _intro(run)
+    page = html.page(title, intro, sections)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(page, encoding="utf-8")
+    return out
+
+
+def _intro(run: Run) -> Html:
+    s = run.summary or {}
+    facts = {"model": s.get("model") or run.config.get("model", {}).get("name"),
+             "folds": s.get("folds", len(run.folds)), "classes": ", ".join(run.classes),
+             "monitored metric": s.get("monitor"), "run folder": str(run.path),
+             "medvox": run.run_info.get("versions", {}).get("medvox")}
+    notes = html.notes(run.notes)
+    return Html(html.kv_table(facts) + notes)
+
+
+def _summary_section(run: Run) -> Html:
+    s = run.summary
+    if not s:
+        return html.note("cv_summary.json is missing: the cross-validation did not finish (run `medvox cv` "
+                         "again to resume it); the per-fold sections below show what the folds wrote.")
+    test = s.get("test") or {}
+    variants = [(k, label) for k, label in _TEST_VARIANTS if test.get(k)]
+    header = ["metric", "folds: mean ± std [95 % CI]", "pooled OOF", *[f"test: {label}" for _, label in variants]]
+    rows = []
+    for name, row in s.get("cv", {}).items():
+        if row.get("mean") is None:
+            continue
+        rows.append([name, _mean_cell(row), fmt(s.get("oof", {}).get(name)),
+                     *[fmt(test[k].get(name)) for k, _ in variants]])
+    text = ("Mean and sample standard deviation over the folds' final weights on their validation fold; the "
+            "95 % interval is a percentile bootstrap over folds (wide with few folds). Pooled OOF: every "
+            "case's out-of-fold prediction scored at once.")
+    if not variants:
+        text += " No held-out test set: no test columns."
+    return Html(html.para(text) + html.table(header, rows))
+
+
+def _mean_cell(row: dict) -> str:
+    cell = f"{fmt(row['mean'])} ± {fmt(row.get('std') or 0.0)}"
+    ci = row.get("ci95")
+    return cell + (f" [{fmt(ci[0])}, {fmt(ci[1])}]" if ci else "")
+
+
+def _folds_section(run: Run) -> Html:
+    if not run.folds:
+        return html.note("no fold folders found")
+    header = ["fold", "status", "epochs", "final weights", "best epoch",
+              *[f"val {c}" for c in _FOLD_COLS], "test auc", "test accuracy"]
+    rows = []
+    for fold in run.folds:
+        m = fold.metrics or {}
+        final = m.get("final") or {}
+        val, test = final.get("val") or {}, final.get("test") or {}
+        rows.append([fold.name, m.get("status", "missing metrics.json"), m.get("epochs_run"), final.get("weights"),
+                     final.get("epoch"), *[fmt(val.get(c)) for c in _FOLD_COLS], fmt(test.get("auc")),
+                     fmt(test.get("accuracy"))])
+    text = ("Final weights: the EMA weights at their best epoch (best_ema.pt) when EMA is on, else the raw "
+            "weights at theirs (best.pt).")
+    return Html(html.para(text) + html.table(header, rows) + _best_table(run))
+
+
+def _best_table(run: Run) -> str:
+    rows = []
+    for fold in run.folds:
+        best = (fold.metrics or {}).get("best") or {}
+        for kind in ("raw", "ema"):
+            b = best.get(kind) or {}
+            if b.get("epoch") is not None:
+                rows.append([fold.name, kind, b.get("epoch"), fmt(b.get("value"))])
+    if not rows:
+        return ""
+    monitor = (run.summary or {}).get("monitor") or "monitored metric"
+    return html.details(f"Best epochs by {monitor} (raw and EMA weights)",
+                        html.table(["fold", "weights", "epoch", monitor], rows))
+
+
+def _curves_section(run: Run) -> Html:
+    parts = []
+    for fold in run.folds:
+        png = next((fold.path / n for n in ("learning_curves.png", "loss_curve.png") if (fold.path / n).is_file()),
+                   None)
+        if png is None:
+            parts.append(html.figure(None, f"{fold.name}: no learning-curve image (learning_curves.png)"))
+        else:
+            parts.append(html.figure(png.read_bytes(), f"{fold.name}: {png.name}"))
+    if not parts:
+        return html.note("no fold folders found")
+    return html.grid(parts, wide=True)
+
+
+def _predictions_section(run: Run, which: str, tmp: Path) -> Html:
+    """ROC, precision-recall and confusion matrix of the pooled OOF (or test) predictions."""
+    preds = run.oof if which == "oof" else run.test
+    name = "oof_predictions.csv" if which == "oof" else "test_predictions.csv"
+    if preds is None:
+        return html.note(f"{name} is missing: no curves for these predictions")
+    from medvox.evaluation import plots
+    from medvox.evaluation.metrics import compute_metrics
+
+    what = "pooled out-of-fold" if which == "oof" else "test ensemble"
+    figs = [
+        html.figure_of(plots.plot_roc(preds.labels, preds.probs, run.classes, tmp / f"{which}_roc.png",
+                                      title=f"ROC, {what}"), f"ROC of the {what} predictions (n = {preds.n})"),
+        html.figure_of(plots.plot_pr(preds.labels, preds.probs, run.classes, tmp / f"{which}_pr.png",
+                                     title=f"Precision-recall, {what}"), f"Precision-recall, {what}"),
+    ]
+    metrics = compute_metrics(preds.labels, preds.probs, class_names=run.classes)
+    figs.append(html.figure_of(plots.plot_confusion_matrix(metrics["confusion_matrix"], run.classes,
+                                                           tmp / f"{which}_cm.png", title=f"Confusion matrix, {what}"),
+                               f"Confusion matrix (argmax), {what}"))
+    return Html(_consistency(run, which, metrics.get("auc")) + html.grid(figs) + _errors_table(preds, run.classes, which))
+
+
+def _consistency(run: Run, which: str, csv_auc: float | None) -> str:
+    """Warn when the curves (from the CSV) and the tables (from cv_summary.json) disagree."""
+    s = run.summary or {}
+    if which == "oof":
+        ref = (s.get("oof") or {}).get("auc")
+    else:
+        test = s.get("test") or {}
+        ref = next(((test.get(k) or {}).get("auc") for k, _ in reversed(_TEST_VARIANTS) if test.get(k)), None)
+    if ref is None or csv_auc is None or abs(ref - csv_auc) <= 0.005:
+        return ""
+    return html.note(f"The AUC of {which}_predictions.csv ({csv_auc:.3f}) differs from cv_summary.json ({ref:.3f}): "
+                     "the CSV stores probabilities with 6 decimals, so nearly equal probabilities (e.g. after an "
+                     "extreme temperature) become ties. The tables hold the exact values.", warn=True)
+
+
+def _errors_table(preds, classes: list[str], which: str, k: int = 10) -> str:
+    """The most confident wrong predictions: the cases worth a second look."""
+    pred = preds.probs.argmax(1)
+    wrong = np.flatnonzero(pred != preds.labels)
+    if len(wrong) == 0:
+        return html.para("No misclassified case.")
+    order = wrong[np.argsort(-preds.probs[wrong, pred[wrong]])][:k]
+    extra = "fold" if which == "oof" else "spread"
+    rows = [[preds.rows[i].get("case_id"), classes[preds.labels[i]], classes[pred[i]],
+             fmt(preds.probs[i, pred[i]]), preds.rows[i].get(extra, "")] for i in order]
+    return html.details(f"{len(order)} most confident errors of {len(wrong)}",
+                        html.table(["case", "true", "predicted", "probability", extra], rows))
+
+
+def _test_section(run: Run, tmp: Path) -> Html:
+    test = (run.summary or {}).get("test")
+    if not test:
+        return html.note("No held-out test set in this run (the data source has no test subset), "
+                         "so there is no test ensemble.")
+    variants = [(k, label) for k, label in _TEST_VARIANTS if test.get(k)]
+    cols = ("auc", "accuracy", "balanced_accuracy", "f1", "sensitivity", "specificity", "precision")
+    rows = [[label, *[fmt(test[k].get(c)) for c in cols]] for k, label in variants]
+    rows += [[f"fold {i} alone", *[fmt(m.get(c)) for c in cols]] for i, m in enumerate(test.get("per_fold") or [])]
+    text = (f"{test.get('n')} held-out cases, never seen in training or model selection. The fold models' "
+            f"probabilities are averaged; TTA {'on' if test.get('tta') else 'off'}. "
+            "Per-fold rows score each member alone (with the ensemble's best setting).")
+    body = html.para(text) + html.table(["predictor", *cols], rows)
+    if "ensemble_tta" not in test:
+        body += html.note("TTA was off for this run (--no-tta): only the plain ensemble was scored.")
+    return Html(body + _predictions_section(run, "test", tmp))
+
+
+def _calibration_section(run: Run, tmp: Path) -> Html:
+    calib = (run.summary or {}).get("calibration") or [f.calibration for f in run.folds if f.calibration]
+    if not calib:
+        return html.note("no calibration.json in the folds: temperature scaling was not fitted")
+    cols = ("temperature", "ece_before", "ece_after", "brier_before", "brier_after")
+    rows = [[f"fold {i}", *[fmt(c.get(k)) for k in cols]] for i, c in enumerate(calib)]
+    text = ("One temperature per fold, fitted on that fold's validation predictions and applied to the test "
+            "ensemble. ECE/Brier before and after are measured on the same validation predictions the "
+            "temperature was fitted on, so 'after' is optimistic.")
+    body = html.para(text) + html.table(["fold", *cols], rows)
+    if run.oof is not None and "fold" in run.oof.rows[0]:
+        before, after = _oof_calibrated(run, [c.get("temperature") for c in calib])
+        from medvox.evaluation.plots import plot_reliability
+
+        png = plot_reliability(run.oof.labels, before, after, tmp / "reliability.png",
+                               title="Reliability, pooled OOF (before/after each fold's temperature)")
+        body += html.figure_of(png, "Reliability diagram of the pooled out-of-fold predictions")
+    return Html(body)
+
+
+def _oof_calibrated(run: Run, temperatures: list[float | None]) -> tuple[np.ndarray, np.ndarray]:
+    """OOF probabilities before and after each fold's temperature (log-probabilities are valid logits)."""
+    before = run.oof.probs
+    logits = np.log(np.clip(before, 1e-12, 1.0))
+    folds = np.array([int(r.get("fold") or 0) for r in run.oof.rows])
+    t = np.array([temperatures[f] if f < len(temperatures) and temperatures[f] else 1.0 for f in folds])
+    z = logits / t[:, None]
+    after = np.exp(z - z.max(axis=1, keepdims=True))
+    return before, after / after.sum(axis=1, keepdims=True)
+
+
+def _data_section(run: Run) -> Html:
+    parts = []
+    if run.plan:
+        parts.append(html.h3("Preprocessing plan (plan.json)") + html.kv_table(run.plan))
+    else:
+        parts.append(html.note("plan.json is missing in the fold folders"))
+    if run.fingerprint:
+        parts.append(html.h3("Dataset fingerprint (from the preprocessing cache)") +
+                     html.kv_table(_fingerprint_summary(run.fingerprint), formatter=html.fmt))
+    else:
+        parts.append(html.note("dataset fingerprint not found (the preprocessing cache was moved or cleared); "
+                               "the plan above holds the class counts and the preprocessing"))
+    parts.append(_splits_table(run))
+    return Html("".join(parts))
+
+
+def _fingerprint_summary(fp: dict[str, Any]) -> dict[str, Any]:
+    """The fingerprint without its per-case lists (ranges instead)."""
+    out = {k: v for k, v in fp.items() if k not in ("spacings", "shapes")}
+    for key in ("spacings", "shapes"):
+        values = np.asarray(fp.get(key) or [], dtype=float)
+        if values.ndim == 2 and len(values):
+            out[f"{key} min"] = values.min(0).round(4).tolist()
+            out[f"{key} max"] = values.max(0).round(4).tolist()
+    return out
+
+
+def _splits_table(run: Run) -> str:
+    splits = run.splits
+    if not splits or not splits.get("folds"):
+        return html.note("splits.json is missing")
+    rows = [[f"fold {i}", len(f.get("train", [])), len(f.get("val", []))] for i, f in enumerate(splits["folds"])]
+    text = (f"{splits.get('method', 'k-fold')} with k = {splits.get('k')}, seed {splits.get('seed')}; "
+            f"{len(splits.get('test') or [])} held-out test case(s). Patients never straddle folds.")
+    return html.h3("Splits (splits.json)") + html.para(text) + html.table(["fold", "train cases", "val cases"], rows)
+
+
+def _config_section(run: Run) -> Html:
+    parts = []
+    if run.config:
+        blocks = [html.h3(key) + (html.kv_table(value) if isinstance(value, dict) else html.para(str(value)))
+                  for key, value in run.config.items()]
+        parts.append(html.details("Resolved configuration (fold_0/config.json)", html.grid(blocks), True))
+    else:
+        parts.append(html.note("config.json is missing"))
+    info = run.run_info
+    if info:
+        env = {"started": info.get("started"), "command": " ".join(map(str, info.get("command") or [])),
+               "git commit": info.get("git_commit"), "data hash": info.get("data_hash"),
+               **{f"version: {k}": v for k, v in (info.get("versions") or {}).items()},
+               **{f"hardware: {k}": v for k, v in (info.get("hardware") or {}).items()}}
+        parts.append(html.details("Environment (fold_0/run_info.json)", html.kv_table(env)))
+    pretrained = run.path / "fold_0" / "pretrained_report.json"
+    if pretrained.is_file():
+        parts.append(html.details("Pretrained weights (fold_0/pretrained_report.json)",
+                                  html.kv_table(json.loads(pretrained.read_text(encoding="utf-8")))))
+    return Html("".join(parts))
+

@@ -1,0 +1,172 @@
+"""The HTML report: content from a real ``medvox cv`` run, self-containment, escaping, missing pieces,
+and rendering in headless Chromium."""
+
+from __future__ import annotations
+
+import html
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import matplotlib.image
+import numpy as np
+import pytest
+
+from medvox.evaluation.htmlpage import fmt
+from medvox.evaluation.report import write_report
+from tests.conftest_runs import assert_self_contained, image_sources, write_synthetic_run
+
+CHROMIUM = Path("/usr/bin/chromium")
+
+
+def copy_run(run: Path, dest: Path) -> Path:
+    """A light copy of a run folder (no checkpoints or TensorBoard logs) to damage in a test."""
+    return Path(shutil.copytree(run, dest, ignore=shutil.ignore_patterns("*.pt", "tensorboard")))
+
+
+@pytest.mark.slow
+def test_report_of_a_real_cv_run(cv_runs, tmp_path):
+    run = cv_runs["resnet10"]
+    out = write_report(run, tmp_path / "report.html")
+    page = out.read_text(encoding="utf-8")
+    summary = json.loads((run / "cv_summary.json").read_text())
+    assert_self_contained(page)
+    # 2 learning curves + OOF (ROC, PR, confusion) + test (ROC, PR, confusion) + reliability
+    assert len(image_sources(page)) == 9
+    auc = summary["cv"]["auc"]
+    assert f"{fmt(auc['mean'])} ± {fmt(auc['std'])} [{fmt(auc['ci95'][0])}, {fmt(auc['ci95'][1])}]" in page
+    assert f"<td>{fmt(summary['oof']['auc'])}</td>" in page
+    for variant in ("ensemble", "ensemble_tta", "ensemble_tta_calibrated"):
+        assert f"<td>{fmt(summary['test'][variant]['auc'])}</td>" in page
+    assert "fold ensemble" in page and "ensemble + TTA + temperature scaling" in page
+    for k, calib in enumerate(summary["calibration"]):
+        assert f"<td>fold {k}</td><td>{fmt(calib['temperature'])}</td>" in page
+    assert "Dataset fingerprint" in page and "StratifiedGroupKFold" in page  # cache found, splits shown
+    assert "<td>target_shape</td><td>28, 28, 28</td>" in page
+    assert "<td>LDAM</td>" in page and "best_ema.pt" in page
+    assert "No held-out test set" not in page and "EMA was off" not in page
+
+
+@pytest.mark.slow
+def test_report_notes_ema_off_and_no_tta(cv_runs):
+    out = write_report(cv_runs["mil"])
+    page = out.read_text(encoding="utf-8")
+    assert out == cv_runs["mil"] / "report.html"
+    assert "EMA was off" in page and "TTA was off" in page
+    assert "ensemble + TTA" not in page  # only the variants that ran are shown
+
+
+@pytest.mark.slow
+def test_report_tolerates_missing_pieces(cv_runs, tmp_path):
+    run = copy_run(cv_runs["mil"], tmp_path / "damaged")
+    shutil.rmtree(run / "fold_1")
+    (run / "test_predictions.csv").unlink()
+    for name in ("learning_curves.png", "loss_curve.png", "plan.json"):
+        (run / "fold_0" / name).unlink()
+    summary = json.loads((run / "cv_summary.json").read_text())
+    summary["test"] = None
+    (run / "cv_summary.json").write_text(json.dumps(summary))
+    page = write_report(run).read_text(encoding="utf-8")
+    assert_self_contained(page)
+    for text in ("Only one fold", "No held-out test set", "fold_0: no learning-curve image", "plan.json is missing"):
+        assert text in page
+    (run / "cv_summary.json").unlink()  # an interrupted CV: the folds still make a page
+    page = write_report(run).read_text(encoding="utf-8")
+    assert "cv_summary.json is missing" in page and "<td>fold_0</td>" in page
+
+
+def test_report_escapes_case_ids_and_class_names(tmp_path, rng):
+    classes = ["<b>benign</b>", 'mal"ig&nant']
+    ids = [f"<script>alert({i})</script>" for i in range(30)] + [f"case_{i}" for i in range(30)]
+    labels = np.r_[np.zeros(30, int), np.ones(30, int)]
+    labels[:5] = 1  # some errors with evil ids
+    p1 = rng.uniform(0.3, 0.7, size=60)
+    run = write_synthetic_run(tmp_path / "evil<run>", ids, labels.tolist(), np.c_[1 - p1, p1], classes=classes)
+    page = write_report(run).read_text(encoding="utf-8")
+    assert "<script" not in page and "<b>benign" not in page
+    assert "&lt;script&gt;alert(" in page and "&lt;b&gt;benign&lt;/b&gt;" in page and "mal&quot;ig&amp;nant" in page
+    assert "evil&lt;run&gt;" in page
+    assert "No held-out test set" in page
+
+
+def test_report_of_a_three_class_run_with_a_test_set(tmp_path, rng):
+    ids, labels = [f"c{i}" for i in range(60)], [i % 3 for i in range(60)]
+    test_ids, test_labels = [f"t{i}" for i in range(30)], [i % 3 for i in range(30)]
+    run = write_synthetic_run(tmp_path / "run", ids, labels, rng.dirichlet(np.ones(3), size=60),
+                              classes=("a", "b", "c"),
+                              test=(test_ids, test_labels, rng.dirichlet(np.ones(3), size=30)))
+    page = write_report(run).read_text(encoding="utf-8")
+    assert_self_contained(page)
+    assert len(image_sources(page)) == 6  # OOF and test: ROC, PR, confusion matrix (no fold PNGs, no calibration)
+    assert "no calibration.json" in page and "config.json is missing" in page
+
+
+def test_report_refuses_a_folder_that_is_not_a_run(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not a medvox run folder"):
+        write_report(tmp_path)
+
+
+# ------------------------------------------------------------------ a real browser
+
+_PROBE = """<script>
+window.__problems = [];
+window.addEventListener("error", function (e) {
+  var t = e.target || {};
+  __problems.push(t.tagName ? "failed to load " + t.tagName + " " + String(t.src || t.href).slice(0, 60) : "error: " + e.message);
+}, true);
+document.addEventListener("securitypolicyviolation", function (e) {
+  __problems.push("CSP blocked " + e.blockedURI + " (" + e.violatedDirective + ")");
+});
+window.addEventListener("load", function () {
+  var imgs = Array.prototype.slice.call(document.images);
+  var bad = imgs.filter(function (i) { return !i.complete || i.naturalWidth === 0 || i.src.indexOf("data:image/png;base64,") !== 0; });
+  var out = {images: imgs.length, bad: bad.length, problems: __problems, height: document.body.scrollHeight,
+             widths: imgs.map(function (i) { return i.naturalWidth; })};
+  var pre = document.createElement("pre");
+  pre.id = "medvox-probe";
+  pre.textContent = JSON.stringify(out);
+  document.body.appendChild(pre);
+});
+</script>"""
+
+
+def _chromium(*args: str, tmp: Path) -> subprocess.CompletedProcess:
+    cmd = [str(CHROMIUM), "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+           "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-extensions",
+           "--hide-scrollbars", f"--user-data-dir={tmp / 'profile'}", "--enable-logging=stderr", "--v=0", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not CHROMIUM.exists(), reason="chromium not installed: apt-get install chromium")
+def test_report_renders_in_headless_chromium(cv_runs, tmp_path):
+    report = write_report(cv_runs["resnet10"], tmp_path / "report.html")
+    page = report.read_text(encoding="utf-8")
+    n_images = len(image_sources(page))
+
+    # the page itself: a screenshot, and no console message (a blocked load or an error would log one)
+    shot = tmp_path / "shot.png"
+    run = _chromium(f"--screenshot={shot}", "--window-size=1200,3000", report.as_uri(), tmp=tmp_path)
+    assert shot.is_file(), run.stderr[-2000:]
+    console = [line for line in run.stderr.splitlines() if "CONSOLE" in line]
+    assert not console, console
+    pixels = matplotlib.image.imread(shot)[..., :3]
+    assert pixels.shape[:2] == (3000, 1200)
+    assert pixels.std() > 0.05 and (pixels.mean(axis=2) < 0.5).mean() > 0.01  # text and figures, not a blank page
+    colour = np.abs(pixels[..., 0] - pixels[..., 2]) > 0.2  # the curves and matrices are coloured
+    assert colour.mean() > 0.001
+
+    # a test copy with a probe script (allowed by a relaxed CSP): every image decoded, no error, no blocked load
+    probe_page = page.replace("style-src 'unsafe-inline'", "style-src 'unsafe-inline'; script-src 'unsafe-inline'")
+    probe_page = probe_page.replace("<title>", _PROBE + "<title>", 1)
+    probe = tmp_path / "probe.html"
+    probe.write_text(probe_page, encoding="utf-8")
+    run = _chromium("--dump-dom", "--virtual-time-budget=10000", probe.as_uri(), tmp=tmp_path)
+    found = re.search(r'<pre id="medvox-probe">(.*?)</pre>', run.stdout, re.S)
+    assert found, f"probe did not report: {run.stdout[-500:]} {run.stderr[-1500:]}"
+    result = json.loads(html.unescape(found.group(1)))
+    assert result["problems"] == []
+    assert result["images"] == n_images == 9 and result["bad"] == 0
+    assert min(result["widths"]) > 100 and result["height"] > 3000
