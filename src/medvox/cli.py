@@ -31,6 +31,7 @@ _DATA_FLAGS = {
     "target_shape": "data.target_shape",
     "target_spacing": "data.target_spacing",
     "normalization": "data.normalization",
+    "ct_window": "data.ct_window",
     "workers": "data.workers",
 }
 _TRAIN_FLAGS = {
@@ -91,6 +92,8 @@ def _add_data_args(p: argparse.ArgumentParser, positional: bool = False) -> None
     p.add_argument("--target-spacing", "--target_spacing", dest="target_spacing", type=float, nargs=3,
                    metavar=("SZ", "SY", "SX"))
     p.add_argument("--normalization", choices=["ct", "zscore", "minmax", "none"])
+    p.add_argument("--ct-window", "--ct_window", dest="ct_window", type=float, nargs=2, metavar=("LOW", "HIGH"),
+                   help="CT intensity window in HU (default: from the fingerprint)")
     p.add_argument("--workers", type=int, help="preprocessing processes (default: auto)")
 
 

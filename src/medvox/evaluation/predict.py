@@ -94,7 +94,8 @@ def _write_rows(writer, cases, classes: list[str], mean: np.ndarray, per: np.nda
     pred = mean.argmax(1)
     spread = per[:, np.arange(len(pred)), pred].std(0)
     for i, case in enumerate(cases):
-        label = classes[case.label] if case.label is not None and 0 <= case.label < len(classes) else ""
+        # the label index refers to the input manifest's classes; its text is what names the model's class
+        label = str(case.meta.get("label_text", "")) if case.label is not None else ""
         writer.writerow([case.id, case.file, label, *[f"{p:.8g}" for p in mean[i]], classes[pred[i]],
                          f"{spread[i]:.6f}", "ok", ""])
 

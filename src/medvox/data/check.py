@@ -1,0 +1,153 @@
+"""``medvox check``: every problem of a dataset, by row and file, in one pass, before anything runs.
+
+Found per row: missing / unreadable / truncated files, a text file named like an image, images
+that are not 3D (2D and 5D are rejected; 4D is channels), NaN/Inf voxels, constant volumes (an
+error: a blank scan is almost always a failed export; ``--skip-bad`` drops them), empty or unknown
+labels, duplicate ids or images, paths escaping the data folder, broken DICOM series (missing
+slices, mixed series), a channel count different from the other cases.
+Found over the dataset: a patient in two provided folds or in both the pool and the test split, a
+fold column filled on some rows only, a class absent from a provided fold, too few patients of a
+class for ``k`` folds, fewer than two classes, missing columns (naming those present and the flag).
+
+``check_data`` only reads: nothing is written, whatever it finds.
+
+Example:
+    >>> report = check_data(DataConfig(path="manifest.csv"))
+    >>> print(report.format()); report.ok
+"""
+
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+from typing import Any
+
+from medvox.config import DataConfig
+from medvox.data.inspection import inspect_cases
+from medvox.data.report import CheckReport, Problem
+from medvox.data.sources import Case, CaseSet, SourceError, load_source
+
+
+def check_data(cfg: DataConfig, require_labels: bool = True, cases: CaseSet | None = None,
+               cache: dict[str, Any] | None = None, progress: bool = True) -> CheckReport:
+    """Check a dataset: source, every image, and the dataset as a whole.
+
+    Args:
+        cfg: the data config (path, columns, folds).
+        require_labels: False for unlabeled inputs (``predict``): no label or fold checks.
+        cases: an already loaded source (``prepare`` loads it first to find its cache folder).
+        cache: inspection records by file signature from an earlier run; unchanged files are not
+            decoded again. Updated in place.
+        progress: progress bar while reading many images.
+
+    Returns:
+        The report: ``.ok``, ``.problems``, ``.format()``, ``.cases`` and per-case ``.inspections``.
+    """
+    report = CheckReport(source=str(cfg.path))
+    try:
+        caseset = cases if cases is not None else load_source(cfg, require_labels)
+    except SourceError as exc:
+        report.problems = list(exc.problems)
+        return report
+    report.cases = caseset
+    records, image_problems = inspect_cases(caseset.cases, cfg.workers, cache, progress)
+    report.inspections = records
+    problems = list(caseset.problems) + image_problems + _channel_problems(caseset.cases, records)
+    if require_labels:
+        problems += check_case_set(caseset.cases, caseset.classes, cfg)
+    report.problems = sorted(problems, key=_order)
+    return report
+
+
+def _order(p: Problem) -> tuple:
+    """Row order; case-less (dataset-wide) problems last."""
+    return (p.case_index is None, p.row if p.row is not None else 1 << 30, p.case_index or 0)
+
+
+def _channel_problems(cases: list[Case], records: list[dict | None]) -> list[Problem]:
+    counts = Counter(r["channels"] for r in records if r is not None)
+    if len(counts) < 2:
+        return []
+    usual, n_usual = counts.most_common(1)[0]
+    return [
+        Problem(f"{r['channels']} channel(s) but {n_usual} other cases have {usual}",
+                "give every case the same channels (image columns / 4th axis)",
+                row=case.row, file=case.file, case_id=case.id, case_index=i)
+        for i, (case, r) in enumerate(zip(cases, records, strict=True)) if r is not None and r["channels"] != usual
+    ]
+
+
+def check_case_set(cases: list[Case], classes: list[str], cfg: DataConfig) -> list[Problem]:
+    """Dataset-wide checks on labeled cases: patients vs folds and test, classes vs ``k``."""
+    labeled = [(i, c) for i, c in enumerate(cases) if c.label is not None]
+    pool = [(i, c) for i, c in labeled if c.subset != "test"]
+    problems = _test_leak_problems(labeled)
+    if len({c.label for _, c in pool}) < 2:
+        problems.append(Problem(f"the cross-validation pool has {len({c.label for _, c in pool})} class(es)",
+                                "a classifier needs at least two classes with cases"))
+        return problems
+    folds = {c.fold for _, c in pool if c.fold is not None}
+    if folds:  # a provided fold column wins: k is its number of folds
+        problems += _provided_fold_problems(pool, classes, cfg)
+        if len(folds) >= 2:
+            problems += _too_few_problems(pool, classes, len(folds), provided=True)
+    else:
+        problems += _too_few_problems(pool, classes, cfg.folds)
+    return problems
+
+
+def _test_leak_problems(labeled: list[tuple[int, Case]]) -> list[Problem]:
+    pool_groups = {c.group for _, c in labeled if c.subset != "test"}
+    return [
+        Problem(f"patient {c.group!r} is in both the test split and the cross-validation pool",
+                "keep all scans of a patient on one side (fix the 'split' column)",
+                row=c.row, file=c.file, case_id=c.id, case_index=i)
+        for i, c in labeled if c.subset == "test" and c.group in pool_groups
+    ]
+
+
+def _provided_fold_problems(pool: list[tuple[int, Case]], classes: list[str], cfg: DataConfig) -> list[Problem]:
+    problems = [
+        Problem(f"no fold although other rows have one in column {cfg.fold_col!r}",
+                "fill in the fold of every pool row, or remove the column to let medvox split",
+                row=c.row, file=c.file, case_id=c.id, case_index=i)
+        for i, c in pool if c.fold is None
+    ]
+    with_fold = [(i, c) for i, c in pool if c.fold is not None]
+    by_group: dict[str, Counter] = defaultdict(Counter)
+    for _, c in with_fold:
+        by_group[c.group][c.fold] += 1
+    for i, c in with_fold:
+        folds = by_group[c.group]
+        home = folds.most_common(1)[0][0]  # the patient's main fold; the other rows are the problem
+        if len(folds) > 1 and c.fold != home:
+            problems.append(Problem(
+                f"patient {c.group!r} is in folds {sorted(folds)} (this row: fold {c.fold})",
+                "put all scans of a patient in one fold", row=c.row, file=c.file, case_id=c.id, case_index=i))
+    fold_values = sorted({c.fold for _, c in with_fold})
+    if len(fold_values) < 2:
+        problems.append(Problem(f"column {cfg.fold_col!r} has {len(fold_values)} distinct fold(s)",
+                                "give at least two folds, or remove the column to let medvox split"))
+    for fold in fold_values:
+        present = {c.label for _, c in with_fold if c.fold == fold}
+        for label, name in enumerate(classes):
+            if label not in present and any(c.label == label for _, c in with_fold):
+                problems.append(Problem(f"class {name!r} is absent from provided fold {fold}",
+                                        "move a patient of that class into the fold, or let medvox split "
+                                        f"(remove column {cfg.fold_col!r})"))
+    return problems
+
+
+def _too_few_problems(pool: list[tuple[int, Case]], classes: list[str], k: int,
+                      provided: bool = False) -> list[Problem]:
+    if k < 2:
+        return [Problem(f"folds = {k}", "use --folds 2 or more")]
+    problems = []
+    for label, name in enumerate(classes):
+        members = [c for _, c in pool if c.label == label]
+        patients = len({c.group for c in members})
+        if members and patients < k:
+            fix = (f"add patients of class {name!r} to every fold" if provided else
+                   f"add cases of class {name!r}" + (f" or use --folds {patients}" if patients >= 2 else ""))
+            problems.append(Problem(
+                f"too few cases of class {name!r} for {k} folds: {patients} patient(s), {len(members)} case(s)", fix))
+    return problems
