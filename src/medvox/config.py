@@ -115,6 +115,7 @@ class TrainConfig:
     grad_accum: int = 2
     grad_clip: float = 0.5  # 0 disables clipping
     ema_decay: float = 0.999  # 0 disables EMA
+    ema_debias: bool = True  # bias-corrected EMA: a true weighted mean from the first step (see engine/ema.py)
     early_stopping: int = 7  # patience in epochs; 0 disables
     monitor: str = "auc"  # validation metric that picks best.pt / best_ema.pt
     precision: str = "auto"  # auto | bf16 | fp16 | fp32 (auto: mixed precision with --amp, else fp32)

@@ -42,3 +42,28 @@ def test_ema_is_a_frozen_copy_and_can_be_disabled():
     update_ema(None, model)  # a no-op when disabled
     with pytest.raises(ValueError, match="ema_decay"):
         create_ema(model, 1.5)
+
+
+def test_debiased_ema_is_the_normalised_weighted_mean():
+    torch.manual_seed(0)
+    model = nn.Linear(3, 2)
+    d = 0.99
+    ema = create_ema(model, d, debias=True)
+    plain = create_ema(model, d)
+    values = []
+    for _ in range(7):
+        with torch.no_grad():
+            model.weight.add_(torch.randn_like(model.weight))
+        values.append(model.weight.detach().clone())
+        update_ema(ema, model)
+        update_ema(plain, model)
+        n = len(values)
+        # sum_i (1 - d) d^(n-i) w_i / (1 - d^n): weights of the visited steps, summing to one
+        expected = sum((1 - d) * d ** (n - i) * values[i - 1] for i in range(1, n + 1)) / (1 - d**n)
+        torch.testing.assert_close(ema.module.weight, expected, rtol=1e-5, atol=1e-6)
+    # early on (n << 1/(1-d)) the debiased EMA is near the mean of the visited weights, while the
+    # plain EMA still mostly holds the first ones
+    mean = torch.stack(values).mean(0)
+    err_debiased = (ema.module.weight - mean).abs().max()
+    err_plain = (plain.module.weight - mean).abs().max()
+    assert err_debiased < 0.1 * err_plain

@@ -95,7 +95,7 @@ class FoldTrainer:
             guard_cpu_bf16_conv3d(model)
         if self.cfg.train.channels_last:
             model = model.to(memory_format=torch.channels_last_3d)
-        ema = create_ema(model, self.cfg.train.ema_decay)  # after .to(device), before the DDP wrap
+        ema = create_ema(model, self.cfg.train.ema_decay, self.cfg.train.ema_debias)  # after .to(device), before DDP
         return model, ema
 
     def _head_names(self) -> set[str]:
