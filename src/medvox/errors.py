@@ -25,3 +25,19 @@ class TrainingError(MedvoxError):
     """Training cannot go on (e.g. a non-finite loss); nothing good on disk is overwritten."""
 
     exit_code = 3
+
+
+def unpickling_refusal(exc: BaseException) -> str:
+    """Why ``torch.load(..., weights_only=True)`` refused a file, in one plain line.
+
+    PyTorch's own text is several paragraphs with terminal escape codes, and it suggests loading with
+    ``weights_only=False``; medvox never does that. What matters to the user is which Python object the
+    file would have built (``Unsupported global: GLOBAL os.system``), when PyTorch names it.
+    """
+    import re
+
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))
+    found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+    if found:
+        return f"it would build the Python object {found.group(1)} (unpickling it could run code)"
+    return "it holds pickled Python objects, not only tensors and plain data (unpickling it could run code)"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import os
+import pickle
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -16,7 +17,7 @@ from typing import Any
 
 import torch
 
-from medvox.errors import CheckpointError, TrainingError
+from medvox.errors import CheckpointError, TrainingError, unpickling_refusal
 
 TEMP_SUFFIX = ".tmp"  # what the atomic writers name their temp files: .<name>.<random>.tmp
 
@@ -99,8 +100,18 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"checkpoint {path} does not exist")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # pickle.UnpicklingError for unsafe files, RuntimeError for corrupt ones
-        raise CheckpointError(
-            f"cannot load checkpoint {path}: {str(exc).splitlines()[0]}. Checkpoints are loaded with "
-            "weights_only=True, so a file that would run code is refused; a truncated file cannot be read."
-        ) from exc
+    except pickle.UnpicklingError as exc:  # the safe unpickler met something other than tensors and plain data
+        if "truncated" not in str(exc):
+            raise CheckpointError(
+                f"refused to load checkpoint {path}: {unpickling_refusal(exc)}. medvox loads checkpoints with "
+                "weights_only=True and never runs code from a file: use a checkpoint medvox wrote, or re-save only "
+                "the tensors in a trusted environment (torch.save(model.state_dict(), ...) or safetensors)."
+            ) from exc
+        damaged = exc
+    except Exception as exc:  # corrupt or cut-off files raise OSError, RuntimeError, KeyError, EOFError, ...
+        damaged = exc
+    detail = str(damaged).splitlines()[0] if str(damaged) else ""
+    raise CheckpointError(
+        f"cannot load checkpoint {path}: the file is damaged, truncated (an interrupted copy?) or not a PyTorch "
+        f"checkpoint ({type(damaged).__name__}: {detail[:200]})"
+    ) from damaged

@@ -1,7 +1,8 @@
 """Train one fold: the original ResNet50-3D pipeline's options, exact resume, per-fold artifacts.
 
 Per epoch: train (augmented on the device, accumulated, clipped, mixed precision), validate the raw
-and the EMA weights, keep ``best.pt`` / ``best_ema.pt`` by their own monitored metric, write ``last.pt``
+and the EMA weights, keep ``best.pt`` / ``best_ema.pt`` by their own monitored metric (their weights also as
+``best.safetensors`` / ``best_ema.safetensors``: no pickle), write ``last.pt``
 (everything needed to resume exactly), ``metrics.json``, logs and plots. At the end, the EMA weights
 (or the raw ones when EMA is off) at their best epoch are evaluated once more: that is the result.
 """

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from medvox.errors import CheckpointError
+from medvox.errors import CheckpointError, unpickling_refusal
 
 logger = logging.getLogger("medvox.models")
 
@@ -131,7 +131,7 @@ def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], str | No
             f"refused to load {path}: it is not a plain weights file (loading it would build "
             f"arbitrary Python objects or run code). Re-save only the tensors from a trusted "
             f"environment, e.g. torch.save(model.state_dict(), ...) or safetensors. Detail: "
-            f"{str(exc).splitlines()[0]}"
+            f"{unpickling_refusal(exc)}"
         ) from exc
     except Exception as exc:  # corrupt or truncated files raise many different types
         raise CheckpointError(f"cannot read checkpoint {path}: {type(exc).__name__}: {exc}") from exc
