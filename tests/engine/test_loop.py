@@ -42,7 +42,7 @@ def test_accumulating_two_half_batches_equals_one_batch():
     _, acc, stats_acc = _run(batch_size=4, accum=2)  # 2 micro-batches of 4 -> 1 step
     _, big, stats_big = _run(batch_size=8, accum=1)  # 1 batch of 8 -> 1 step
     assert stats_acc.optimizer_steps == 1 and stats_big.optimizer_steps == 1
-    for a, b in zip(acc, big):
+    for a, b in zip(acc, big, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
 
 
@@ -54,10 +54,10 @@ def test_trailing_partial_group_is_averaged_over_its_own_size():
 
 def test_clipping_caps_the_global_norm():
     before, after, _ = _run(batch_size=8, accum=1, clip=0.01)
-    update = torch.sqrt(sum(((a - b) ** 2).sum() for a, b in zip(after, before)))
+    update = torch.sqrt(sum(((a - b) ** 2).sum() for a, b in zip(after, before, strict=True)))
     assert float(update) == pytest.approx(0.01, rel=1e-4)  # SGD lr 1: the step is the clipped gradient
     before, after, _ = _run(batch_size=8, accum=1, clip=0.0)
-    assert float(torch.sqrt(sum(((a - b) ** 2).sum() for a, b in zip(after, before)))) > 0.05
+    assert float(torch.sqrt(sum(((a - b) ** 2).sum() for a, b in zip(after, before, strict=True)))) > 0.05
 
 
 def test_non_finite_loss_stops_with_a_clear_message():

@@ -118,7 +118,7 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(tiny_medmnist, tmp_pa
     done = subprocess.run(_train_cmd(tiny_medmnist, tmp_path / "b", "--resume"), env=env, capture_output=True,
                           text=True)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert f"resumed from" in done.stdout
+    assert "resumed from" in done.stdout
     a = _comparable(json.load(open(tmp_path / "a" / "resnet10" / "fold_0" / "metrics.json")))
     b = _comparable(json.load(open(tmp_path / "b" / "resnet10" / "fold_0" / "metrics.json")))
     assert a == b

@@ -83,7 +83,10 @@ def train(cfg: ExperimentConfig) -> dict:
                     prepared.cache_dir / "skipped_cases.json")
     log.info("training %s on fold %d of %d (%s, precision %s, %d process(es)) -> %s", cfg.model.name,
              cfg.train.fold, cfg.data.folds, fabric.device, fabric._precision.precision, fabric.world_size, run_dir)
-    trainer = FoldTrainer(cfg, fabric, prepared, run_dir)
-    if state is not None:
-        trainer.load_state(state)
-    return trainer.fit()
+    try:
+        trainer = FoldTrainer(cfg, fabric, prepared, run_dir)
+        if state is not None:
+            trainer.load_state(state)
+        return trainer.fit()
+    finally:  # later log lines of this process (the next fold, predict) must not land in this run's train.log
+        _setup_logging(None, fabric.is_global_zero)

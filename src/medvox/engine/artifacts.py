@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from medvox.engine.checkpoint import share_permissions
 from medvox.evaluation.metrics import to_jsonable
 
 
@@ -23,6 +24,7 @@ def write_json(obj: Any, path: str | Path) -> None:
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             fh.write(text)
+        share_permissions(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -121,3 +123,4 @@ def prune_epoch_plots(run_dir: Path, keep_epochs: set[int]) -> None:
                 continue
             if epoch not in keep_epochs:
                 path.unlink(missing_ok=True)
+

@@ -43,6 +43,7 @@ def _atomic_write(path: Path, write: Callable[[Any], None]) -> None:
             write(fh)
             fh.flush()
             os.fsync(fh.fileno())
+        share_permissions(tmp)
         os.replace(tmp, path)
     except OSError as exc:
         Path(tmp).unlink(missing_ok=True)
@@ -115,3 +116,11 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         f"cannot load checkpoint {path}: the file is damaged, truncated (an interrupted copy?) or not a PyTorch "
         f"checkpoint ({type(damaged).__name__}: {detail[:200]})"
     ) from damaged
+
+
+def share_permissions(path) -> None:
+    """mkstemp creates 0600 files; give the result the usual permissions (0666 minus the umask), so a
+    team can read a shared results folder."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, 0o666 & ~mask)

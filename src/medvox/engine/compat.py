@@ -16,7 +16,7 @@ from torch import nn
 
 def _guarded_forward(self: nn.Conv3d, x: torch.Tensor) -> torch.Tensor:
     if (x.device.type == "cpu" and torch.is_autocast_enabled("cpu")
-            and any(s < k for s, k in zip(x.shape[2:], self.kernel_size))):
+            and any(s < k for s, k in zip(x.shape[2:], self.kernel_size, strict=True))):
         with torch.autocast("cpu", enabled=False):
             return self._conv_forward(x.float(), self.weight, self.bias)
     return self._conv_forward(x, self.weight, self.bias)

@@ -29,7 +29,7 @@ def get_debiased_ema_multi_avg_fn(decay: float):
         if torch.is_floating_point(ema_params[0]) or torch.is_complex(ema_params[0]):
             torch._foreach_lerp_(ema_params, current_params, weight)
         else:
-            for p_ema, p_model in zip(ema_params, current_params):
+            for p_ema, p_model in zip(ema_params, current_params, strict=True):
                 p_ema.copy_(p_ema * (1.0 - weight) + p_model * weight)
 
     return ema_update

@@ -49,13 +49,24 @@ def param_groups(model: nn.Module, cfg: OptimConfig, head_names: set[str] | None
 def build_optimizer(groups: list[dict], cfg: OptimConfig) -> torch.optim.Optimizer:
     """Adam (betas, eps from the config), AdamW, or SGD with Nesterov momentum."""
     name = cfg.optimizer.lower()
+    # The fused kernel updates each tensor in one pass; on the CPU PyTorch's default is a per-tensor loop
+    # of several element-wise ops (ResNet-18-3D: 2x slower, ~10 % of a training step; benchmarks/RESULTS.md).
+    fused = _fused_ok(groups)
     if name == "adam":
-        return torch.optim.Adam(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
+        return torch.optim.Adam(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, fused=fused)
     if name == "adamw":
-        return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
+        return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, fused=fused)
     if name == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=True)
     raise ValueError(f"unknown optimizer {cfg.optimizer!r}; choose adam, adamw or sgd")
+
+
+def _fused_ok(groups: list[dict]) -> bool | None:
+    """True when every parameter is a floating tensor on the CPU or a CUDA device (the fused Adam's
+    devices); None (PyTorch's default choice) otherwise."""
+    params = [p for g in groups for p in g["params"]]
+    ok = bool(params) and all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
+    return True if ok else None
 
 
 def warmup_steps(cfg: OptimConfig, epochs: int, steps_per_epoch: int) -> int:

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from medvox.config import ExperimentConfig, TrainConfig, to_dict
+from medvox.config import ExperimentConfig, TrainConfig, from_dict, to_dict
 from medvox.engine.checkpoint import load_checkpoint
 from medvox.errors import TrainingError
 
@@ -116,7 +116,12 @@ def resume_state(cfg: ExperimentConfig, run_dir: Path) -> dict[str, Any] | None:
         log.info("--resume: no last.pt in %s, starting a fresh run", run_dir)
         return None
     state = load_checkpoint(last)
-    differ = [k for k in _diff(state["config"], to_dict(cfg)) if k not in _RESUME_FREE_KEYS]
+    # settings added to medvox since the run started take their defaults: an upgrade does not block --resume
+    try:
+        previous = to_dict(from_dict(state["config"]))
+    except ValueError:
+        previous = state["config"]
+    differ = [k for k in _diff(previous, to_dict(cfg)) if k not in _RESUME_FREE_KEYS]
     if differ:
         raise TrainingError(
             f"--resume: the config differs from the interrupted run in {', '.join(differ)}; resume with the "

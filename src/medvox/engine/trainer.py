@@ -235,7 +235,11 @@ class FoldTrainer:
             self._write_start()
         status = "complete"
         for epoch in range(self.start_epoch, tc.epochs + 1):
-            entry = self._run_epoch(epoch)
+            try:
+                entry = self._run_epoch(epoch)
+            except TrainingError as exc:
+                self._record_failure(f"epoch {epoch}: {exc}")
+                raise TrainingError(f"epoch {epoch}: {exc}") from exc
             self.history.append(entry)
             improved = self._update_best(epoch, entry)
             self.bad_epochs = 0 if improved else self.bad_epochs + 1
@@ -249,6 +253,15 @@ class FoldTrainer:
                 status = "early_stopped"
                 break
         return self._finish(status)
+
+    def _record_failure(self, message: str) -> None:
+        """Mark metrics.json as failed (the checkpoints on disk stay as they were)."""
+        if not self.fabric.is_global_zero or not self.history:
+            return
+        try:
+            artifacts.write_json({**self._metrics_doc("failed"), "error": message}, self.run_dir / "metrics.json")
+        except OSError:  # e.g. the disk is full: the previous metrics.json stays
+            pass
 
     def _write_start(self) -> None:
         save(self.cfg, self.run_dir / "config.json")
