@@ -218,7 +218,7 @@ def test_non_finite_training_stops_with_exit_3_and_keeps_epoch_1(failure, small_
                    "checkpoint is overwritten. Lower --lr, keep --grad_clip on, or use --precision fp32.")
 
     assert main(_mil_train(tmp_path / "out", tmp_path / "cache", small_npz)) == 3
-    assert capsys.readouterr().err == f"medvox: error: {message}\n"
+    assert capsys.readouterr().err == f"medvox: error: epoch 2: {message}\n"
     assert set(seen["before"]) == {"best.pt", "best_ema.pt", "best.safetensors", "best_ema.safetensors", "last.pt"}
     assert _checkpoint_bytes(run) == seen["before"]
     assert _assert_every_checkpoint_loads(run) == {"best.pt": 1, "best_ema.pt": 1, "last.pt": 1}
