@@ -35,7 +35,12 @@ def test_same_seed_same_bytes(tmp_path):
 
 def test_demo_dataset_properties(demo_manifest):
     rows = _rows(demo_manifest)
-    assert list(rows[0]) == ["id", "image", "label", "patient_id"] and len(rows) == 200
+    assert list(rows[0]) == ["id", "image", "label", "patient_id", "split"] and len(rows) == 200
+    test_rows = [r for r in rows if r["split"] == "test"]
+    assert 0.12 <= len(test_rows) / len(rows) <= 0.28  # ~1 patient in 5, held out whole
+    assert {r["label"] for r in test_rows} == {"benign", "malignant"}
+    pool_patients = {r["patient_id"] for r in rows if r["split"] == "train"}
+    assert not pool_patients & {r["patient_id"] for r in test_rows}
     labels = Counter(r["label"] for r in rows)
     assert labels == {"benign": 140, "malignant": 60}  # 70 / 30
     scans = defaultdict(list)

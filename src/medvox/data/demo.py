@@ -36,12 +36,14 @@ CLASSES = ("benign", "malignant")
 MALIGNANT_FRACTION = 0.3
 
 
-def make_demo_data(out: Path, n_cases: int = 200, seed: int = 0) -> Path:
-    """Write ``n_cases`` synthetic CT scans and ``out/manifest.csv`` (id, image, label, patient_id).
+def make_demo_data(out: Path, n_cases: int = 200, seed: int = 0, test_every: int = 5) -> Path:
+    """Write ``n_cases`` synthetic CT scans and ``out/manifest.csv`` (id, image, label, patient_id, split).
 
     Args:
         out: output folder (created); images go to ``out/images/``.
         n_cases: number of scans (patients have 1-3 scans each).
+        test_every: every ``test_every``-th patient of each class is held out as a test patient
+            (``split`` column ``test``, ~20 %); 0 holds out none.
         seed: everything is drawn from it; the same seed writes byte-identical files.
 
     Returns:
@@ -53,6 +55,7 @@ def make_demo_data(out: Path, n_cases: int = 200, seed: int = 0) -> Path:
     (out / "images").mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     patients = _patients(n_cases, rng)
+    held_out = _held_out_patients(patients, test_every)
     rows = []
     for p, (n_scans, label) in enumerate(patients):
         lesion = _lesion_params(label, np.random.default_rng([seed, p, 1]))
@@ -62,13 +65,25 @@ def make_demo_data(out: Path, n_cases: int = 200, seed: int = 0) -> Path:
             name = f"images/case_{case:03d}.nii.gz"
             _write_nifti(out / name, volume, affine)
             rows.append({"id": f"case_{case:03d}", "image": name, "label": CLASSES[label],
-                         "patient_id": f"patient_{p:03d}"})
+                         "patient_id": f"patient_{p:03d}", "split": "test" if p in held_out else "train"})
     manifest = out / "manifest.csv"
     with open(manifest, "w", newline="", encoding="utf-8") as fh:
-        writer = csv.DictWriter(fh, fieldnames=["id", "image", "label", "patient_id"])
+        writer = csv.DictWriter(fh, fieldnames=["id", "image", "label", "patient_id", "split"])
         writer.writeheader()
         writer.writerows(rows)
     return manifest
+
+
+def _held_out_patients(patients: list[tuple[int, int]], every: int) -> set[int]:
+    """Whole patients, stratified by class: the held-out test set never shares a patient with the pool."""
+    if every <= 0:
+        return set()
+    held, seen = set(), {}
+    for p, (_, label) in enumerate(patients):
+        seen[label] = seen.get(label, 0) + 1
+        if seen[label] % every == 0:
+            held.add(p)
+    return held
 
 
 def _patients(n_cases: int, rng: np.random.Generator) -> list[tuple[int, int]]:
