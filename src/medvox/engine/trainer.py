@@ -48,6 +48,10 @@ class FoldTrainer:
         self.cfg, self.fabric, self.data, self.run_dir = cfg, fabric, prepared, run_dir
         tc = cfg.train
         self.train_idx, self.val_idx = prepared.fold(tc.fold)
+        # channels_last_3d speeds up cuDNN's 3D convolutions; oneDNN's on the CPU ran slower with it
+        # (bf16 ResNet-18-3D: ~1.3-1.5x the CPU time per sample, mostly layout reorders; fp32 no gain;
+        # benchmarks/RESULTS.md), so the CPU keeps the default layout.
+        self.channels_last = tc.channels_last and fabric.device.type != "cpu"
         self.classes = list(prepared.classes)
         self.mode = "min" if "loss" in tc.monitor else "max"
         self.loaders = self._make_loaders()
@@ -94,7 +98,7 @@ class FoldTrainer:
         model = model.to(self.fabric.device)
         if self.fabric.device.type == "cpu" and "bf16" in str(self.fabric._precision.precision):
             guard_cpu_bf16_conv3d(model)
-        if self.cfg.train.channels_last:
+        if self.channels_last:
             model = model.to(memory_format=torch.channels_last_3d)
         ema = create_ema(model, self.cfg.train.ema_decay, self.cfg.train.ema_debias)  # after .to(device), before DDP
         return model, ema
@@ -153,7 +157,7 @@ class FoldTrainer:
         from medvox.evaluation.metrics import compute_metrics
 
         idx, labels, logits = loop.predict(self.fabric, model, self.loaders[split],
-                                           channels_last=self.cfg.train.channels_last)
+                                           channels_last=self.channels_last)
         if not np.isfinite(logits).all():
             # the last optimizer step of an epoch can make the weights non-finite after a finite loss:
             # stop with the clear error here, before anything is written with these weights
@@ -179,7 +183,7 @@ class FoldTrainer:
             return loop.train_one_epoch(
                 f, self.model, self.loaders["train"], self.optimizer, self.criterion, self.schedule,
                 accum=tc.grad_accum, grad_clip=tc.grad_clip, augment=self.augment, generator=gen,
-                ema_update=lambda: update_ema(self.ema, self.raw_model), channels_last=tc.channels_last,
+                ema_update=lambda: update_ema(self.ema, self.raw_model), channels_last=self.channels_last,
                 progress=bar.advance)
 
     def _run_epoch(self, epoch: int) -> dict:

@@ -167,10 +167,37 @@ def normalized_theta(theta: torch.Tensor, spatial_shape: tuple[int, int, int]) -
     return norm.to(torch.float32)
 
 
+def affine_grid_3d(theta: torch.Tensor, spatial_shape: tuple[int, int, int]) -> torch.Tensor:
+    """``F.affine_grid(theta, (B, 1, D, H, W), align_corners=False)``, built from three broadcast terms.
+
+    The grid of an affine map is separable, ``grid[b, d, h, w] = A_b[:, 0] x_w + A_b[:, 1] y_h +
+    A_b[:, 2] z_d + t_b``, so summing a ``(B, 1, H, W, 3)`` plane and a ``(B, D, 1, 1, 3)`` column writes
+    the ``(B, D, H, W, 3)`` grid in one pass. ``F.affine_grid`` multiplies a ``(B, D*H*W, 4)`` base grid
+    by ``theta`` instead (a batched matmul with an inner size of 4), which on the CPU took longer than
+    the ``grid_sample`` it feeds (3-4x slower than this at 96^3, see ``benchmarks/RESULTS.md``).
+
+    Args:
+        theta: ``(B, 3, 4)`` normalised matrices, as :func:`normalized_theta` returns.
+        spatial_shape: ``(D, H, W)`` of the output.
+
+    Returns:
+        ``(B, D, H, W, 3)`` sampling grid in ``theta``'s dtype and device.
+    """
+    d, h, w = spatial_shape
+
+    def centres(n: int) -> torch.Tensor:  # align_corners=False: voxel centres at (2i + 1) / n - 1
+        return (torch.arange(n, dtype=theta.dtype, device=theta.device) * 2 + 1) / n - 1
+
+    cols = theta.transpose(1, 2)[:, None, None, None]  # (B, 1, 1, 1, 4, 3): row j = column j of theta
+    plane = centres(w).view(1, 1, 1, w, 1) * cols[..., 0, :] + centres(h).view(1, 1, h, 1, 1) * cols[..., 1, :]
+    column = centres(d).view(1, d, 1, 1, 1) * cols[..., 2, :] + cols[..., 3, :]
+    return plane + column
+
+
 def apply_affine(
     x: torch.Tensor, theta: torch.Tensor, mode: str = "bilinear", padding_mode: str = "min"
 ) -> torch.Tensor:
-    """Resample a batch with one ``F.affine_grid`` + ``F.grid_sample`` (trilinear by default).
+    """Resample a batch with one affine grid (:func:`affine_grid_3d`) + ``F.grid_sample`` (trilinear by default).
 
     The grid and the sampling run in float32 whatever the dtype of ``x``; the result is cast back.
 
@@ -199,14 +226,28 @@ def apply_affine(
         raise ValueError(f"padding_mode must be one of {_PADDINGS}, got {padding_mode!r}")
     xf = x.float()
     grid_theta = normalized_theta(theta.to(x.device), tuple(x.shape[2:]))
-    grid = F.affine_grid(grid_theta, list(xf.shape), align_corners=False)
-    if padding_mode == "min":
-        # shift so the minimum is 0, pad with zeros, shift back: the fill is the minimum
-        low = xf.amin(dim=(2, 3, 4), keepdim=True)
-        out = F.grid_sample(xf - low, grid, mode=mode, padding_mode="zeros", align_corners=False) + low
-    else:
-        out = F.grid_sample(xf, grid, mode=mode, padding_mode=padding_mode, align_corners=False)
+    # On the CPU, resample a few volumes at a time. ``grid_sample``'s 3D CPU kernel runs one volume per
+    # thread, so chunks of ``num_threads`` volumes keep every core busy, and the per-chunk grid (10 MB per
+    # volume at 96^3) stays small enough for malloc to reuse its memory; a whole-batch grid is a fresh
+    # mapping every call and page-faulting it in cost as much as building it. A GPU takes the batch at once.
+    step = max(1, torch.get_num_threads()) if x.device.type == "cpu" else x.shape[0]
+    if step >= x.shape[0]:
+        return _resample(xf, grid_theta, mode, padding_mode).to(x.dtype)
+    out = torch.empty_like(xf)
+    for i in range(0, x.shape[0], step):
+        out[i : i + step] = _resample(xf[i : i + step], grid_theta[i : i + step], mode, padding_mode)
     return out.to(x.dtype)
+
+
+def _resample(xf: torch.Tensor, grid_theta: torch.Tensor, mode: str, padding_mode: str) -> torch.Tensor:
+    """One ``grid_sample`` of float32 volumes ``xf`` with normalised matrices ``grid_theta``."""
+    grid = affine_grid_3d(grid_theta, tuple(xf.shape[2:]))
+    if padding_mode != "min":
+        return F.grid_sample(xf, grid, mode=mode, padding_mode=padding_mode, align_corners=False)
+    # shift so the minimum is 0, pad with zeros, shift back: the fill is the minimum
+    low = xf.amin(dim=(2, 3, 4), keepdim=True)
+    out = F.grid_sample(xf - low, grid, mode=mode, padding_mode="zeros", align_corners=False)
+    return out.add_(low)  # in place: one volume-sized temporary fewer
 
 
 def _check_generator(generator: torch.Generator) -> None:

@@ -1,0 +1,1 @@
+"""Side-by-side speed and memory benchmarks of medvox against MONAI/TorchIO pipelines (``run.py``)."""
