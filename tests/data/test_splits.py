@@ -68,7 +68,7 @@ def test_written_once_and_reused(tmp_path, monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("the split was redrawn")
 
-    monkeypatch.setattr("medvox.data.splits.StratifiedGroupKFold", refuse)
+    monkeypatch.setattr("sklearn.model_selection.StratifiedGroupKFold", refuse)
     assert load_or_make_splits(tmp_path, cases, ["neg", "pos"], k=5, seed=3) == first
     assert path.stat().st_mtime_ns == mtime
     monkeypatch.undo()

@@ -17,7 +17,6 @@ from typing import Any
 import numpy as np
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-from scipy import ndimage
 
 from medvox.data import io as image_io
 from medvox.data.cache import case_signature
@@ -144,7 +143,7 @@ def _foreground(x: np.ndarray, lo: float) -> np.ndarray:
     x = x[:, ::step, ::step]  # in-plane thinning keeps large CTs cheap
     body = x > -500
     for k in range(body.shape[0]):
-        body[k] = ndimage.binary_fill_holes(body[k])
+        body[k] = _fill_holes(body[k])
     return x[body]
 
 
@@ -212,3 +211,9 @@ def _array_chunk(chunk: list[Case], indices: list[int]):
                   "spacing": [1.0, 1.0, 1.0], "source_orientation": "RAS", "modality": [None] * stack.shape[1],
                   "dtype": str(stack.dtype), "stats": stats}
         yield i, (None if problems else record), problems
+
+
+def _fill_holes(mask: np.ndarray) -> np.ndarray:
+    from scipy import ndimage  # imported on use: SciPy's import is part of every warm start-up otherwise
+
+    return ndimage.binary_fill_holes(mask)

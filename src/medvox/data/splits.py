@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from sklearn.model_selection import StratifiedGroupKFold
 
 from medvox.data.cache import read_json, stable_hash, write_json
 from medvox.data.sources import Case
@@ -71,6 +70,9 @@ def make_splits(cases: list[Case], classes: list[str], k: int, seed: int) -> dic
     if len(set(groups)) < k:
         raise ValueError(f"{len(set(groups))} patients cannot be split into {k} folds; use fewer folds")
     labels = np.array([c.label for c in pool])
+    # imported here: scikit-learn costs ~1 s of start-up, and a warm run only reads splits.json
+    from sklearn.model_selection import StratifiedGroupKFold
+
     splitter = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
     folds = []
     for train, val in splitter.split(np.zeros(len(pool)), labels, groups):

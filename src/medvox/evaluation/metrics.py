@@ -25,7 +25,14 @@ from pathlib import PurePath
 from typing import Any
 
 import numpy as np
-from sklearn import metrics as skm
+
+
+def _skm():
+    """scikit-learn's metrics, imported on first use: its ~0.6 s import would otherwise delay the first
+    training step of every run."""
+    from sklearn import metrics
+
+    return metrics
 
 THRESHOLD_RULES = ("youden", "f1", "balanced_accuracy")
 
@@ -56,19 +63,19 @@ def compute_metrics(
         raise ValueError(f"threshold must be in [0, 1], got {threshold}")
     pred = (p[:, 1] >= threshold).astype(int) if threshold is not None else p.argmax(axis=1)
     labels = list(range(k))
-    cm = skm.confusion_matrix(y, pred, labels=labels)
+    cm = _skm().confusion_matrix(y, pred, labels=labels)
     per = _per_class(cm)
     avg = "binary" if k == 2 else "macro"
     pick = (lambda v: v[1]) if k == 2 else (lambda v: float(np.mean(v)))  # noqa: E731
     out = {
         "n": len(y),
-        "accuracy": skm.accuracy_score(y, pred),
+        "accuracy": _skm().accuracy_score(y, pred),
         "balanced_accuracy": _balanced_accuracy(cm),
         "auc": _auc(y, p),
-        "f1": skm.f1_score(y, pred, labels=labels, average=avg, zero_division=0),
-        "sensitivity": skm.recall_score(y, pred, labels=labels, average=avg, zero_division=0),
+        "f1": _skm().f1_score(y, pred, labels=labels, average=avg, zero_division=0),
+        "sensitivity": _skm().recall_score(y, pred, labels=labels, average=avg, zero_division=0),
         "specificity": pick(per["specificity"]),
-        "precision": skm.precision_score(y, pred, labels=labels, average=avg, zero_division=0),
+        "precision": _skm().precision_score(y, pred, labels=labels, average=avg, zero_division=0),
         "confusion_matrix": cm,
         "threshold": threshold,
         "class_names": names,
@@ -107,7 +114,7 @@ def best_threshold(y_true: Any, probs: Any, rule: str = "youden") -> float:
         raise ValueError(f"best_threshold is for binary problems; got {p.shape[1]} classes")
     if len(np.unique(y)) < 2:
         raise ValueError("best_threshold needs both classes in y_true")
-    fpr, tpr, thr = skm.roc_curve(y, p[:, 1], drop_intermediate=False)
+    fpr, tpr, thr = _skm().roc_curve(y, p[:, 1], drop_intermediate=False)
     fpr, tpr, thr = fpr[1:], tpr[1:], thr[1:]  # drop sklearn's leading +inf ("predict nothing")
     pos, neg = int(y.sum()), int(len(y) - y.sum())
     if rule == "f1":
@@ -227,6 +234,6 @@ def _auc(y: np.ndarray, p: np.ndarray) -> float | None:
     is left out of the mean (its AUC is undefined) and ``None`` means no class could be scored.
     """
     if p.shape[1] == 2:
-        return float(skm.roc_auc_score(y, p[:, 1])) if len(np.unique(y)) == 2 else None
-    aucs = [skm.roc_auc_score(y == c, p[:, c]) for c in range(p.shape[1]) if 0 < (y == c).sum() < len(y)]
+        return float(_skm().roc_auc_score(y, p[:, 1])) if len(np.unique(y)) == 2 else None
+    aucs = [_skm().roc_auc_score(y == c, p[:, c]) for c in range(p.shape[1]) if 0 < (y == c).sum() < len(y)]
     return float(np.mean(aucs)) if aucs else None
