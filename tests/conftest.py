@@ -41,14 +41,19 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("MEDVOX_CACHE", str(tmp_path_factory.mktemp("medvox_cache")))
 
 
+def medmnist_subset(source: Path, counts: dict[str, int], path: Path) -> Path:
+    """The first ``counts[split]`` volumes of each split of a MedMNIST ``.npz``, written to ``path``."""
+    src = np.load(source)
+    out = {}
+    for split, n in counts.items():
+        out[f"{split}_images"] = src[f"{split}_images"][:n]
+        out[f"{split}_labels"] = src[f"{split}_labels"][:n]
+    np.savez(path, **out)
+    return path
+
+
 @pytest.fixture(scope="session")
 def tiny_medmnist(medmnist_28, tmp_path_factory) -> Path:
     """A small slice of the real AdrenalMNIST3D (28^3): 80 train + 20 val (the CV pool) and 30 test volumes."""
-    src = np.load(medmnist_28)
-    out = {}
-    for split, n in (("train", 80), ("val", 20), ("test", 30)):
-        out[f"{split}_images"] = src[f"{split}_images"][:n]
-        out[f"{split}_labels"] = src[f"{split}_labels"][:n]
-    path = tmp_path_factory.mktemp("tiny_medmnist") / "adrenal_tiny.npz"
-    np.savez(path, **out)
-    return path
+    return medmnist_subset(medmnist_28, {"train": 80, "val": 20, "test": 30},
+                           tmp_path_factory.mktemp("tiny_medmnist") / "adrenal_tiny.npz")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 
 import numpy as np
@@ -68,7 +69,12 @@ def test_demo_prepared_end_to_end(demo_manifest, data_cfg, capsys):
     assert plan["target_shape"] == [32, 48, 48]  # 24 slices at ~2.5 mm -> 32; 48 in-plane stays
     assert plan["target_spacing"][0] == pytest.approx(2.5, abs=0.05)
     assert plan["target_spacing"][1] == pytest.approx(0.79, abs=0.03)
-    assert plan["class_counts"] == [140, 60] and plan["imbalance_ratio"] == pytest.approx(140 / 60, abs=1e-3)
+    rows = list(csv.DictReader(open(demo_manifest, encoding="utf-8")))
+    pool = [r["label"] for r in rows if r["split"] != "test"]  # the held-out patients are not planned on
+    counts = [pool.count("benign"), pool.count("malignant")]
+    assert len(rows) - len(pool) >= 20 and sum(counts) == len(pool)
+    assert plan["class_counts"] == counts and plan["imbalance_ratio"] == pytest.approx(counts[0] / counts[1], abs=1e-3)
+    assert len(data.test_idx) == len(rows) - len(pool)
     assert data.images.shape == (200, 1, 32, 48, 48)
     x = np.asarray(data.images[:20], dtype=np.float32)
     assert np.isfinite(x).all() and abs(x.mean()) < 1.5 and 0.3 < x.std() < 2  # z-scored HU

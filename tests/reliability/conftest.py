@@ -12,10 +12,10 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
+from tests.conftest import medmnist_subset
 from tests.reliability.helpers import FAST, MIL
 
 
@@ -40,14 +40,8 @@ def detach_medvox_logging() -> None:
 @pytest.fixture(scope="session")
 def small_npz(medmnist_28: Path, tmp_path_factory) -> Path:
     """The first 24 train, 8 val and 8 test volumes of AdrenalMNIST3D (28^3): a 32-case pool, 8 held out."""
-    src = np.load(medmnist_28)
-    out = {}
-    for split, n in (("train", 24), ("val", 8), ("test", 8)):
-        out[f"{split}_images"] = src[f"{split}_images"][:n]
-        out[f"{split}_labels"] = src[f"{split}_labels"][:n]
-    path = tmp_path_factory.mktemp("small_npz") / "adrenal_small.npz"
-    np.savez(path, **out)
-    return path
+    return medmnist_subset(medmnist_28, {"train": 24, "val": 8, "test": 8},
+                           tmp_path_factory.mktemp("small_npz") / "adrenal_small.npz")
 
 
 def deterministic_cmd(data: Path, out: Path, cache: Path, *extra: str) -> list[str]:
