@@ -26,11 +26,14 @@ def write_nifti(path: Path, data: np.ndarray, affine: np.ndarray | None = None) 
 
 
 def write_dicom_series(folder: Path, data: np.ndarray, ras_affine: np.ndarray, series: str = "1",
-                       skip: tuple[int, ...] = (), modality: str = "CT") -> Path:
+                       skip: tuple[int, ...] = (), modality: str = "CT", tags: dict[str, str] | None = None,
+                       uid_root: str = UID_ROOT) -> Path:
     """Write ``data`` (voxel order i, j, k of the RAS affine) as one DICOM file per k-slice.
 
-    Patient tags (name, id, birth date, study date) are written on purpose: they must never be read.
+    ``tags`` go into every slice; by default the patient tags (name, id, birth date, study date) are
+    written on purpose: they must never be read.
     """
+    tags = PATIENT_TAGS if tags is None else tags
     folder.mkdir(parents=True, exist_ok=True)
     lps = LPS @ ras_affine
     spacing = np.linalg.norm(lps[:3, :3], axis=0)
@@ -47,10 +50,10 @@ def write_dicom_series(folder: Path, data: np.ndarray, ras_affine: np.ndarray, s
             continue
         sl = image[:, :, k]
         position = "\\".join(f"{v:.6f}" for v in image.TransformIndexToPhysicalPoint((0, 0, k)))
-        tags = {"0008|0060": modality, "0020|000d": f"{UID_ROOT}.1", "0020|000e": f"{UID_ROOT}.2.{series}",
-                "0020|0032": position, "0020|0037": orientation, "0020|0013": str(k + 1),
-                "0008|0018": f"{UID_ROOT}.3.{series}.{k + 1}", "0018|0050": f"{spacing[2]:.4f}", **PATIENT_TAGS}
-        for tag, value in tags.items():
+        slice_tags = {"0008|0060": modality, "0020|000d": f"{uid_root}.1", "0020|000e": f"{uid_root}.2.{series}",
+                      "0020|0032": position, "0020|0037": orientation, "0020|0013": str(k + 1),
+                      "0008|0018": f"{uid_root}.3.{series}.{k + 1}", "0018|0050": f"{spacing[2]:.4f}", **tags}
+        for tag, value in slice_tags.items():
             sl.SetMetaData(tag, value)
         writer.SetFileName(str(folder / f"s{series}_{k:03d}.dcm"))
         writer.Execute(sl)

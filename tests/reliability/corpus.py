@@ -20,7 +20,8 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
-import SimpleITK as sitk
+
+from tests.data.conftest import write_dicom_series as _write_dicom
 
 CLASSES = ("benign", "malignant")
 N_GOOD = 8
@@ -28,7 +29,6 @@ BAD_ROW = N_GOOD + 2  # header is row 1, the clean rows are 2..9
 AFFINE = np.diag([0.8, 0.8, 2.5, 1.0])  # 0.8 x 0.8 mm in-plane, 2.5 mm slices
 SHAPE = (12, 12, 8)  # voxel order (i, j, k)
 UID_ROOT = "1.2.826.0.1.3680043.2.1125.77"
-_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
 
 @dataclass
@@ -83,32 +83,8 @@ def write_nifti(path: Path, data: np.ndarray, affine: np.ndarray = AFFINE) -> Pa
 def write_dicom_series(folder: Path, data: np.ndarray, series: str = "1", skip: tuple[int, ...] = (),
                        tags: dict[str, str] | None = None, affine: np.ndarray = AFFINE) -> Path:
     """``data`` (voxel order i, j, k of the RAS ``affine``) as one DICOM file per k-slice, with ``tags``
-    (e.g. patient name/id/dates: ``{"0010|0010": "Doe^Jane"}``) written into every slice."""
-    folder.mkdir(parents=True, exist_ok=True)
-    lps = _LPS @ affine
-    spacing = np.linalg.norm(lps[:3, :3], axis=0)
-    image = sitk.GetImageFromArray(np.ascontiguousarray(np.asarray(data, np.int16).transpose(2, 1, 0)))
-    image.SetSpacing([float(s) for s in spacing])
-    image.SetDirection([float(v) for v in (lps[:3, :3] / spacing).ravel()])
-    image.SetOrigin([float(v) for v in lps[:3, 3]])
-    direction = np.asarray(image.GetDirection()).reshape(3, 3)
-    orientation = "\\".join(f"{v:.6f}" for v in [*direction[:, 0], *direction[:, 1]])
-    writer = sitk.ImageFileWriter()
-    writer.KeepOriginalImageUIDOn()
-    for k in range(data.shape[2]):
-        if k in skip:
-            continue
-        sl = image[:, :, k]
-        position = "\\".join(f"{v:.6f}" for v in image.TransformIndexToPhysicalPoint((0, 0, k)))
-        slice_tags = {"0008|0060": "CT", "0020|000d": f"{UID_ROOT}.1", "0020|000e": f"{UID_ROOT}.2.{series}",
-                      "0020|0032": position, "0020|0037": orientation, "0020|0013": str(k + 1),
-                      "0008|0018": f"{UID_ROOT}.3.{series}.{k + 1}", "0018|0050": f"{spacing[2]:.4f}",
-                      **(tags or {})}
-        for tag, value in slice_tags.items():
-            sl.SetMetaData(tag, value)
-        writer.SetFileName(str(folder / f"s{series}_{k:03d}.dcm"))
-        writer.Execute(sl)
-    return folder
+    (e.g. patient name/id/dates: ``{"0010|0010": "Doe^Jane"}``; none by default) written into every slice."""
+    return _write_dicom(folder, data, affine, series=series, skip=skip, tags=tags or {}, uid_root=UID_ROOT)
 
 
 def write_manifest(path: Path, rows: list[dict], columns: list[str] | None = None, delimiter: str = ",",
