@@ -68,3 +68,17 @@ def test_variants_share_every_weight_and_differ_in_features():
     faithful.load_state_dict(fast.state_dict())
     x = torch.randn(1, 1, 32, 32, 32)
     assert not torch.allclose(fast.forward_features(x), faithful.forward_features(x))
+
+
+def test_stem_stride_one_doubles_every_stage_and_keeps_the_weights():
+    """stride-1 stem: layer4 of the fast variant is 2x larger per axis (28^3 -> 2^3 instead of 1^3),
+    with the very same parameters (MedicalNet weights load unchanged)."""
+    strided = create_model("resnet10")
+    stem1 = create_model("resnet10", stem_stride=1)
+    assert _layer4_shape(strided, 64) == (2, 2, 2) and _layer4_shape(stem1, 64) == (4, 4, 4)
+    assert _layer4_shape(stem1, 28) == (2, 2, 2)
+    assert {k: v.shape for k, v in strided.state_dict().items()} == {k: v.shape for k, v in stem1.state_dict().items()}
+    stem1.load_state_dict(strided.state_dict())
+    assert stem1.conv1.stride == (1, 1, 1) and strided.conv1.stride == (2, 2, 2)
+    with pytest.raises(ValueError, match="stem_stride"):
+        create_model("resnet10", stem_stride=3)

@@ -139,10 +139,13 @@ class MedResNet3D(ClassifierBase):
         cosine_head: use ``NormedLinear`` (for LDAM) instead of ``nn.Linear``.
         cosine_scale: the scale of the cosine head.
         grad_checkpointing: recompute layer1..layer4 in the backward pass to save memory.
+        stem_stride: stride of ``conv1``: 2 (MedicalNet's) or 1 (small inputs: every stage sees twice the
+            resolution, the same weights load, 8x the compute).
 
     Shapes:
         ``(B, C, D, H, W) -> (B, K)``; ``layer4`` gives ``(B, 512*e, D/32, H/32, W/32)`` for
-        ``"fast"`` and ``(B, 512*e, D/8, H/8, W/8)`` for ``"faithful"`` (``e`` = 1 or 4).
+        ``"fast"`` and ``(B, 512*e, D/8, H/8, W/8)`` for ``"faithful"`` (``e`` = 1 or 4), twice as large
+        with ``stem_stride=1``.
 
     Example:
         >>> model = MedResNet3D(18, in_channels=2, num_classes=3, variant="faithful")
@@ -156,8 +159,10 @@ class MedResNet3D(ClassifierBase):
 
     def __init__(self, depth: int, in_channels: int = 1, num_classes: int = 2, dropout: float = 0.4,
                  variant: str = "fast", shortcut_type: str | None = None, cosine_head: bool = False,
-                 cosine_scale: float = 30.0, grad_checkpointing: bool = False) -> None:
+                 cosine_scale: float = 30.0, grad_checkpointing: bool = False, stem_stride: int = 2) -> None:
         super().__init__(in_channels, num_classes, dropout)
+        if stem_stride not in (1, 2):
+            raise ValueError(f"stem_stride must be 1 or 2, got {stem_stride!r}")
         if depth not in RESNET_DEPTHS:
             raise ValueError(f"ResNet depth must be one of {sorted(RESNET_DEPTHS)}, got {depth!r}")
         if variant not in RESNET_VARIANTS:
@@ -166,10 +171,12 @@ class MedResNet3D(ClassifierBase):
         shortcut_type = default_shortcut if shortcut_type is None else str(shortcut_type).upper()
         if shortcut_type not in ("A", "B"):
             raise ValueError(f"shortcut_type must be 'A' or 'B' (or None for MedicalNet's), got {shortcut_type!r}")
-        self.depth, self.variant, self.shortcut_type = depth, variant, shortcut_type
+        self.depth, self.variant, self.shortcut_type, self.stem_stride = depth, variant, shortcut_type, stem_stride
         block = BasicBlock3d if block_name == "basic" else Bottleneck3d
 
-        self.conv1 = _Conv3d(in_channels, 64, 7, stride=2, padding=3, bias=False)
+        # stem_stride 1 keeps twice the resolution through every stage (same weights, 8x the compute):
+        # for small inputs (MedMNIST's 28^3) the fast variant's layer4 would otherwise see one voxel
+        self.conv1 = _Conv3d(in_channels, 64, 7, stride=stem_stride, padding=3, bias=False)
         self.bn1 = _BatchNorm3d(64)
         self.relu = nn.ReLU(inplace=True)
         self.maxpool = Pool[Pool.MAX, 3](kernel_size=3, stride=2, padding=1)
