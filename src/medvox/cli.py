@@ -35,6 +35,7 @@ _DATA_FLAGS = {
     "workers": "data.workers",
 }
 _TRAIN_FLAGS = {
+    "recipe": "train.recipe",
     "model": "model.name",
     "pretrained_path": "model.pretrained_path",
     "allow_partial": "model.allow_partial",
@@ -100,6 +101,9 @@ def _add_data_args(p: argparse.ArgumentParser, positional: bool = False) -> None
 def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="YAML/JSON experiment config (flags override it)")
     _add_data_args(p)
+    p.add_argument("--recipe", choices=["original", "auto"],
+                   help="original (default): the original pipeline's settings (MedicalNet fine-tuning); auto: a "
+                        "from-scratch recipe chosen from the dataset's plan (flags and config values still win)")
     p.add_argument("--model", help="registered model name (default resnet50); see `medvox models`")
     p.add_argument("--pretrained-path", "--pretrained_path", dest="pretrained_path",
                    help="local MedicalNet / Swin UNETR checkpoint (.pth)")
@@ -137,7 +141,8 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", action="store_const", const=True, help="continue from last.pt")
     p.add_argument("--output", help="results root (default results/)")
     p.add_argument("--run-name", "--run_name", dest="run_name", help="sub-folder under --output (default: model)")
-    p.add_argument("--plots", choices=["all", "best_last"], help="per-epoch confusion/ROC images to keep")
+    p.add_argument("--plots", choices=["all", "best_last", "final"],
+                   help="per-epoch confusion/ROC images to keep (final: none; curves drawn once at the end)")
     p.add_argument("--compile", action="store_const", const=True, help="torch.compile the model")
     p.add_argument("--threads", type=int, help="CPU threads (default: all cores)")
     p.add_argument("--no-augment", "--no_augment", dest="no_augment", action="store_const", const=False)
@@ -176,7 +181,28 @@ def config_from_args(args: argparse.Namespace, table: dict[str, str] | None = No
     cfg = config_mod.resolve(config_file, overrides)
     if config_file and not getattr(args, "config", None):
         print(f"medvox: using settings from {config_file}", file=sys.stderr)
+    if cfg.train.recipe == "auto" and "recipe" in table:
+        cfg = _apply_auto_recipe(cfg, config_mod.load_file(config_file) if config_file else None, overrides)
     return cfg
+
+
+def _apply_auto_recipe(cfg: config_mod.ExperimentConfig, file_data: dict | None,
+                       overrides: dict) -> config_mod.ExperimentConfig:
+    """``--recipe auto``: the plan's recipe for every setting the user did not give."""
+    from medvox.data import prepare
+    from medvox.recipe import auto_recipe, explicit_keys
+
+    if not cfg.data.path:
+        return cfg  # train() reports the missing data with its fix
+    prepared = prepare(cfg.data)
+    values, why = auto_recipe(prepared.plan, cfg.data.folds, pretrained=bool(cfg.model.pretrained_path))
+    given = explicit_keys(file_data, overrides)
+    chosen = {k: v for k, v in values.items() if k not in given}
+    print("medvox: --recipe auto: " + "; ".join(why), file=sys.stderr)
+    kept = sorted(set(values) & given)
+    if kept:
+        print(f"medvox: --recipe auto: your settings win for {', '.join(kept)}", file=sys.stderr)
+    return config_mod.apply_overrides(cfg, chosen)
 
 
 def _cmd_check(args: argparse.Namespace) -> int:

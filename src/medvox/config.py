@@ -109,6 +109,7 @@ class AugmentConfig:
 class TrainConfig:
     """The loop: epochs, batches, precision, devices, checkpoints."""
 
+    recipe: str = "original"  # original | auto (see medvox.recipe): auto fills what is not set from the plan
     fold: int = 0
     epochs: int = 60
     batch_size: int = 6
@@ -118,6 +119,7 @@ class TrainConfig:
     ema_debias: bool = True  # bias-corrected EMA: a true weighted mean from the first step (see engine/ema.py)
     early_stopping: int = 7  # patience in epochs; 0 disables
     monitor: str = "auc"  # validation metric that picks best.pt / best_ema.pt
+    threshold_rule: str = "youden"  # binary: decision threshold chosen on validation/OOF data (youden | f1 | accuracy)
     precision: str = "auto"  # auto | bf16 | fp16 | fp32 (auto: mixed precision with --amp, else fp32)
     amp: bool = False
     gpu: bool = False
@@ -128,7 +130,8 @@ class TrainConfig:
     resume: bool = False
     output: str = "results"
     run_name: str | None = None  # default: the model name
-    plots: str = "all"  # all | best_last: per-epoch confusion/ROC images to keep
+    plots: str = "all"  # all | best_last | final: per-epoch confusion/ROC images to keep ("final": none, curves at the end)
+    keep_last: bool = True  # keep last.pt (optimizer + EMA state) once the fold has finished
     channels_last: bool = True
     compile: bool = False
     threads: int | None = None

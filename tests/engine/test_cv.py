@@ -16,7 +16,7 @@ from medvox.cli import main
 pytestmark = pytest.mark.slow
 
 CV_ARGS = ["--model", "resnet10", "--epochs", "2", "--batch_size", "8", "--folds", "3", "--ema_decay", "0.9",
-           "--early_stopping", "0", "--threads", "2"]
+           "--early_stopping", "0", "--threads", "2", "--plots", "final", "--set", "train.keep_last=false"]
 
 
 @pytest.fixture(scope="module")
@@ -61,6 +61,49 @@ def test_cv_writes_summary_oof_and_test_ensemble(cv_run, tiny_medmnist):
     rows = _rows(cv_run / "test_predictions.csv")
     assert len(rows) == len(npz["test_labels"]) and "spread" in rows[0]
     assert "auc" in (cv_run / "cv_table.md").read_text()
+
+
+def test_cv_decision_threshold_is_chosen_on_calibrated_oof(cv_run):
+    """The threshold comes from the pooled OOF predictions, each fold rescaled by its own temperature;
+    the test ensemble's threshold metrics are those of test_predictions.csv at that threshold."""
+    from medvox.evaluation.metrics import best_threshold, compute_metrics
+
+    summary = json.loads((cv_run / "cv_summary.json").read_text())
+    decision = summary["decision"]
+    assert decision["rule"] == "youden" and 0.0 <= decision["threshold"] <= 1.0
+    oof = _rows(cv_run / "oof_predictions.csv")
+    classes = summary["classes"]
+    labels = np.array([classes.index(r["label"]) for r in oof])
+    calibrated = []
+    for r in oof:  # recomputed here by hand: p_k^(1/T) normalised
+        t = summary["calibration"][int(r["fold"])]["temperature"]
+        p = np.array([float(r[f"prob_{c}"]) for c in classes]) ** (1.0 / t)
+        calibrated.append(p / p.sum())
+    calibrated = np.array(calibrated)
+    assert decision["threshold"] == pytest.approx(best_threshold(labels, calibrated, rule="youden"), abs=1e-6)
+    assert decision["oof"]["balanced_accuracy"] == pytest.approx(
+        compute_metrics(labels, calibrated, threshold=decision["threshold"])["balanced_accuracy"])
+
+    test = summary["test"]
+    assert test["final"] == "ensemble_tta_calibrated"
+    rows = _rows(cv_run / "test_predictions.csv")
+    y = np.array([classes.index(r["label"]) for r in rows])
+    p = np.array([[float(r[f"prob_{c}"]) for c in classes] for r in rows])
+    expected = compute_metrics(y, p, threshold=decision["threshold"])
+    for name in ("accuracy", "balanced_accuracy", "sensitivity", "specificity"):
+        assert test["final_at_threshold"][name] == pytest.approx(expected[name])
+    table = (cv_run / "cv_table.md").read_text()
+    assert f"{decision['threshold']:.3f}" in table and "youden" in table
+
+
+def test_cv_plots_final_and_keep_last(cv_run):
+    """--plots final: no per-epoch images, the curves drawn once; keep_last=false: no last.pt once done."""
+    for k in range(3):
+        fold = cv_run / f"fold_{k}"
+        assert not list(fold.glob("*_epoch_*.png"))
+        assert (fold / "loss_curve.png").stat().st_size > 0 and (fold / "learning_curves.png").is_file()
+        assert (fold / "confusion_matrix_val_final.png").is_file() and (fold / "roc_curve_val_final.png").is_file()
+        assert not (fold / "last.pt").exists() and (fold / "best.pt").is_file()
 
 
 def test_cv_skips_finished_folds(cv_run, tiny_medmnist, capsys):

@@ -120,12 +120,17 @@ def test_best_threshold_by_hand_and_brute_force():
     rng = np.random.default_rng(2)
     yy = rng.integers(0, 2, 120)
     pp = np.clip(0.3 * yy + rng.random(120) * 0.7, 0, 1)
-    for rule, key in (("f1", "f1"), ("youden", "balanced_accuracy")):
+    for rule, key in (("f1", "f1"), ("youden", "balanced_accuracy"), ("accuracy", "accuracy")):
         t = best_threshold(yy, pp, rule)
         scores = [compute_metrics(yy, pp, threshold=float(c))[key] for c in np.unique(pp)]
         assert compute_metrics(yy, pp, threshold=t)[key] == pytest.approx(max(scores))
+    # imbalanced: Youden takes p1 >= 0.6 (TPR 1, FPR 1/6); accuracy ties 0.6 and 0.9 (one error each) and
+    # takes the higher, midway to the next score 0.7 -> 0.8
+    yi, pi = [0, 0, 0, 0, 0, 1, 0, 1], [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.9]
+    assert best_threshold(yi, pi, "youden") == pytest.approx(0.55)
+    assert best_threshold(yi, pi, "accuracy") == pytest.approx(0.8)
     with pytest.raises(ValueError, match="valid rules"):
-        best_threshold(y, p, "accuracy")
+        best_threshold(y, p, "kappa")
     with pytest.raises(ValueError, match="both classes"):
         best_threshold([1, 1], [0.2, 0.3])
 

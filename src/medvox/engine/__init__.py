@@ -58,6 +58,10 @@ def train(cfg: ExperimentConfig) -> dict:
         raise DataError("no data given: pass --data (a manifest .csv/.tsv, a MedMNIST .npz or a folder-per-class), "
                         "set data.path in ./medvox.yaml or --config, or set MEDVOX_DATA "
                         "(try `medvox make-demo-data demo_data` and --data demo_data/manifest.csv)")
+    from medvox.evaluation.metrics import THRESHOLD_RULES
+
+    if cfg.train.threshold_rule not in THRESHOLD_RULES:
+        raise TrainingError(f"train.threshold_rule {cfg.train.threshold_rule!r} is not one of {', '.join(THRESHOLD_RULES)}")
     if not 0 <= cfg.train.fold < cfg.data.folds:
         raise TrainingError(f"--fold {cfg.train.fold} is outside 0..{cfg.data.folds - 1} for --folds {cfg.data.folds}")
     fabric = make_fabric(cfg.train)

@@ -18,7 +18,8 @@ from medvox.errors import TrainingError
 log = logging.getLogger("medvox")
 
 # Keys that may differ between an interrupted run and its --resume without changing the result.
-_RESUME_FREE_KEYS = {"train.resume", "train.threads", "data.workers", "data.cache_dir", "train.plots"}
+_RESUME_FREE_KEYS = {"train.resume", "train.threads", "data.workers", "data.cache_dir", "train.plots",
+                     "train.keep_last"}
 
 
 def resolve_precision(tc: TrainConfig, accelerator: str) -> str:

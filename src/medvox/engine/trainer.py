@@ -199,7 +199,7 @@ class FoldTrainer:
         entry["time"] = {"train_seconds": d["seconds"], "samples_per_s": d["samples_per_s"],
                          "data_wait_frac": d["data_wait_frac"], "val_seconds": time.perf_counter() - t0}
         self.schedule.epoch_end(val.get(self.cfg.train.monitor))
-        if self.fabric.is_global_zero:
+        if self.fabric.is_global_zero and self.cfg.train.plots != "final":
             artifacts.epoch_plots(self.run_dir, f"epoch_{epoch:03d}", labels, probs, val, self.classes)
         return entry
 
@@ -249,7 +249,7 @@ class FoldTrainer:
             self.bad_epochs = 0 if improved else self.bad_epochs + 1
             stop = tc.early_stopping > 0 and self.bad_epochs >= tc.early_stopping
             if f.is_global_zero:
-                atomic_save(self._state(epoch), self.run_dir / "last.pt")
+                atomic_save(self._state(epoch), self.run_dir / "last.pt")  # kept for --resume (train.keep_last)
                 self._write_epoch(entry, "early_stopped" if stop else "running")
             f.barrier()
             if stop:
@@ -284,13 +284,17 @@ class FoldTrainer:
                 "epochs_run": len(self.history), "best": self.best, "history": self.history, **(final or {})}
 
     def _write_epoch(self, entry: dict, status: str) -> None:
-        from medvox.evaluation import plots
-
         artifacts.write_json(self._metrics_doc(status), self.run_dir / "metrics.json")
         self.logger.log(entry, self.history)
+        if self.cfg.train.plots != "final":  # "final": drawn once in _finish (sweeps where plotting costs more than a GPU epoch)
+            self._curves()
+        log.info(_summary_line(entry, self.cfg.train.monitor))
+
+    def _curves(self) -> None:
+        from medvox.evaluation import plots
+
         plots.plot_loss_curve(self.history, self.run_dir / "loss_curve.png")
         plots.plot_learning_curves(self.history, self.run_dir / "learning_curves.png")
-        log.info(_summary_line(entry, self.cfg.train.monitor))
 
     def _finish(self, status: str) -> dict:
         """Evaluate the final weights (EMA at its best epoch when enabled) on validation and test."""
@@ -308,6 +312,10 @@ class FoldTrainer:
             artifacts.write_json(doc, self.run_dir / "metrics.json")
             if self.cfg.train.plots == "best_last":
                 artifacts.prune_epoch_plots(self.run_dir, {self.best["raw"]["epoch"], len(self.history)})
+            if self.cfg.train.plots == "final" and self.history:
+                self._curves()
+            if not self.cfg.train.keep_last:  # the fold is finished: resume will not need it
+                (self.run_dir / "last.pt").unlink(missing_ok=True)
             self.logger.close()
             log.info("fold %d %s: final (%s) val %s=%s", self.cfg.train.fold, status, fname,
                      self.cfg.train.monitor, _fmt(final["val"].get(self.cfg.train.monitor)))
@@ -318,7 +326,7 @@ class FoldTrainer:
 
         metrics, idx, labels, probs = self._evaluate(model, split)
         if split == "val" and len(self.classes) == 2 and len(np.unique(labels)) == 2:
-            self.threshold = float(best_threshold(labels, probs, rule="youden"))
+            self.threshold = float(best_threshold(labels, probs, rule=self.cfg.train.threshold_rule))
             metrics["at_val_threshold"] = compute_metrics(labels, probs, threshold=self.threshold,
                                                           class_names=self.classes)
         elif split == "test" and getattr(self, "threshold", None) is not None:

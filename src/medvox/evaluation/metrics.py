@@ -34,7 +34,7 @@ def _skm():
 
     return metrics
 
-THRESHOLD_RULES = ("youden", "f1", "balanced_accuracy")
+THRESHOLD_RULES = ("youden", "f1", "balanced_accuracy", "accuracy")
 
 
 def compute_metrics(
@@ -98,7 +98,7 @@ def best_threshold(y_true: Any, probs: Any, rule: str = "youden") -> float:
     Args:
         y_true: ``(N,)`` binary labels with both classes present.
         probs: ``(N, 2)`` probabilities or ``(N,)`` ``p1``.
-        rule: ``"youden"``, ``"f1"`` or ``"balanced_accuracy"``.
+        rule: ``"youden"``, ``"f1"``, ``"balanced_accuracy"`` or ``"accuracy"``.
 
     Returns:
         The threshold (predict positive when ``p1 >= threshold``).
@@ -120,6 +120,8 @@ def best_threshold(y_true: Any, probs: Any, rule: str = "youden") -> float:
     if rule == "f1":
         tp, fp = tpr * pos, fpr * neg
         score = 2 * tp / (2 * tp + fp + (pos - tp))
+    elif rule == "accuracy":
+        score = (tpr * pos + (1 - fpr) * neg) / (pos + neg)
     else:
         score = tpr - fpr
     best = int(np.argmax(score))  # thresholds descend: the first maximum is the highest threshold

@@ -104,8 +104,36 @@ def write_oof(run_dir: Path, fold_dirs: list[Path]) -> tuple[dict, np.ndarray, n
     return compute_metrics(labels, probs, class_names=classes), labels, probs, classes
 
 
-def test_ensemble(run_dir: Path, fold_dirs: list[Path], prepared, tta: bool) -> dict[str, Any] | None:
-    """Average the fold models' (calibrated) probabilities on the held-out test set."""
+def calibrated_oof(run_dir: Path, calibration: list[dict]) -> tuple[np.ndarray, np.ndarray]:
+    """Pooled out-of-fold (labels, probabilities), each fold's rescaled by its own temperature, so that the
+    folds' scores are on one scale (raw fold models are not: pooled raw OOF AUC is below the fold mean)."""
+    rows, classes = read_predictions(run_dir / "oof_predictions.csv")
+    labels, probs = _labels_probs(rows, classes)
+    folds = np.array([int(r["fold"]) for r in rows])
+    out = probs.copy()
+    for k, cal in enumerate(calibration):
+        z = np.log(np.clip(probs[folds == k], 1e-12, 1.0)) / cal["temperature"]
+        z = np.exp(z - z.max(axis=1, keepdims=True))
+        out[folds == k] = z / z.sum(axis=1, keepdims=True)
+    return labels, out
+
+
+def oof_decision(labels: np.ndarray, probs: np.ndarray, rule: str) -> dict[str, Any] | None:
+    """The decision threshold chosen on calibrated OOF predictions (binary tasks; None otherwise)."""
+    from medvox.evaluation.metrics import best_threshold
+
+    if probs.shape[1] != 2 or len(np.unique(labels)) < 2:
+        return None
+    threshold = best_threshold(labels, probs, rule=rule)
+    return {"rule": rule, "threshold": threshold, "fitted_on": "pooled out-of-fold predictions, per-fold calibrated",
+            "oof": compute_metrics(labels, probs, threshold=threshold)}
+
+
+def test_ensemble(run_dir: Path, fold_dirs: list[Path], prepared, tta: bool,
+                  threshold: float | None = None) -> dict[str, Any] | None:
+    """Average the fold models' (calibrated) probabilities on the held-out test set.
+
+    ``threshold`` (chosen on OOF data) adds ``final_at_threshold``: the final variant's metrics at it."""
     from medvox.evaluation.inference import ensemble_predict, final_checkpoint, load_model
 
     test_idx = prepared.test_idx
@@ -116,14 +144,15 @@ def test_ensemble(run_dir: Path, fold_dirs: list[Path], prepared, tta: bool) -> 
     order = np.sort(test_idx)
     labels = prepared.labels[order]
     out: dict[str, Any] = {"n": len(order), "tta": tta, "members": [str(m.path) for m in models]}
-    for name, use_tta, calibrated in (("ensemble", False, False), ("ensemble_tta", True, False),
-                                      ("ensemble_tta_calibrated", True, True)):
-        if use_tta and not tta:
-            continue
+    variants = (("ensemble", False, False), ("ensemble_tta", True, False), ("ensemble_tta_calibrated", True, True))
+    if not tta:
+        variants = (("ensemble", False, False), ("ensemble_calibrated", False, True))
+    for name, use_tta, calibrated in variants:
         mean, per = ensemble_predict(models, images, tta=use_tta, calibrated=calibrated)
         out[name] = compute_metrics(labels, mean, class_names=prepared.classes)
-        if name == "ensemble" or use_tta:
-            best, best_per = mean, per
+        best, best_per, out["final"] = mean, per, name  # the last variant (calibrated) is the final one
+    if threshold is not None:
+        out["final_at_threshold"] = compute_metrics(labels, best, threshold=threshold, class_names=prepared.classes)
     out["per_fold"] = [compute_metrics(labels, p, class_names=prepared.classes) for p in best_per]
     cases = [prepared.cases[i] for i in order]
     write_predictions(run_dir / "test_predictions.csv", [c.id for c in cases], [c.group for c in cases], labels,
@@ -146,33 +175,48 @@ def _add_spread(path: Path, per_model: np.ndarray) -> None:
         csv.writer(fh).writerows(rows)
 
 
-def summarize(run_dir: Path, fold_dirs: list[Path], prepared=None, tta: bool = True) -> dict[str, Any]:
-    """Write ``cv_summary.json`` (+ ``oof_predictions.csv``, ``test_predictions.csv``) for a finished CV."""
+def summarize(run_dir: Path, fold_dirs: list[Path], prepared=None, tta: bool = True,
+              threshold_rule: str = "youden") -> dict[str, Any]:
+    """Write ``cv_summary.json`` (+ ``oof_predictions.csv``, ``test_predictions.csv``) for a finished CV.
+
+    Binary tasks also get ``decision``: a threshold chosen by ``threshold_rule`` on the pooled, calibrated
+    OOF predictions, and the test ensemble's metrics at it (``test.final_at_threshold``): at the argmax an
+    imbalanced task's models often predict the majority class only."""
     folds = [json.loads((d / "metrics.json").read_text()) for d in fold_dirs]
     fold_val = [f["final"]["val"] for f in folds]
     oof_metrics, _, _, classes = write_oof(run_dir, fold_dirs)
     calibration = [fit_fold_calibration(d) for d in fold_dirs]
+    decision = oof_decision(*calibrated_oof(run_dir, calibration), rule=threshold_rule)
+    threshold = decision["threshold"] if decision else None
     summary = {
         "model": folds[0]["model"], "folds": len(folds), "classes": classes, "monitor": folds[0]["monitor"],
         "fold_final_weights": [f["final"]["weights"] for f in folds],
-        "cv": fold_table(fold_val), "oof": oof_metrics, "calibration": calibration,
-        "test": test_ensemble(run_dir, fold_dirs, prepared, tta) if prepared is not None else None,
+        "cv": fold_table(fold_val), "oof": oof_metrics, "calibration": calibration, "decision": decision,
+        "test": test_ensemble(run_dir, fold_dirs, prepared, tta, threshold) if prepared is not None else None,
     }
     write_json(summary, run_dir / "cv_summary.json")
     return to_jsonable(summary)
 
 
 def format_table(summary: dict) -> str:
-    """A Markdown table: metric, mean +- std [95 % CI] over folds, pooled OOF, test ensemble."""
+    """A Markdown table: metric, mean +- std [95 % CI] over folds, pooled OOF, test ensemble.
+
+    Threshold-dependent metrics of OOF and test are at the OOF-chosen threshold where there is one."""
     test = (summary.get("test") or {})
-    test_best = test.get("ensemble_tta_calibrated") or test.get("ensemble") or {}
+    test_best = test.get("final_at_threshold") or test.get(test.get("final", "")) or test.get("ensemble") or {}
+    decision = summary.get("decision") or {}
+    oof = {**summary["oof"], **{k: v for k, v in (decision.get("oof") or {}).items() if k not in ("auc", "loss")}}
     lines = ["| metric | folds mean +- std [95 % CI] | pooled OOF | test ensemble |", "| --- | --- | --- | --- |"]
     for name, row in summary["cv"].items():
         if row["mean"] is None:
             continue
         ci = row["ci95"]
         cell = f"{row['mean']:.3f} +- {row['std'] or 0:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
-        oof = summary["oof"].get(name)
+        ov = oof.get(name)
         tv = test_best.get(name)
-        lines.append(f"| {name} | {cell} | {'' if oof is None else f'{oof:.3f}'} | {'' if tv is None else f'{tv:.3f}'} |")
+        lines.append(f"| {name} | {cell} | {'' if ov is None else f'{ov:.3f}'} | {'' if tv is None else f'{tv:.3f}'} |")
+    if decision:
+        lines.append(f"\nOOF and test ensemble at the threshold p({summary['classes'][1]}) >= {decision['threshold']:.3f} "
+                     f"({decision['rule']} on the pooled calibrated out-of-fold predictions; AUC and loss do not "
+                     "depend on it); the folds column is at the argmax.")
     return "\n".join(lines)

@@ -1,0 +1,5 @@
+import sys
+
+from medvox.cli import main
+
+sys.exit(main())

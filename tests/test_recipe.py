@@ -1,0 +1,65 @@
+"""``--recipe auto``: the recipe derived from the plan, and the user's settings always winning over it."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from medvox.cli import build_parser, config_from_args
+from medvox.recipe import auto_recipe, explicit_keys
+
+
+def _plan(shape, n=1286, channels=1, imbalance=3.58):
+    return {"target_shape": list(shape), "in_channels": channels, "n_cases": n, "imbalance_ratio": imbalance}
+
+
+@pytest.mark.parametrize(("shape", "channels", "batch", "accum"), [
+    ((28, 28, 28), 1, 16, 1), ((40, 40, 40), 1, 16, 1), ((32, 32, 32), 2, 16, 1),  # 2 x 32^3 = 40.3^3 voxels
+    ((64, 64, 64), 1, 8, 2), ((128, 128, 128), 1, 4, 4), ((64, 64, 64), 3, 4, 4),
+])
+def test_batch_follows_voxels_with_an_effective_batch_of_16(shape, channels, batch, accum):
+    values, _ = auto_recipe(_plan(shape, channels=channels), folds=5, pretrained=False)
+    if (shape, channels) == ((32, 32, 32), 2):
+        batch, accum = 8, 2  # 65,536 voxels > 40^3 = 64,000
+    assert (values["train.batch_size"], values["train.grad_accum"]) == (batch, accum)
+
+
+def test_length_ema_and_loss_follow_the_dataset():
+    # AdrenalMNIST3D: 1,286 pool cases, 5 folds -> 1,028 per fold / 16 = 65 steps -> 40 epochs, EMA tau 520 steps
+    values, why = auto_recipe(_plan((28, 28, 28)), folds=5, pretrained=False)
+    assert values["train.epochs"] == 40 and values["train.ema_decay"] == 0.998
+    assert values["loss.name"] == "weighted_CE" and values["model.name"] == "resnet18"
+    assert any("3.58:1" in line for line in why)
+    small, _ = auto_recipe(_plan((28, 28, 28), n=100, imbalance=1.2), folds=5, pretrained=False)
+    assert small["train.epochs"] == 100 and small["loss.name"] == "CE"  # 5 steps per epoch: capped at 100 epochs
+    big, _ = auto_recipe(_plan((28, 28, 28), n=20000), folds=5, pretrained=False)
+    assert big["train.epochs"] == 20  # 1000 steps per epoch: at least 20 epochs
+    assert 0.99 <= small["train.ema_decay"] < big["train.ema_decay"] <= 0.9999
+
+
+def test_pretrained_keeps_the_original_fine_tuning_settings():
+    values, why = auto_recipe(_plan((28, 28, 28)), folds=5, pretrained=True)
+    assert values == {} and "pretrained" in why[0]
+
+
+def test_explicit_keys_from_file_and_flags():
+    keys = explicit_keys({"optim": {"lr": 1e-3}, "model": {"kwargs": {"stem_stride": 1}}}, {"loss.name": "CE"})
+    assert keys == {"optim.lr", "model.kwargs", "loss.name"}
+
+
+def test_cli_auto_recipe_fills_only_what_the_user_left_open(tiny_medmnist, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "exp.json").write_text(json.dumps({"loss": {"name": "focal"}}))
+    args = build_parser().parse_args(["cv", "--data", str(tiny_medmnist), "--recipe", "auto", "--lr", "5e-4",
+                                      "--config", "exp.json"])
+    cfg = config_from_args(args)
+    assert cfg.optim.lr == 5e-4 and cfg.loss.name == "focal"  # flag and config file win
+    assert cfg.model.name == "resnet18" and cfg.optim.optimizer == "adamw" and cfg.train.batch_size == 16
+    assert cfg.augment.flip_axes == [2] and cfg.train.recipe == "auto"
+    err = capsys.readouterr().err
+    assert "--recipe auto" in err and "your settings win for loss.name, optim.lr" in err
+    # the default stays the original pipeline's settings
+    original = config_from_args(build_parser().parse_args(["cv", "--data", str(tiny_medmnist)]))
+    assert (original.model.name, original.optim.lr, original.train.batch_size, original.loss.name) == (
+        "resnet50", 2e-4, 6, "LDAM")
