@@ -23,6 +23,12 @@ from benchmarks.common import load_average, load_volumes, log, summary, tree_cpu
 from benchmarks.medvox_side import medvox_augment
 from benchmarks.peer_monai import monai_aug_loader, torchio_aug_loader, torchio_rand_affine
 
+
+def _has_torchio() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("torchio") is not None
+
 METHODS = {
     "medvox": "medvox BatchAugment (batched, in-process)",
     "monai": "MONAI RandAffined (per sample, DataLoader workers)",
@@ -34,6 +40,8 @@ METHODS = {
 def _medvox_pass(volumes: torch.Tensor, batch: int, augment, generator) -> int:
     for i in range(0, len(volumes), batch):
         augment(volumes[i : i + batch], generator)
+    if volumes.is_cuda:
+        torch.cuda.synchronize()
     return len(volumes)
 
 
@@ -53,19 +61,26 @@ def _torchio_inproc_pass(volumes: np.ndarray, transform) -> int:
 
 
 def run_augmentation(npz, n: int, size: int, batch: int, rounds: int, workers: int,
-                     methods: tuple[str, ...] = tuple(METHODS)) -> dict:
-    """Interleaved passes of every method over the same ``n`` volumes; returns rates and ratios."""
+                     methods: tuple[str, ...] = tuple(METHODS), device: str = "cpu") -> dict:
+    """Interleaved passes of every method over the same ``n`` volumes; returns rates and ratios.
+
+    ``device="cuda"`` runs medvox's side on the GPU (the volumes already there, as in training, where
+    batches are moved before augmentation); the peers stay on the CPU, which is where they run.
+    TorchIO is skipped where it is not installed.
+    """
     log(f"augmentation: loading {n} volumes and resampling them to {size}^3")
     volumes_np, _ = load_volumes(npz, n, size)
-    volumes = torch.from_numpy(volumes_np)
+    volumes = torch.from_numpy(volumes_np).to(device)
+    if not _has_torchio():
+        methods = tuple(m for m in methods if not m.startswith("torchio"))
     augment, generator = medvox_augment(), torch.Generator().manual_seed(0)
-    passes = {
-        "medvox": lambda: _medvox_pass(volumes, batch, augment, generator),
-        "monai": (lambda ld: lambda: _loader_pass(ld))(monai_aug_loader(volumes_np, batch, workers)),
-        "torchio": (lambda ld: lambda: _loader_pass(ld))(torchio_aug_loader(volumes_np, batch, workers)),
-        "torchio_inproc": (lambda tf: lambda: _torchio_inproc_pass(volumes_np, tf))(torchio_rand_affine(size)),
+    builders = {  # built only for the methods asked for (TorchIO may be missing)
+        "medvox": lambda: lambda: _medvox_pass(volumes, batch, augment, generator),
+        "monai": lambda: (lambda ld: lambda: _loader_pass(ld))(monai_aug_loader(volumes_np, batch, workers)),
+        "torchio": lambda: (lambda ld: lambda: _loader_pass(ld))(torchio_aug_loader(volumes_np, batch, workers)),
+        "torchio_inproc": lambda: (lambda tf: lambda: _torchio_inproc_pass(volumes_np, tf))(torchio_rand_affine(size)),
     }
-    passes = {k: v for k, v in passes.items() if k in methods}
+    passes = {k: build() for k, build in builders.items() if k in methods}
     log("augmentation: warm-up pass of every method (workers start, kernels load)")
     for fn in passes.values():
         fn()
@@ -85,6 +100,7 @@ def run_augmentation(npz, n: int, size: int, batch: int, rounds: int, workers: i
     results = {name: {"label": METHODS[name], "samples_per_s": summary(rates[name]),
                       "cpu_seconds_per_sample": summary(cpu[name])} for name in passes}
     return {"size": size, "n": n, "batch": batch, "workers": workers, "rounds": rounds, "load_1min": loads,
+            "medvox_device": str(device),
             "methods": results, "ratios": aug_ratios(results)}
 
 

@@ -57,14 +57,19 @@ def load_volumes(npz: Path, n: int, size: int | None = None) -> tuple[np.ndarray
     return np.ascontiguousarray(x), labels
 
 
-def subset_npz(src: Path, out: Path, n: int) -> Path:
+def subset_npz(src: Path, out: Path, n: int, size: int | None = None) -> Path:
     """Write the first ``n`` training volumes of ``src`` as a MedMNIST-format npz (train split only).
 
     Both sides of the training benchmark read these same ``n`` volumes: the peer from the arrays,
     medvox through ``prepare`` (min-max to [0, 1], cached as float16 -- exact for these 0/255 masks).
+    ``size`` resamples them to ``size^3`` first (uint8 again), e.g. 128^3 for the GPU benchmark.
     """
     with np.load(src) as data:
-        np.savez(out, train_images=data["train_images"][:n], train_labels=data["train_labels"][:n])
+        images, labels = data["train_images"][:n], data["train_labels"][:n]
+    if size is not None and size != images.shape[-1]:
+        x, _ = load_volumes(src, n, size)
+        images = np.clip(np.rint(x[:, 0] * 255.0), 0, 255).astype(np.uint8)
+    np.savez(out, train_images=images, train_labels=labels)
     return out
 
 
@@ -125,8 +130,11 @@ def machine_info() -> dict:
     import lightning
     import monai
     import torch
-    import torchio
 
+    try:
+        import torchio
+    except ImportError:  # the GPU machines have no TorchIO: its rows are left out there
+        torchio = None
     flags = _cpu_flags()
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     return {
@@ -134,7 +142,7 @@ def machine_info() -> dict:
         "cpu": _cpu_model(), "cores": os.cpu_count(), "memory_gb": _mem_total_gb(),
         "cpu_flags": {f: f in flags for f in ("avx512f", "avx512_bf16", "amx_bf16", "amx_tile")},
         "gpu": gpu, "python": platform.python_version(), "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(), "monai": monai.__version__, "torchio": torchio.__version__,
+        "torch_threads": torch.get_num_threads(), "monai": monai.__version__, "torchio": torchio.__version__ if torchio else None,
         "lightning": lightning.__version__, "load_average": load_average(),
     }
 

@@ -58,6 +58,8 @@ def engine_config(spec: dict):
         "train.run_name": spec["name"], "train.gpu": spec.get("device", "cpu") == "cuda",
         "train.seed": spec.get("seed", 0), "augment.flip_axes": [0, 1, 2], "train.epochs": 100,
     }
+    if spec.get("size"):  # the volumes are stored at this size (subset_npz): keep it, whatever the plan says
+        overrides["data.target_shape"] = [spec["size"]] * 3
     if "channels_last" in spec:  # only set to compare memory formats; otherwise the engine decides
         overrides["train.channels_last"] = spec["channels_last"]
     if not spec.get("engine_defaults"):

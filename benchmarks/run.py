@@ -42,6 +42,11 @@ MODES: dict[str, dict] = {
               "startup_rounds": 1, "train_n": 16, "train_rounds": 2,
               "train_configs": ["peer_a", "peer_b", "medvox_fp32", "medvox_bf16"], "model": "resnet18", "size": 64,
               "batch": 4, "mem_model": "resnet50", "mem_size": 128, "mem_precisions": ("bf16",), "local": False},
+    # on a GPU machine (`--device cuda`): ResNet-50-3D at 128^3, batch 6, the issue's GPU targets; the peers'
+    # DataLoaders get 8 workers (such a machine has 16 cores), the CPU-only sections are left out
+    "gpu": {"aug_n": 96, "aug_size": 96, "aug_rounds": 3, "workers": 8, "train_n": 96, "train_rounds": 3,
+            "train_configs": ["peer_a", "peer_b", "medvox_bf16", "medvox_defaults"], "model": "resnet50",
+            "size": 128, "batch": 6, "local": False, "sections": ["aug", "train", "gpu"]},
     # tests/benchmarks: tiny sizes, in-process where possible
     "smoke": {"aug_n": 4, "aug_size": 24, "aug_rounds": 1, "cold_rounds": 1, "nifti_n": 0, "prep_n": 8,
               "startup_rounds": 1, "train_n": 8, "train_rounds": 1, "train_configs": ["peer_a", "medvox_fp32"],
@@ -55,6 +60,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--quick", action="store_true", help="a few-minute version (fewer volumes, rounds, configs)")
     mode.add_argument("--smoke", action="store_true", help="tiny sizes, for the harness's own test")
+    mode.add_argument("--gpu", action="store_true",
+                      help="GPU machine: ResNet-50-3D at 128^3 on CUDA (implies --device cuda), aug + train + gpu")
     p.add_argument("--sections", nargs="+", choices=SECTIONS, help="run only these sections")
     p.add_argument("--rounds", type=int, help="interleaved training epochs per configuration")
     p.add_argument("--compile", action="store_true", help="add medvox with --compile to the training comparison")
@@ -74,8 +81,9 @@ def _train(args, cfg: dict, tmp: Path) -> dict:
     from benchmarks.train_bench import precision_note, ratios, run_training
 
     names = list(cfg["train_configs"]) + (["medvox_compile"] if args.compile else [])
-    npz = subset_npz(args.npz, tmp / f"train_{cfg['train_n']}.npz", cfg["train_n"])
-    base = {"npz": str(npz), "n": cfg["train_n"], "batch": cfg["batch"], "workers": 2, "model": cfg["model"],
+    npz = subset_npz(args.npz, tmp / f"train_{cfg['train_n']}.npz", cfg["train_n"], size=cfg["size"])
+    base = {"npz": str(npz), "n": cfg["train_n"], "batch": cfg["batch"], "workers": cfg.get("workers", 2),
+            "model": cfg["model"],
             "size": cfg["size"], "lr": 2e-4, "device": args.device, "cache_dir": str(tmp / "train_cache"),
             "out_dir": str(tmp / "train_runs"), "seed": 0}
     rounds = args.rounds or cfg["train_rounds"]
@@ -111,11 +119,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.render_only:
         _write(json.loads(args.json.read_text(encoding="utf-8")), args)
         return 0
-    mode = "smoke" if args.smoke else "quick" if args.quick else "full"
+    mode = "smoke" if args.smoke else "quick" if args.quick else "gpu" if args.gpu else "full"
     cfg = MODES[mode]
+    if mode == "gpu":
+        args.device = "cuda"
     args.npz = args.npz or cfg.get("npz", DEFAULT_NPZ)
     # smoke: the start-up and memory sections spawn several fresh Python processes each (too slow for a test)
-    sections = args.sections or (["aug", "train", "gpu"] if args.smoke else list(SECTIONS))
+    sections = args.sections or cfg.get("sections") or (["aug", "train", "gpu"] if args.smoke else list(SECTIONS))
     started = time.perf_counter()
     tmp = Path(tempfile.mkdtemp(prefix="medvox-bench-"))
     log(f"{mode} run of {', '.join(sections)}; scratch folder {tmp}")
@@ -124,7 +134,8 @@ def main(argv: list[str] | None = None) -> int:
         if "aug" in sections:
             from benchmarks.aug_bench import run_augmentation
 
-            results["augmentation"] = run_augmentation(args.npz, cfg["aug_n"], cfg["aug_size"], 8, cfg["aug_rounds"], 2)
+            results["augmentation"] = run_augmentation(args.npz, cfg["aug_n"], cfg["aug_size"], 8, cfg["aug_rounds"],
+                                                       cfg.get("workers", 2), device=args.device)
         if "train" in sections:
             results["training"] = _train(args, cfg, tmp)
         if "startup" in sections:
@@ -137,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
         if "gpu" in sections:
             from benchmarks.gpu import run_gpu
 
-            results["gpu"] = run_gpu(quick=mode != "full")
+            results["gpu"] = run_gpu(quick=mode not in ("full", "gpu"))
     finally:
         if args.keep_tmp:
             log(f"scratch folder kept: {tmp}")

@@ -1,0 +1,380 @@
+"""Accuracy study on AdrenalMNIST3D: medvox recipes (``medvox cv``) against a plain MONAI model.
+
+Every medvox recipe is one ``medvox cv`` run: 5-fold cross-validation on the official train+val pool
+(1,286 volumes; every choice, checkpoint and threshold made on validation folds only), then the fold
+ensemble on the official test split (298 volumes), with and without flip TTA and temperature scaling.
+The MONAI baseline (``benchmarks/monai_baseline.py``) trains once on the official train split and
+picks its checkpoint on the official val split, as the MedMNIST papers do. Each run is repeated
+over seeds (``--seed`` and ``--split-seed`` of medvox; the seed of the MONAI script).
+
+Usage::
+
+    python benchmarks/accuracy.py run --jobs default r18_ce monai_wce --seeds 0 1 2 --parallel 2 --out /tmp/acc
+    python benchmarks/accuracy.py report --out /tmp/acc   # -> benchmarks/accuracy.md + accuracy.json
+
+``run`` starts the jobs (``--parallel`` at a time, each in its own process, progress on stderr) and
+keeps only the small files of every finished run (summaries and predictions; checkpoints deleted
+with ``--drop-checkpoints``); ``report`` reads them and writes the tables. The decision threshold for
+ACC, balanced accuracy and F1 of an ensemble is chosen on the pooled, per-fold calibrated
+out-of-fold predictions (never on test); the rule is the recipe's (``youden`` by default).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "src"))
+sys.path.insert(0, str(REPO))
+DATA = Path(os.environ.get("MEDVOX_MEDMNIST_DIR", REPO.parent / "shared" / "data" / "medmnist"))
+
+# the recipe the plan picks for a small imbalanced dataset at 28^3 is spelled out here flag by flag, so the
+# study compares it with explicit alternatives (see benchmarks/accuracy.md for the outcome)
+_BASE = ["--lr", "1e-3", "--optimizer", "adamw", "--weight-decay", "0.05", "--batch_size", "16",
+         "--gradient_accumulation_steps", "1", "--epochs", "40", "--dropout", "0.2", "--early_stopping", "10",
+         "--ema_decay", "0.998", "--amp", "--loss", "weighted_CE", "--set", "augment.flip_axes=2"]
+
+
+def _swap(args: list[str], flag: str, value: str) -> list[str]:
+    out = list(args)
+    if flag in out:
+        out[out.index(flag) + 1] = value
+    else:
+        out += [flag, value]
+    return out
+
+
+_STEM1 = ["--set", 'model.kwargs={"stem_stride": 1}']
+RECIPES: dict[str, dict] = {
+    "r18": {"desc": "ResNet-18-3D, AdamW 1e-3, wd 0.05, batch 16, 40 ep., weighted CE, EMA 0.998, L-R flips",
+            "args": ["--model", "resnet18", *_BASE]},
+    "r10s1": {"desc": "ResNet-10-3D with a stride-1 stem, otherwise as r18",
+              "args": ["--model", "resnet10", *_BASE, *_STEM1]},
+    "r18s1": {"desc": "ResNet-18-3D with a stride-1 stem, otherwise as r18", "args": ["--model", "resnet18", *_BASE, *_STEM1]},
+    "r18_ldam": {"desc": "r18 with LDAM-DRW (cosine head)", "args": _swap(["--model", "resnet18", *_BASE], "--loss", "LDAM")},
+    "r18_ce": {"desc": "r18 with plain cross-entropy", "args": _swap(["--model", "resnet18", *_BASE], "--loss", "CE")},
+    "r18_noema": {"desc": "r18 without EMA", "args": _swap(["--model", "resnet18", *_BASE], "--ema_decay", "0")},
+    "r50": {"desc": "ResNet-50-3D from scratch, otherwise as r18", "args": ["--model", "resnet50", *_BASE]},
+    "mil": {"desc": "gated-attention MIL over slices, otherwise as r18", "args": ["--model", "mil", *_BASE]},
+    "swin": {"desc": "Swin UNETR encoder (input padded to 32^3), otherwise as r18",
+             "args": ["--model", "swin_unetr", *_BASE, "--target-shape", "32", "32", "32"]},
+    "r18_64": {"desc": "r18 on the 64^3 release", "args": ["--model", "resnet18", *_BASE], "data": "64"},
+    "r10s1_64": {"desc": "r10s1 on the 64^3 release", "args": ["--model", "resnet10", *_BASE, *_STEM1], "data": "64"},
+    "original": {"desc": "the original pipeline's defaults from scratch: ResNet-50, Adam 2e-4, batch 6 x 2, LDAM, "
+                         "60 ep., patience 7, dropout 0.4, EMA 0.999", "args": ["--model", "resnet50", "--amp"]},
+    "default": {"desc": "what `medvox cv` picks with no recipe flags (the fingerprint plan)", "args": []},
+}
+BASELINES = {"monai_ce": "CE", "monai_wce": "weighted_CE"}
+PUBLISHED = [  # MedMNIST v2 (Yang et al., Scientific Data 2023), AdrenalMNIST3D, official test split, 28^3
+    ("MedMNIST v2: ResNet-18 + 3D (published)", 0.827, 0.721),
+    ("MedMNIST v2: ResNet-50 + 3D (published)", 0.828, 0.745),
+    ("MedMNIST v2: ResNet-18 + ACS (published)", 0.839, 0.754),
+    ("MedMNIST v2: auto-sklearn (published)", 0.828, 0.802),
+]
+KEEP = ("cv_summary.json", "cv_table.md", "oof_predictions.csv", "test_predictions.csv")
+
+
+def _npz(kind: str) -> Path:
+    return DATA / ("adrenalmnist3d_64.npz" if kind == "64" else "adrenalmnist3d.npz")
+
+
+def job_command(name: str, seed: int, out: Path, gpu: bool, threads: int | None,
+                smoke: bool = False, extra: list[str] | None = None) -> tuple[list[str], Path]:
+    """(command, result folder) of one job; ``smoke``: 1 epoch (and 2 folds), to test the harness."""
+    py = [sys.executable]
+    if name in BASELINES:
+        result = out / "runs" / f"{name}_s{seed}.json"
+        cmd = [*py, str(REPO / "benchmarks" / "monai_baseline.py"), "--npz", str(_npz("28")), "--seed", str(seed),
+               "--loss", BASELINES[name], "--out", str(result), "--workers", "2"]
+        cmd += ["--epochs", "1"] if smoke else []
+        return cmd + (["--threads", str(threads)] if threads else []), result
+    recipe = RECIPES[name]
+    run_name = f"{name}_s{seed}"
+    cmd = [*py, "-m", "medvox", "cv", "--data", str(_npz(recipe.get("data", "28"))), "--output", str(out / "runs"),
+           "--run-name", run_name, "--seed", str(seed), "--split-seed", str(seed), "--plots", "final",
+           "--set", "train.keep_last=false", *recipe["args"]]
+    if gpu:
+        cmd.append("--gpu")
+    if smoke:
+        cmd += ["--epochs", "1", "--folds", "2"]
+    if threads:
+        cmd += ["--threads", str(threads)]
+    cmd += list(extra or [])  # last: wins over the recipe's flags
+    return cmd, out / "runs" / run_name
+
+
+def _keep_small(run_dir: Path, dest: Path) -> None:
+    """Copy the summaries and predictions of a finished ``medvox cv`` run (and each fold's metrics)."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in KEEP:
+        if (run_dir / name).is_file():
+            shutil.copy2(run_dir / name, dest / name)
+    for fold in sorted(run_dir.glob("fold_*")):
+        for name in ("metrics.json", "config.json", "plan.json"):
+            if (fold / name).is_file():
+                (dest / fold.name).mkdir(exist_ok=True)
+                shutil.copy2(fold / name, dest / fold.name / name)
+
+
+def run_jobs(jobs: list[tuple[str, int]], out: Path, parallel: int, gpu: bool, threads: int | None,
+             deadline: float | None, drop_checkpoints: bool, smoke: bool = False,
+             hard_deadline: float | None = None, extra: list[str] | None = None) -> None:
+    """Run ``jobs`` (recipe/baseline name, seed), ``parallel`` at a time; record time and CPU time of each."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "logs").mkdir(exist_ok=True)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO / "src"), str(REPO),
+                                                                      os.environ.get("PYTHONPATH")])),
+           "PYTHONUNBUFFERED": "1"}
+    pending, running, timings = list(jobs), {}, {}
+    timing_path = out / "timings.json"
+    if timing_path.is_file():
+        timings = json.loads(timing_path.read_text())
+    start = time.time()
+    while pending or running:
+        while pending and len(running) < parallel and (deadline is None or time.time() < deadline):
+            name, seed = pending.pop(0)
+            key = f"{name}_s{seed}"
+            if timings.get(key, {}).get("rc") == 0:
+                continue
+            cmd, result = job_command(name, seed, out, gpu, threads, smoke, extra)
+            log = open(out / "logs" / f"{key}.log", "w", encoding="utf-8")  # noqa: SIM115 (closed below)
+            proc = subprocess.Popen(cmd, cwd=out, env=env, stdout=log, stderr=subprocess.STDOUT)
+            running[proc.pid] = (key, name, seed, result, proc, log, time.time())
+            print(f"[{time.time() - start:6.0f} s] start {key}", file=sys.stderr, flush=True)
+        if deadline is not None and time.time() >= deadline:
+            pending.clear()
+        if not running:
+            break
+        if hard_deadline is not None and time.time() >= hard_deadline:
+            break
+        pid, status, usage = os.wait4(-1, os.WNOHANG)
+        if pid == 0:
+            time.sleep(0.5)
+            continue
+        if pid not in running:
+            continue
+        key, name, seed, result, proc, log, t0 = running.pop(pid)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        log.close()
+        timings[key] = {"name": name, "seed": seed, "rc": proc.returncode, "wall_seconds": time.time() - t0,
+                        "cpu_seconds": usage.ru_utime + usage.ru_stime, "device": "cuda" if gpu else "cpu",
+                        "parallel": parallel}
+        timing_path.write_text(json.dumps(timings, indent=1) + "\n", encoding="utf-8")
+        print(f"[{time.time() - start:6.0f} s] done  {key}: exit {proc.returncode}, "
+              f"{timings[key]['wall_seconds']:.0f} s", file=sys.stderr, flush=True)
+        if name not in BASELINES and result.is_dir():
+            _keep_small(result, out / "kept" / key)
+            if drop_checkpoints:
+                for pattern in ("*.pt", "*.safetensors"):
+                    for path in result.rglob(pattern):
+                        path.unlink(missing_ok=True)
+    # jobs cut by the hard deadline: stopped, recorded as unfinished
+    for key, name, seed, _result, proc, log, t0 in running.values():
+        proc.kill()
+        proc.wait()
+        log.close()
+        timings[key] = {"name": name, "seed": seed, "rc": None, "wall_seconds": time.time() - t0,
+                        "unfinished": "stopped at the time limit", "device": "cuda" if gpu else "cpu"}
+        print(f"stopped {key} at the time limit", file=sys.stderr, flush=True)
+    timing_path.write_text(json.dumps(timings, indent=1) + "\n", encoding="utf-8")
+
+
+# ------------------------------------------------------------------------------------------- analysis
+
+
+def _read_csv(path: Path) -> list[dict]:
+    with open(path, newline="", encoding="utf-8") as fh:
+        return list(csv.DictReader(fh))
+
+
+def _softmax_t(probs: np.ndarray, t: float) -> np.ndarray:
+    z = np.log(np.clip(probs, 1e-12, 1.0)) / t
+    z = np.exp(z - z.max(1, keepdims=True))
+    return z / z.sum(1, keepdims=True)
+
+
+def medvox_result(kept: Path, rule: str = "youden") -> dict:
+    """Test metrics of a finished cv run: single folds, ensemble, + TTA, + calibration, + OOF threshold."""
+    from medvox.evaluation.metrics import best_threshold, compute_metrics
+
+    summary = json.loads((kept / "cv_summary.json").read_text())
+    classes = summary["classes"]
+    test = summary["test"]
+    oof = _read_csv(kept / "oof_predictions.csv")
+    temps = [c["temperature"] for c in summary["calibration"]]
+    index = {c: i for i, c in enumerate(classes)}
+    y_oof = np.array([index[r["label"]] for r in oof])
+    p_oof = np.array([[float(r[f"prob_{c}"]) for c in classes] for r in oof])
+    folds = np.array([int(r["fold"]) for r in oof])
+    p_cal = np.concatenate([_softmax_t(p_oof[folds == k], temps[k]) for k in range(len(temps))])
+    y_cal = np.concatenate([y_oof[folds == k] for k in range(len(temps))])
+    rows = _read_csv(kept / "test_predictions.csv")  # the calibrated TTA ensemble
+    y_test = np.array([index[r["label"]] for r in rows])
+    p_test = np.array([[float(r[f"prob_{c}"]) for c in classes] for r in rows])
+    out = {
+        "single_fold_auc": float(np.mean([m["auc"] for m in test["per_fold"]])),
+        "single_fold_acc": float(np.mean([m["accuracy"] for m in test["per_fold"]])),
+        "ensemble_auc": test["ensemble"]["auc"],
+        "ensemble_tta_auc": (test.get("ensemble_tta") or {}).get("auc"),
+        "cv_auc_mean": summary["cv"]["auc"]["mean"], "oof_auc": summary["oof"]["auc"],
+        "oof_auc_calibrated": compute_metrics(y_cal, p_cal)["auc"],
+    }
+    out["argmax"] = compute_metrics(y_test, p_test, class_names=classes)
+    for r in ("youden", "f1", "accuracy"):
+        thr = best_threshold(y_cal, p_cal, rule=r)
+        out[f"at_{r}"] = {**compute_metrics(y_test, p_test, threshold=thr, class_names=classes), "threshold": thr}
+    out["chosen"] = out[f"at_{rule}"]
+    out["epochs_run"] = [json.loads((f / "metrics.json").read_text())["epochs_run"]
+                         for f in sorted(kept.glob("fold_*")) if (f / "metrics.json").is_file()]
+    return out
+
+
+def collect(outs: Path | list[Path], rule: str) -> dict:
+    """Every finished run under the ``outs`` folders: per run and, per recipe, mean and std over seeds."""
+    runs: dict[str, dict] = {}
+    for out in [outs] if isinstance(outs, Path) else outs:
+        timings = json.loads((out / "timings.json").read_text()) if (out / "timings.json").is_file() else {}
+        for key, t in timings.items():
+            if t["rc"] != 0:
+                continue
+            if t["name"] in BASELINES:
+                res = json.loads((out / "runs" / f"{key}.json").read_text())
+                runs[key] = {**t, "test": res["test"], "best_val_auc": res["best_val_auc"]}
+            elif (out / "kept" / key / "cv_summary.json").is_file():
+                res = medvox_result(out / "kept" / key, rule)
+                runs[key] = {**t, **res, "test": res["chosen"]}
+    recipes: dict[str, dict] = {}
+    for r in runs.values():
+        recipes.setdefault(r["name"], []).append(r)
+    table = {}
+    for name, rs in recipes.items():
+        row = {"n_seeds": len(rs), "seeds": sorted(r["seed"] for r in rs),
+               "wall_seconds_mean": float(np.mean([r["wall_seconds"] for r in rs])),
+               "cpu_seconds_mean": (float(np.mean([r["cpu_seconds"] for r in rs]))
+                                    if all(r.get("cpu_seconds") is not None for r in rs) else None),
+               "device": rs[0]["device"]}
+        for m in ("auc", "accuracy", "balanced_accuracy", "f1"):
+            vals = [r["test"][m] for r in rs]
+            row[m] = {"mean": float(np.mean(vals)), "std": float(np.std(vals, ddof=1)) if len(vals) > 1 else None}
+        for m in ("single_fold_auc", "ensemble_auc", "ensemble_tta_auc", "oof_auc_calibrated", "cv_auc_mean"):
+            vals = [r[m] for r in rs if r.get(m) is not None]
+            if vals:
+                row[m] = float(np.mean(vals))
+        if "argmax" in rs[0]:
+            for label in ("argmax", "at_youden", "at_f1", "at_accuracy"):
+                row[label] = {m: float(np.mean([r[label][m] for r in rs]))
+                              for m in ("accuracy", "balanced_accuracy", "f1")}
+        table[name] = row
+    return {"rule": rule, "runs": runs, "recipes": table}
+
+
+def _pm(cell: dict) -> str:
+    return f"{cell['mean']:.3f}" + (f" ± {cell['std']:.3f}" if cell.get("std") is not None else "")
+
+
+def render(results: dict, commands: dict[str, str]) -> str:
+    rec = results["recipes"]
+    lines = ["# Accuracy on AdrenalMNIST3D (official test split, 298 volumes)", "",
+             "Generated by `python benchmarks/accuracy.py report` from the runs listed below. Test metrics are "
+             "means ± std over seeds; every checkpoint, temperature and decision threshold was chosen on "
+             f"validation folds only (threshold rule: `{results['rule']}` on the pooled, calibrated out-of-fold "
+             "predictions). medvox rows: 5-fold CV on the official train+val pool, then the 5-model "
+             "ensemble with flip TTA and temperature scaling on test.", "",
+             "| recipe | seeds | test AUC | ACC | balanced ACC | F1 | time per run (device) |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    order = sorted(rec, key=lambda n: -rec[n]["auc"]["mean"])
+    for name in order:
+        r = rec[name]
+        desc = RECIPES[name]["desc"] if name in RECIPES else f"plain MONAI ResNet-18 ({BASELINES[name]}), argmax"
+        lines.append(f"| **{name}**: {desc} | {r['n_seeds']} | {_pm(r['auc'])} | {_pm(r['accuracy'])} | "
+                     f"{_pm(r['balanced_accuracy'])} | {_pm(r['f1'])} | {r['wall_seconds_mean'] / 60:.1f} min "
+                     f"({r['device']}) |")
+    for label, auc, acc in PUBLISHED:
+        lines.append(f"| {label} | 1 | {auc:.3f} | {acc:.3f} | | | |")
+    lines += ["", "## What each part adds (test AUC, mean over seeds)", "",
+              "| recipe | CV mean (val folds) | single fold model | 5-fold ensemble | + flip TTA | + calibration |",
+              "| --- | --- | --- | --- | --- | --- |"]
+    for name in order:
+        r = rec[name]
+        if "ensemble_auc" not in r:
+            continue
+        cells = [r.get("cv_auc_mean"), r.get("single_fold_auc"), r.get("ensemble_auc"), r.get("ensemble_tta_auc"),
+                 r["auc"]["mean"]]
+        lines.append(f"| {name} | " + " | ".join("" if c is None else f"{c:.3f}" for c in cells) + " |")
+    lines += ["", "## Decision threshold (test ACC / balanced ACC / F1 of the same ensemble)", "",
+              "| recipe | argmax | Youden on OOF | F1-max on OOF | accuracy-max on OOF |", "| --- | --- | --- | --- | --- |"]
+    for name in order:
+        r = rec[name]
+        if "argmax" not in r:
+            continue
+        cells = [r[k] for k in ("argmax", "at_youden", "at_f1", "at_accuracy")]
+        lines.append(f"| {name} | " + " | ".join(
+            f"{c['accuracy']:.3f} / {c['balanced_accuracy']:.3f} / {c['f1']:.3f}" for c in cells) + " |")
+    lines += ["", "## Commands", ""]
+    lines += [f"- `{name}`: `{cmd}`" for name, cmd in commands.items()]
+    return "\n".join(lines) + "\n"
+
+
+def _commands(names: list[str]) -> dict[str, str]:
+    out = {}
+    for name in names:
+        cmd, _ = job_command(name, 0, Path("acc"), False, None)
+        cmd[0] = "python"
+        out[name] = " ".join(c if " " not in c and "{" not in c else f"'{c}'" for c in cmd).replace(str(REPO) + "/", "")
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("run", help="run jobs")
+    r.add_argument("--jobs", nargs="+", required=True,
+                   help=f"NAME (every --seeds) or NAME@SEED, run in this order; names: {', '.join([*RECIPES, *BASELINES])}")
+    r.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    r.add_argument("--parallel", type=int, default=1)
+    r.add_argument("--threads", type=int)
+    r.add_argument("--gpu", action="store_true", help="pass --gpu to medvox (the MONAI script uses CUDA when present)")
+    r.add_argument("--minutes", type=float, help="start no job after this many minutes")
+    r.add_argument("--hard-minutes", type=float, help="kill the jobs still running after this many minutes")
+    r.add_argument("--drop-checkpoints", action="store_true", help="delete each finished run's checkpoints")
+    r.add_argument("--smoke", action="store_true", help="1 epoch (medvox: 2 folds): checks the harness only")
+    r.add_argument("--extra", nargs=argparse.REMAINDER, default=[],
+                   help="further `medvox cv` flags for every medvox job (last on the command line, e.g. --epochs 20)")
+    r.add_argument("--out", type=Path, required=True)
+    rep = sub.add_parser("report", help="write the tables")
+    rep.add_argument("--out", type=Path, nargs="+", required=True, help="one or more `run --out` folders")
+    rep.add_argument("--rule", default="youden", choices=["youden", "f1", "accuracy"])
+    rep.add_argument("--md", type=Path, default=REPO / "benchmarks" / "accuracy.md")
+    args = p.parse_args(argv)
+    if args.cmd == "run":
+        jobs = []
+        for token in args.jobs:
+            name, _, seed = token.partition("@")
+            if name not in RECIPES and name not in BASELINES:
+                p.error(f"unknown job {name!r}")
+            jobs += [(name, int(seed))] if seed else [(name, s) for s in args.seeds]
+        now = time.time()
+        deadline = now + 60 * args.minutes if args.minutes else None
+        hard = now + 60 * args.hard_minutes if args.hard_minutes else None
+        run_jobs(jobs, args.out, args.parallel, args.gpu, args.threads, deadline, args.drop_checkpoints, args.smoke,
+                 hard, args.extra)
+        return 0
+    results = collect(args.out, args.rule)
+    args.md.write_text(render(results, _commands(list(results["recipes"]))), encoding="utf-8")
+    args.md.with_suffix(".json").write_text(json.dumps(results, indent=1, default=float) + "\n", encoding="utf-8")
+    print(args.md.read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# One GPU session, everything in one call (a lent GPU machine is billed from start to give-back):
+#   1. the GPU benchmark (issue 6): `benchmarks/run.py --gpu` -> GPU_RESULTS.md / gpu_results.json
+#   2. the accuracy sweep (issue 8): `benchmarks/accuracy.py run` of many recipes in parallel on the one GPU,
+#      stopped at the session's time limit; the small files of every finished run -> acc.tar.gz
+# Usage (repository root, on the GPU machine): OUT=/some/dir BUDGET_S=540 bash benchmarks/gpu_session.sh
+# Needs the MedMNIST files in .gpu/data/ and, where the machine lacks them, wheels of MONAI, nibabel and
+# pydicom in .whl/ (see benchmarks/NOTES.md).
+set -u
+OUT=${OUT:-/tmp/medvox-gpu}
+BUDGET_S=${BUDGET_S:-540}
+mkdir -p "$OUT"
+t0=$(date +%s)
+elapsed() { echo $(( $(date +%s) - t0 )); }
+exec > >(tee "$OUT/session.log") 2>&1
+if compgen -G ".whl/*.whl" > /dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+  export PYTHONPATH=/tmp/site
+fi
+export PYTHONPATH="${PYTHONPATH:-}:$PWD/src:$PWD" MEDVOX_MEDMNIST_DIR="$PWD/.gpu/data" MEDVOX_CACHE=/tmp/mvcache \
+  PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
+python3 -c "import torch, monai, medvox, lightning; print('torch', torch.__version__, 'monai', monai.__version__,
+'lightning', lightning.__version__, torch.cuda.get_device_name(0), 'cpus', __import__('os').cpu_count())" || exit 1
+echo "[$(elapsed) s] GPU benchmark"
+timeout 200 python3 benchmarks/run.py --gpu --npz .gpu/data/adrenalmnist3d_64.npz --out "$OUT/GPU_RESULTS.md" \
+  --json "$OUT/gpu_results.json" > "$OUT/bench.log" 2>&1
+echo "[$(elapsed) s] benchmark exit $?"; tail -n 25 "$OUT/bench.log"
+left=$(( BUDGET_S - $(elapsed) - 25 ))
+echo "[$(elapsed) s] accuracy sweep, ${left} s left"
+python3 benchmarks/accuracy.py run --gpu --parallel "${PARALLEL:-10}" --threads 1 --drop-checkpoints \
+  --out /tmp/acc --hard-minutes "$(python3 -c "print($left / 60)")" --minutes "$(python3 -c "print(max($left - 150, 30) / 60)")" \
+  --jobs ${JOBS:-r18@0 r18@1 r18@2 r10s1@0 r10s1@1 r10s1@2 monai_wce@0 monai_ce@0 r18_64@0 r18_ldam@0 monai_wce@1 \
+  monai_wce@2 monai_ce@1 monai_ce@2 r18_ce@0 r18_noema@0 mil@0 swin@0 r50@0 r18s1@0 r10s1_64@0 original@0}
+echo "[$(elapsed) s] sweep done"
+for f in /tmp/acc/logs/*.log; do echo "== $f"; grep -E "epoch +[0-9]+ \||fold [0-9]+ (complete|early)|Error|error" "$f" | tail -n 3; done
+tar czf "$OUT/acc.tar.gz" --exclude='*.pt' --exclude='*.safetensors' --exclude='*.png' --exclude='events.out*' \
+  -C /tmp/acc kept timings.json logs runs
+echo "[$(elapsed) s] end"

@@ -1,0 +1,108 @@
+"""The accuracy study's analysis (``benchmarks/accuracy.py``): per-fold calibration of the out-of-fold
+predictions, the threshold chosen there (never on test), means over seeds, the rendered tables.
+
+Hand-made run folders stand in for ``medvox cv`` output (the real one is covered by tests/engine/test_cv.py);
+the numbers are checked against values computed here independently.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+
+from benchmarks import accuracy
+from medvox.evaluation.metrics import best_threshold, compute_metrics
+
+CLASSES = ["0", "1"]
+
+
+def _write_csv(path, rows):
+    with open(path, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def _fake_cv(kept, rng, temps=(0.5, 2.0)):
+    """Two folds whose raw scores are on different scales; returns the arrays written."""
+    kept.mkdir(parents=True)
+    oof, y_all, p_all, f_all = [], [], [], []
+    for k in range(2):
+        y = rng.integers(0, 2, 60)
+        p1 = np.clip(0.35 * y + 0.65 * rng.random(60), 0.01, 0.99)
+        for i, (yi, pi) in enumerate(zip(y, p1, strict=True)):
+            oof.append({"case_id": f"f{k}c{i}", "label": CLASSES[yi], "prob_0": 1 - pi, "prob_1": pi, "fold": k})
+        y_all.append(y), p_all.append(p1), f_all.append(np.full(60, k))
+    _write_csv(kept / "oof_predictions.csv", oof)
+    yt = rng.integers(0, 2, 80)
+    pt = np.clip(0.4 * yt + 0.6 * rng.random(80), 0.01, 0.99)
+    _write_csv(kept / "test_predictions.csv", [{"case_id": f"t{i}", "label": CLASSES[a], "prob_0": 1 - b, "prob_1": b}
+                                               for i, (a, b) in enumerate(zip(yt, pt, strict=True))])
+    per_fold = [{"auc": 0.7 + 0.01 * k, "accuracy": 0.6} for k in range(2)]
+    summary = {"classes": CLASSES, "calibration": [{"temperature": t} for t in temps],
+               "cv": {"auc": {"mean": 0.75}}, "oof": {"auc": 0.7},
+               "test": {"per_fold": per_fold, "ensemble": {"auc": 0.8}, "ensemble_tta": {"auc": 0.81}}}
+    (kept / "cv_summary.json").write_text(json.dumps(summary))
+    for k in range(2):
+        (kept / f"fold_{k}").mkdir()
+        (kept / f"fold_{k}" / "metrics.json").write_text(json.dumps({"epochs_run": 10 + k}))
+    return np.concatenate(y_all), np.concatenate(p_all), np.concatenate(f_all), yt, pt
+
+
+def test_threshold_is_chosen_on_per_fold_calibrated_oof(tmp_path):
+    rng = np.random.default_rng(0)
+    temps = (0.5, 2.0)
+    y, p1, folds, yt, pt = _fake_cv(tmp_path / "kept" / "r18_s0", rng, temps)
+    res = accuracy.medvox_result(tmp_path / "kept" / "r18_s0", rule="youden")
+    # calibration by hand: p^(1/T), renormalised, fold by fold
+    t = np.where(folds == 0, temps[0], temps[1])
+    a, b = (1 - p1) ** (1 / t), p1 ** (1 / t)
+    cal = np.stack([a, b], 1) / (a + b)[:, None]
+    thr = best_threshold(y, cal, rule="youden")
+    test = np.stack([1 - pt, pt], 1)
+    expected = compute_metrics(yt, test, threshold=thr)
+    assert res["chosen"]["threshold"] == pytest.approx(thr)
+    assert res["chosen"]["balanced_accuracy"] == pytest.approx(expected["balanced_accuracy"])
+    assert res["argmax"]["accuracy"] == pytest.approx(compute_metrics(yt, test)["accuracy"])
+    assert res["oof_auc_calibrated"] == pytest.approx(compute_metrics(y, cal)["auc"])
+    assert res["single_fold_auc"] == pytest.approx(0.705) and res["epochs_run"] == [10, 11]
+    assert res["at_accuracy"]["threshold"] == pytest.approx(best_threshold(y, cal, rule="accuracy"))
+
+
+def test_collect_means_over_seeds_and_renders(tmp_path):
+    rng = np.random.default_rng(1)
+    timings = {}
+    for seed in (0, 1):
+        _fake_cv(tmp_path / "kept" / f"r18_s{seed}", rng)
+        timings[f"r18_s{seed}"] = {"name": "r18", "seed": seed, "rc": 0, "wall_seconds": 60.0 * (seed + 1),
+                                   "cpu_seconds": 100.0, "device": "cpu"}
+    (tmp_path / "runs").mkdir()
+    for seed, auc in ((0, 0.88), (1, 0.86)):
+        test = {"auc": auc, "accuracy": 0.8, "balanced_accuracy": 0.7, "f1": 0.5}
+        (tmp_path / "runs" / f"monai_ce_s{seed}.json").write_text(json.dumps({"test": test, "best_val_auc": 0.9}))
+        timings[f"monai_ce_s{seed}"] = {"name": "monai_ce", "seed": seed, "rc": 0, "wall_seconds": 50.0,
+                                        "cpu_seconds": 50.0, "device": "cuda"}
+    timings["r18_s2"] = {"name": "r18", "seed": 2, "rc": None, "unfinished": "stopped", "wall_seconds": 5.0}
+    (tmp_path / "timings.json").write_text(json.dumps(timings))
+    results = accuracy.collect(tmp_path, "youden")
+    r18, monai = results["recipes"]["r18"], results["recipes"]["monai_ce"]
+    assert r18["n_seeds"] == 2 and r18["wall_seconds_mean"] == pytest.approx(90.0)  # the unfinished run is left out
+    aucs = [results["runs"][f"r18_s{s}"]["test"]["auc"] for s in (0, 1)]
+    assert r18["auc"]["mean"] == pytest.approx(np.mean(aucs)) and r18["auc"]["std"] == pytest.approx(np.std(aucs, ddof=1))
+    assert monai["auc"]["mean"] == pytest.approx(0.87) and monai["auc"]["std"] == pytest.approx(np.std([0.88, 0.86], ddof=1))
+    md = accuracy.render(results, {"r18": "python -m medvox cv ..."})
+    assert "| **monai_ce**: plain MONAI ResNet-18 (CE), argmax | 2 | 0.870 ± 0.014 |" in md
+    assert "MedMNIST v2: ResNet-18 + ACS (published) | 1 | 0.839 | 0.754" in md
+    assert "`r18`: `python -m medvox cv ...`" in md
+
+
+def test_job_commands_carry_the_recipe_and_seed(tmp_path):
+    cmd, result = accuracy.job_command("r10s1", 2, tmp_path, gpu=True, threads=1, extra=["--epochs", "5"])
+    assert cmd[1:4] == ["-m", "medvox", "cv"] and result == tmp_path / "runs" / "r10s1_s2"
+    assert cmd[cmd.index("--seed") + 1] == "2" and cmd[cmd.index("--split-seed") + 1] == "2"
+    assert 'model.kwargs={"stem_stride": 1}' in cmd and "--gpu" in cmd and cmd[-2:] == ["--epochs", "5"]
+    cmd, result = accuracy.job_command("monai_wce", 1, tmp_path, gpu=False, threads=None)
+    assert "monai_baseline.py" in cmd[1] and cmd[cmd.index("--loss") + 1] == "weighted_CE"
