@@ -330,7 +330,8 @@ def _commands(names: list[str]) -> dict[str, str]:
     for name in names:
         cmd, _ = job_command(name, 0, Path("acc"), False, None)
         cmd[0] = "python"
-        out[name] = " ".join(c if " " not in c and "{" not in c else f"'{c}'" for c in cmd).replace(str(REPO) + "/", "")
+        text = " ".join(c if " " not in c and "{" not in c else f"'{c}'" for c in cmd)
+        out[name] = text.replace(str(DATA), "../shared/data/medmnist").replace(str(REPO) + "/", "")
     return out
 
 
@@ -370,7 +371,11 @@ def main(argv: list[str] | None = None) -> int:
                  hard, args.extra)
         return 0
     results = collect(args.out, args.rule)
-    args.md.write_text(render(results, _commands(list(results["recipes"]))), encoding="utf-8")
+    notes = REPO / "benchmarks" / "accuracy_notes.md"  # hand-written findings, appended to the generated tables
+    text = render(results, _commands(list(results["recipes"])))
+    if notes.is_file() and args.md == REPO / "benchmarks" / "accuracy.md":
+        text += "\n" + notes.read_text(encoding="utf-8")
+    args.md.write_text(text, encoding="utf-8")
     args.md.with_suffix(".json").write_text(json.dumps(results, indent=1, default=float) + "\n", encoding="utf-8")
     print(args.md.read_text())
     return 0

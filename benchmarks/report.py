@@ -178,7 +178,8 @@ def _gpu(g: dict) -> list[str]:
     flops = g.get("train_step_flops", {})
     lines = ["## GPU", ""]
     if g.get("status") != "measured":
-        lines += [f"**GPU figures are pending** ({g.get('reason')}). `benchmarks/run.py` measures them where CUDA is "
+        lines += [f"**No GPU figures from this machine** ({g.get('reason')}; an H100 run: `benchmarks/RESULTS_GPU.md`). "
+                  "`benchmarks/run.py` measures them where CUDA is "
                   "available: medvox's step (bf16, channels_last_3d, fused Adam, on-device augmentation) for "
                   "ResNet-18 64^3 batch 4 and ResNet-50 128^3 batch 6, with and without checkpointing; achieved "
                   "TFLOP/s and MFU against the card's dense bf16 peak (table in `benchmarks/gpu.py`, e.g. H100 SXM "

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from medvox.cli import build_parser, config_from_args
-from medvox.recipe import auto_recipe, explicit_keys
+from medvox.recipe import auto_recipe, explicit_keys, fit_batch
 
 
 def _plan(shape, n=1286, channels=1, imbalance=3.58):
@@ -63,3 +63,21 @@ def test_cli_auto_recipe_fills_only_what_the_user_left_open(tiny_medmnist, tmp_p
     original = config_from_args(build_parser().parse_args(["cv", "--data", str(tiny_medmnist)]))
     assert (original.model.name, original.optim.lr, original.train.batch_size, original.loss.name) == (
         "resnet50", 2e-4, 6, "LDAM")
+
+
+def test_fit_batch_halves_until_the_step_fits():
+    gib = 2**30
+    assert fit_batch(0.1 * gib, 1 * gib, 80 * gib) == (16, 1)  # plenty of room: the whole effective batch
+    assert fit_batch(3 * gib, 2 * gib, 40 * gib) == (8, 2)  # 2 + 8 * 3 = 26 <= 32; 16 would need 50
+    assert fit_batch(3 * gib, 2 * gib, 20 * gib) == (4, 4)  # 2 + 4 * 3 = 14 <= 16
+    assert fit_batch(30 * gib, 2 * gib, 20 * gib) == (1, 16)  # not even one fits: batch 1, reported as is
+    assert fit_batch(1 * gib, 0, 10 * gib, effective=12) == (8, 2)  # powers of two: 8 GiB fits the 8 GiB headroom
+    assert fit_batch(1 * gib, 0.5 * gib, 10 * gib, effective=12) == (4, 3)  # 8.5 does not: 4, and 12 / 4 = 3
+
+
+def test_gpu_model_without_a_visible_gpu_keeps_the_voxel_rule(monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    values, why = auto_recipe(_plan((64, 64, 64)), folds=5, pretrained=False, gpu_model="resnet50")
+    assert (values["train.batch_size"], values["train.grad_accum"]) == (8, 2) and "voxels" in why[0]

@@ -195,8 +195,12 @@ def _apply_auto_recipe(cfg: config_mod.ExperimentConfig, file_data: dict | None,
     if not cfg.data.path:
         return cfg  # train() reports the missing data with its fix
     prepared = prepare(cfg.data)
-    values, why = auto_recipe(prepared.plan, cfg.data.folds, pretrained=bool(cfg.model.pretrained_path))
     given = explicit_keys(file_data, overrides)
+    gpu_model = None
+    if cfg.train.gpu or cfg.train.multi_gpu:  # the micro-batch is fitted to the GPU's memory for the model trained
+        gpu_model = cfg.model.name if "model.name" in given else "resnet18"
+    values, why = auto_recipe(prepared.plan, cfg.data.folds, pretrained=bool(cfg.model.pretrained_path),
+                              gpu_model=gpu_model, gpu_model_kwargs=cfg.model.kwargs if "model.kwargs" in given else None)
     chosen = {k: v for k, v in values.items() if k not in given}
     print("medvox: --recipe auto: " + "; ".join(why), file=sys.stderr)
     kept = sorted(set(values) & given)

@@ -8,7 +8,9 @@ the cross-validation pool), and leaves every setting the user gave (flag, ``--se
 * model: ResNet-18-3D (MedicalNet layout), dropout 0.2; with ``--pretrained-path`` nothing changes
   (the original settings are the fine-tuning recipe);
 * batch: an effective batch of 16 for every input size: 16 x 1 up to 40^3 voxels per sample (times the
-  channels), 8 x 2 up to 80^3, 4 x 4 above (memory);
+  channels), 8 x 2 up to 80^3, 4 x 4 above (memory); on a GPU the micro-batch is instead the largest
+  power of two up to 16 whose measured training-step memory fits in 80 % of the free device memory
+  (:func:`fit_batch`, :func:`measure_step_memory`), the rest by accumulation;
 * optimizer: AdamW, lr 1e-3, weight decay 0.05 (not on norms and biases), warmup + cosine;
 * length: about 2,600 optimizer steps (20 to 100 epochs, from the training part of a fold), early
   stopping after 10 epochs without improvement;
@@ -35,7 +37,69 @@ TARGET_STEPS = 2600
 EFFECTIVE_BATCH = 16
 
 
-def auto_recipe(plan: dict[str, Any], folds: int, pretrained: bool) -> tuple[dict[str, Any], list[str]]:
+def fit_batch(per_sample_bytes: float, fixed_bytes: float, free_bytes: float, effective: int = EFFECTIVE_BATCH,
+              headroom: float = 0.8) -> tuple[int, int]:
+    """(micro-batch, accumulation) for an effective batch: the largest power of two <= ``effective`` whose
+    step memory ``fixed + batch * per_sample`` fits in ``headroom * free``; 1 when even that does not fit.
+
+    Example:
+        >>> fit_batch(per_sample_bytes=2e9, fixed_bytes=1e9, free_bytes=20e9)  # 7 samples fit -> 4 x 4
+        (4, 4)
+    """
+    batch = 1 << (max(1, effective).bit_length() - 1)  # the largest power of two <= effective
+    while batch > 1 and fixed_bytes + batch * per_sample_bytes > headroom * free_bytes:
+        batch //= 2
+    return batch, max(1, math.ceil(effective / batch))
+
+
+def measure_step_memory(model_name: str, shape: list[int], channels: int, num_classes: int, device,
+                        model_kwargs: dict | None = None) -> tuple[float, float]:
+    """(bytes per sample, fixed bytes) of one bf16 training step on a CUDA ``device``, from the peak
+    allocated memory of steps with batch 1 and 2 (weights, gradients, Adam state and workspace are the
+    fixed part; activations grow with the batch)."""
+    import torch
+
+    from medvox.models import create_model
+
+    model = create_model(model_name, in_channels=channels, num_classes=num_classes, **(model_kwargs or {})).to(device)
+    opt = torch.optim.AdamW(model.parameters())
+    peaks = []
+    for batch in (1, 2):
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        x = torch.randn(batch, channels, *shape, device=device)
+        y = torch.zeros(batch, dtype=torch.long, device=device)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = torch.nn.functional.cross_entropy(model(x).float(), y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        torch.cuda.synchronize(device)
+        peaks.append(torch.cuda.max_memory_allocated(device))
+    del model, opt
+    torch.cuda.empty_cache()
+    per_sample = max(peaks[1] - peaks[0], 1)
+    return float(per_sample), float(max(peaks[0] - per_sample, 0))
+
+
+def gpu_batch(plan: dict[str, Any], model_name: str, model_kwargs: dict | None = None) -> tuple[int, int, str] | None:
+    """(micro-batch, accumulation, reason) fitted to the first visible GPU's free memory; None without one."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    device = torch.device("cuda", torch.cuda.current_device())
+    per_sample, fixed = measure_step_memory(model_name, list(plan["target_shape"]), int(plan.get("in_channels", 1)),
+                                            max(2, len(plan.get("classes", [])) or 2), device, model_kwargs)
+    free, _ = torch.cuda.mem_get_info(device)
+    batch, accum = fit_batch(per_sample, fixed, free)
+    why = (f"GPU: {per_sample / 2**20:.0f} MiB per sample + {fixed / 2**20:.0f} MiB fixed in a bf16 step, "
+           f"{free / 2**30:.1f} GiB free -> batch {batch} x {accum} accumulation")
+    return batch, accum, why
+
+
+def auto_recipe(plan: dict[str, Any], folds: int, pretrained: bool, gpu_model: str | None = None,
+                gpu_model_kwargs: dict | None = None) -> tuple[dict[str, Any], list[str]]:
     """Dotted config overrides for a plan, and one line of reasoning per choice.
 
     Args:
@@ -43,6 +107,9 @@ def auto_recipe(plan: dict[str, Any], folds: int, pretrained: bool) -> tuple[dic
             ``imbalance_ratio``).
         folds: k of the cross-validation (the training part of a fold is (k - 1) / k of the pool).
         pretrained: a pretrained checkpoint is given (then the original fine-tuning settings stay).
+        gpu_model: training on a GPU: the micro-batch is fitted to its free memory, measured for this model
+            (:func:`gpu_batch`); ``None`` or no visible GPU: the voxel rule.
+        gpu_model_kwargs: that model's factory arguments.
 
     Example:
         >>> plan = {"target_shape": [28, 28, 28], "in_channels": 1, "n_cases": 1286, "imbalance_ratio": 3.5}
@@ -59,6 +126,12 @@ def auto_recipe(plan: dict[str, Any], folds: int, pretrained: bool) -> tuple[dic
         batch, accum = 8, 2
     else:
         batch, accum = 4, 4
+    batch_why = (f"input {'x'.join(str(v) for v in plan['target_shape'])} x {plan.get('in_channels', 1)} channel(s) "
+                 f"(~{round(voxels ** (1 / 3))}^3 voxels): batch {batch} x {accum} accumulation "
+                 f"(effective {batch * accum})")
+    fitted = gpu_batch(plan, gpu_model, gpu_model_kwargs) if gpu_model else None
+    if fitted is not None:
+        batch, accum, batch_why = fitted
     n_train = max(1, int(plan["n_cases"]) * max(folds - 1, 1) // max(folds, 1))
     steps_per_epoch = max(1, math.ceil(n_train / (batch * accum)))
     epochs = int(min(100, max(20, round(TARGET_STEPS / steps_per_epoch))))
@@ -72,10 +145,8 @@ def auto_recipe(plan: dict[str, Any], folds: int, pretrained: bool) -> tuple[dic
         "train.ema_decay": ema, "optim.optimizer": "adamw", "optim.lr": 1e-3, "optim.weight_decay": 0.05,
         "loss.name": loss, "augment.flip_axes": [2], "train.threshold_rule": "youden",
     }
-    side = round(voxels ** (1 / 3))
     why = [
-        f"input {'x'.join(str(v) for v in plan['target_shape'])} x {plan.get('in_channels', 1)} channel(s) "
-        f"(~{side}^3 voxels): batch {batch} x {accum} accumulation (effective {batch * accum})",
+        batch_why,
         f"{n_train} training cases per fold -> {steps_per_epoch} optimizer steps per epoch -> {epochs} epochs "
         f"(~{TARGET_STEPS} steps), early stopping after 10 epochs",
         f"EMA decay {ema}: time constant a fifth of the {total_steps} optimizer steps",
