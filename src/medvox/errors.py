@@ -41,3 +41,21 @@ def unpickling_refusal(exc: BaseException) -> str:
     if found:
         return f"it would build the Python object {found.group(1)} (unpickling it could run code)"
     return "it holds pickled Python objects, not only tensors and plain data (unpickling it could run code)"
+
+
+def is_garbage_pickle(exc: BaseException, path) -> bool:
+    """An unpickling error from bytes that are not a (complete) pickle, rather than a refused object:
+    cut-off files ("truncated"), or a file that starts like neither a pickle (protocol opcode 0x80) nor
+    a torch zip archive ("PK") and so fails on its first byte ("Unsupported operand", "invalid load key").
+    A real pickle of a newer protocol also reports "Unsupported operand": that one is a refusal."""
+    text = str(exc)
+    if "truncated" in text:
+        return True
+    if "Unsupported operand" in text or "invalid load key" in text:
+        try:
+            with open(path, "rb") as fh:
+                head = fh.read(2)
+        except OSError:
+            return False
+        return not (head[:1] == b"\x80" or head == b"PK")
+    return False

@@ -169,8 +169,14 @@ def test_unreadable_files_are_checkpoint_errors(tmp_path):
     with pytest.raises(CheckpointError, match="does not exist"):
         create_model("resnet10", pretrained=tmp_path / "nope.pth")
     (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
-    with pytest.raises(CheckpointError, match="junk.pth"):
+    with pytest.raises(CheckpointError, match=r"junk.pth \(16 bytes\): the file is damaged, truncated"):
         create_model("resnet10", pretrained=tmp_path / "junk.pth")
+    # a download cut short: the first half of a real weights file
+    torch.save(create_model("resnet10").state_dict(), tmp_path / "full.pth")
+    data = (tmp_path / "full.pth").read_bytes()
+    (tmp_path / "cut.pth").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="cut.pth .* truncated .*download or copy it again"):
+        create_model("resnet10", pretrained=tmp_path / "cut.pth")
     torch.save({"epoch": 3}, tmp_path / "empty.pth")
     with pytest.raises(CheckpointError, match="holds no tensors"):
         create_model("resnet10", pretrained=tmp_path / "empty.pth")

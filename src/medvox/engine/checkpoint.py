@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from medvox.errors import CheckpointError, TrainingError, unpickling_refusal
+from medvox.errors import CheckpointError, TrainingError, is_garbage_pickle, unpickling_refusal
 
 TEMP_SUFFIX = ".tmp"  # what the atomic writers name their temp files: .<name>.<random>.tmp
 
@@ -102,7 +102,7 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:  # the safe unpickler met something other than tensors and plain data
-        if "truncated" not in str(exc):
+        if not is_garbage_pickle(exc, path):
             raise CheckpointError(
                 f"refused to load checkpoint {path}: {unpickling_refusal(exc)}. medvox loads checkpoints with "
                 "weights_only=True and never runs code from a file: use a checkpoint medvox wrote, or re-save only "

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from medvox.errors import CheckpointError, unpickling_refusal
+from medvox.errors import CheckpointError, is_garbage_pickle, unpickling_refusal
 
 logger = logging.getLogger("medvox.models")
 
@@ -127,6 +127,8 @@ def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], str | No
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
+        if is_garbage_pickle(exc, path):  # not a refusal: bytes that are no pickle at all
+            raise CheckpointError(_damaged_message(path, exc)) from exc
         raise CheckpointError(
             f"refused to load {path}: it is not a plain weights file (loading it would build "
             f"arbitrary Python objects or run code). Re-save only the tensors from a trusted "
@@ -134,8 +136,16 @@ def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], str | No
             f"{unpickling_refusal(exc)}"
         ) from exc
     except Exception as exc:  # corrupt or truncated files raise many different types
-        raise CheckpointError(f"cannot read checkpoint {path}: {type(exc).__name__}: {exc}") from exc
+        raise CheckpointError(_damaged_message(path, exc)) from exc
     return _extract_tensors(obj, path)
+
+
+def _damaged_message(path: Path, exc: BaseException) -> str:
+    detail = str(exc).splitlines()[0] if str(exc) else ""
+    return (f"cannot read pretrained checkpoint {path} ({path.stat().st_size:,} bytes): the file is damaged, "
+            f"truncated (an interrupted download or copy?) or not a PyTorch checkpoint; download or copy it again "
+            f"(MedicalNet's ResNet-50 file, resnet_50_23dataset.pth, is about 177 MiB). "
+            f"[{type(exc).__name__}: {detail[:160]}]")
 
 
 def _extract_tensors(obj: Any, path: Path) -> tuple[dict[str, torch.Tensor], str | None]:
