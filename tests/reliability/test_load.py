@@ -97,7 +97,8 @@ def test_predict_1000_volumes_memory_flat_bad_files_reported(trained_run, tmp_pa
         row = errors[case_id]
         assert row["error"].split(": ", 1)[1].startswith(reason), row  # "<path>: <reason> (<fix>)"
         assert all(row[c] == "" for c in prob_cols) and row["predicted"] == ""
-        assert f"  {case_id} ({row['source']}): {row['error']}\n" in err  # each bad file named on stderr
+        assert f"  {case_id} ({row['source']}): {row['error']}\n" in err  # each bad file named on stderr ...
+        assert err.count(row["error"]) == 1  # ... once
         assert Path(row["source"]).name.startswith(case_id)
     summary = json.loads(out.with_suffix(".json").read_text())
     assert (summary["predicted"], summary["failed"]) == (N_GOOD, len(bad))

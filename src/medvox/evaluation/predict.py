@@ -82,8 +82,8 @@ def predict_cases(checkpoints: list[str], inputs: list[str], out: str | Path, *,
                 n_ok += len(chunk)
             fh.flush()
             bar(len(cases[start:start + batch_size]))
-    for f in failures:
-        log.error("could not predict %s (%s): %s", f["case_id"], f["source"], f["error"])
+    if failures:  # each one is in the result (and the CSV/JSON); `medvox predict` lists them once on stderr
+        log.warning("could not predict %d input(s); see %s", len(failures), out.with_suffix(".json"))
     summary = {"predicted": n_ok, "failed": len(failures), "failures": failures, "output": str(out),
                "models": [str(m.path) for m in models], "tta": tta, "calibrated": calibrated}
     (out.with_suffix(".json")).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
