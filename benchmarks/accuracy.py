@@ -22,7 +22,6 @@ out-of-fold predictions (never on test); the rule is the recipe's (``youden`` by
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import shutil
@@ -192,35 +191,16 @@ def run_jobs(jobs: list[tuple[str, int]], out: Path, parallel: int, gpu: bool, t
 # ------------------------------------------------------------------------------------------- analysis
 
 
-def _read_csv(path: Path) -> list[dict]:
-    with open(path, newline="", encoding="utf-8") as fh:
-        return list(csv.DictReader(fh))
-
-
-def _softmax_t(probs: np.ndarray, t: float) -> np.ndarray:
-    z = np.log(np.clip(probs, 1e-12, 1.0)) / t
-    z = np.exp(z - z.max(1, keepdims=True))
-    return z / z.sum(1, keepdims=True)
-
-
 def medvox_result(kept: Path, rule: str = "youden") -> dict:
     """Test metrics of a finished cv run: single folds, ensemble, + TTA, + calibration, + OOF threshold."""
     from medvox.evaluation.metrics import best_threshold, compute_metrics
+    from medvox.evaluation.summary import calibrated_oof, load_predictions
 
     summary = json.loads((kept / "cv_summary.json").read_text())
     classes = summary["classes"]
     test = summary["test"]
-    oof = _read_csv(kept / "oof_predictions.csv")
-    temps = [c["temperature"] for c in summary["calibration"]]
-    index = {c: i for i, c in enumerate(classes)}
-    y_oof = np.array([index[r["label"]] for r in oof])
-    p_oof = np.array([[float(r[f"prob_{c}"]) for c in classes] for r in oof])
-    folds = np.array([int(r["fold"]) for r in oof])
-    p_cal = np.concatenate([_softmax_t(p_oof[folds == k], temps[k]) for k in range(len(temps))])
-    y_cal = np.concatenate([y_oof[folds == k] for k in range(len(temps))])
-    rows = _read_csv(kept / "test_predictions.csv")  # the calibrated TTA ensemble
-    y_test = np.array([index[r["label"]] for r in rows])
-    p_test = np.array([[float(r[f"prob_{c}"]) for c in classes] for r in rows])
+    y_cal, p_cal = calibrated_oof(kept, summary["calibration"])  # the CV summary's own computation
+    y_test, p_test, _, _ = load_predictions(kept / "test_predictions.csv")  # the calibrated TTA ensemble
     out = {
         "single_fold_auc": float(np.mean([m["auc"] for m in test["per_fold"]])),
         "single_fold_acc": float(np.mean([m["accuracy"] for m in test["per_fold"]])),

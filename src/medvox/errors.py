@@ -59,3 +59,14 @@ def is_garbage_pickle(exc: BaseException, path) -> bool:
             return False
         return not (head[:1] == b"\x80" or head == b"PK")
     return False
+
+
+def damaged_file_message(path, exc: BaseException, what: str, fix: str) -> str:
+    """What to say about a weights file that cannot be unpickled because its bytes are broken (not a
+    refusal): which file, its size, the likely cause, ``fix``, and the loader's own first line."""
+    from pathlib import Path
+
+    size = Path(path).stat().st_size
+    detail = str(exc).splitlines()[0] if str(exc) else ""
+    return (f"cannot load {what} {path} ({size:,} bytes): the file is damaged, truncated (an interrupted "
+            f"download or copy?) or not a PyTorch checkpoint; {fix} [{type(exc).__name__}: {detail[:200]}]")

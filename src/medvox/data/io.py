@@ -41,7 +41,6 @@ _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 _MODALITY_TAG = "0008|0060"
 
 
-
 def _sitk():
     """SimpleITK, imported on first use: only ITK/DICOM inputs need it (~0.2 s of start-up otherwise)."""
     import SimpleITK as sitk

@@ -17,7 +17,13 @@ from typing import Any
 
 import torch
 
-from medvox.errors import CheckpointError, TrainingError, is_garbage_pickle, unpickling_refusal
+from medvox.errors import (
+    CheckpointError,
+    TrainingError,
+    damaged_file_message,
+    is_garbage_pickle,
+    unpickling_refusal,
+)
 
 TEMP_SUFFIX = ".tmp"  # what the atomic writers name their temp files: .<name>.<random>.tmp
 
@@ -111,11 +117,8 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         damaged = exc
     except Exception as exc:  # corrupt or cut-off files raise OSError, RuntimeError, KeyError, EOFError, ...
         damaged = exc
-    detail = str(damaged).splitlines()[0] if str(damaged) else ""
-    raise CheckpointError(
-        f"cannot load checkpoint {path}: the file is damaged, truncated (an interrupted copy?) or not a PyTorch "
-        f"checkpoint ({type(damaged).__name__}: {detail[:200]})"
-    ) from damaged
+    raise CheckpointError(damaged_file_message(path, damaged, "checkpoint", "use another checkpoint of the run "
+                                               "(best.pt, best_ema.pt or their .safetensors twins).")) from damaged
 
 
 def share_permissions(path) -> None:

@@ -34,6 +34,7 @@ def _skm():
 
     return metrics
 
+
 THRESHOLD_RULES = ("youden", "f1", "balanced_accuracy", "accuracy")
 
 

@@ -58,28 +58,36 @@ def _labels_probs(rows: list[dict], classes: list[str]) -> tuple[np.ndarray, np.
     return labels, probs
 
 
+def load_predictions(path: Path) -> tuple[np.ndarray, np.ndarray, list[str], list[dict]]:
+    """(labels, probabilities, class names, rows) of a predictions CSV."""
+    rows, classes = read_predictions(path)
+    labels, probs = _labels_probs(rows, classes)
+    return labels, probs, classes, rows
+
+
+def rescale(probs: np.ndarray, temperature: float) -> np.ndarray:
+    """Probabilities after temperature scaling: softmax(log p / T) (log-probabilities are valid logits)."""
+    from medvox.evaluation.calibration import apply_temperature
+
+    z = apply_temperature(np.log(np.clip(probs, 1e-12, 1.0)), temperature)
+    z = np.exp(z - z.max(axis=1, keepdims=True))
+    return z / z.sum(axis=1, keepdims=True)
+
+
 def fit_fold_calibration(fold_dir: Path) -> dict[str, Any]:
     """Temperature scaling fitted on the fold's validation predictions; written to calibration.json.
 
     Log-probabilities are valid logits (softmax is shift-invariant), so the saved probabilities suffice.
     """
-    from medvox.evaluation.calibration import (
-        apply_temperature,
-        brier_score,
-        expected_calibration_error,
-        fit_temperature,
-    )
+    from medvox.evaluation.calibration import brier_score, expected_calibration_error, fit_temperature
 
-    rows, classes = read_predictions(fold_dir / "val_predictions.csv")
-    labels, probs = _labels_probs(rows, classes)
+    labels, probs, _, _ = load_predictions(fold_dir / "val_predictions.csv")
     logits = np.log(np.clip(probs, 1e-12, 1.0))
     fitted = float(fit_temperature(logits, labels))
     # A near-useless model (early epochs) drives T towards infinity: every probability ~1/K and, written
     # to CSV, the ranking is lost. Bounded T keeps the ranking; the bound is recorded.
     t = min(max(fitted, T_BOUNDS[0]), T_BOUNDS[1])
-    scaled = apply_temperature(logits, t)
-    after = np.exp(scaled - scaled.max(axis=1, keepdims=True))
-    after /= after.sum(axis=1, keepdims=True)
+    after = rescale(probs, t)
     doc = {"temperature": t, "fitted_temperature": fitted, "bounds": list(T_BOUNDS), "fitted_on": "validation",
            "n": len(labels),
            "ece_before": expected_calibration_error(labels, probs), "ece_after": expected_calibration_error(labels, after),
@@ -107,14 +115,11 @@ def write_oof(run_dir: Path, fold_dirs: list[Path]) -> tuple[dict, np.ndarray, n
 def calibrated_oof(run_dir: Path, calibration: list[dict]) -> tuple[np.ndarray, np.ndarray]:
     """Pooled out-of-fold (labels, probabilities), each fold's rescaled by its own temperature, so that the
     folds' scores are on one scale (raw fold models are not: pooled raw OOF AUC is below the fold mean)."""
-    rows, classes = read_predictions(run_dir / "oof_predictions.csv")
-    labels, probs = _labels_probs(rows, classes)
+    labels, probs, _, rows = load_predictions(run_dir / "oof_predictions.csv")
     folds = np.array([int(r["fold"]) for r in rows])
     out = probs.copy()
     for k, cal in enumerate(calibration):
-        z = np.log(np.clip(probs[folds == k], 1e-12, 1.0)) / cal["temperature"]
-        z = np.exp(z - z.max(axis=1, keepdims=True))
-        out[folds == k] = z / z.sum(axis=1, keepdims=True)
+        out[folds == k] = rescale(probs[folds == k], cal["temperature"])
     return labels, out
 
 

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from medvox.errors import CheckpointError, is_garbage_pickle, unpickling_refusal
+from medvox.errors import CheckpointError, damaged_file_message, is_garbage_pickle, unpickling_refusal
 
 logger = logging.getLogger("medvox.models")
 
@@ -141,11 +141,8 @@ def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], str | No
 
 
 def _damaged_message(path: Path, exc: BaseException) -> str:
-    detail = str(exc).splitlines()[0] if str(exc) else ""
-    return (f"cannot read pretrained checkpoint {path} ({path.stat().st_size:,} bytes): the file is damaged, "
-            f"truncated (an interrupted download or copy?) or not a PyTorch checkpoint; download or copy it again "
-            f"(MedicalNet's ResNet-50 file, resnet_50_23dataset.pth, is about 177 MiB). "
-            f"[{type(exc).__name__}: {detail[:160]}]")
+    return damaged_file_message(path, exc, "pretrained checkpoint", "download or copy it again (MedicalNet's "
+                                "ResNet-50 file, resnet_50_23dataset.pth, is about 177 MiB).")
 
 
 def _extract_tensors(obj: Any, path: Path) -> tuple[dict[str, torch.Tensor], str | None]:
