@@ -62,9 +62,63 @@ def test_matches_scipy_affine_transform(shape, params):
     vol = _smooth(shape)
     theta = _theta(**params)
     ref, inside = _scipy_reference(vol, theta)
-    out = _run(vol, theta, padding_mode="zeros")
+    out = _run(vol, theta, padding_mode="zeros", resampler="grid")
     assert inside.mean() > 0.3
     np.testing.assert_allclose(out[inside], ref[inside], atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        dict(shift=(0.07, -0.05, 0.03)),  # separable: linear along D, then bilinear = trilinear
+        dict(angles=(0.2, 0.0, 0.0), zoom=(1.0, 1.07, 0.94), shift=(0.0, 0.04, -0.06)),  # (H, W) only + D shift
+    ],
+)
+def test_two_pass_equals_trilinear_when_the_map_splits(params):
+    vol = _smooth((24, 26, 30))
+    theta = _theta(**params)
+    ref, inside = _scipy_reference(vol, theta)
+    out = _run(vol, theta, padding_mode="zeros", resampler="two_pass")
+    np.testing.assert_allclose(out[inside], ref[inside], atol=1e-4)
+    np.testing.assert_allclose(out, _run(vol, theta, padding_mode="zeros", resampler="grid"), atol=1e-4)
+
+
+def test_two_pass_is_as_accurate_as_trilinear_for_random_augmentations():
+    """Against a cubic-spline resample of the same map, the two passes err as little as one 3D pass."""
+    shape = (48, 52, 56)
+    vol = ndimage.gaussian_filter(np.random.default_rng(1).standard_normal(shape), 1.0).astype(np.float32) * 10
+    theta, _ = random_affine_matrices(4, torch.Generator().manual_seed(0), prob=1.0, isotropic_zoom=False)
+    n = np.array(shape, dtype=float)
+    c = (n - 1) / 2
+    for k in range(4):
+        th = theta[k : k + 1].double()
+        a, t = th[0, :, :3].numpy(), th[0, :, 3].numpy() * n
+        cubic = ndimage.affine_transform(vol, a, offset=c - a @ c + t, order=3, mode="constant", cval=0.0)
+        _, inside = _scipy_reference(vol, th)
+        grid = _run(vol, th, padding_mode="zeros", resampler="grid")
+        two = _run(vol, th, padding_mode="zeros", resampler="two_pass")
+        err_grid = np.abs(grid - cubic)[inside].mean()
+        err_two = np.abs(two - cubic)[inside].mean()
+        assert inside.mean() > 0.5
+        assert err_two <= 1.05 * err_grid, (k, err_two, err_grid)
+        # and the two resamplers agree far more closely than either matches the cubic reference
+        assert np.abs(two - grid)[inside].mean() < 0.2 * err_grid
+
+
+def test_auto_resampler_picks_two_pass_on_cpu_for_large_volumes_only():
+    theta, _ = random_affine_matrices(2, torch.Generator().manual_seed(5), prob=1.0)
+    big, small = torch.randn(2, 1, 48, 48, 48), torch.randn(2, 1, 24, 24, 24)
+    assert torch.equal(apply_affine(big, theta), apply_affine(big, theta, resampler="two_pass"))
+    assert not torch.equal(apply_affine(big, theta), apply_affine(big, theta, resampler="grid"))
+    assert torch.equal(apply_affine(small, theta), apply_affine(small, theta, resampler="grid"))
+
+
+def test_two_pass_falls_back_to_grid_for_maps_it_cannot_split():
+    vol = _smooth()
+    # 90 degrees about W swaps D and H: the (H, W) block of the map is singular, no two-pass factoring
+    theta = _theta(angles=(0.0, 0.0, math.pi / 2))
+    two = _run(vol, theta, padding_mode="zeros", resampler="two_pass")
+    np.testing.assert_allclose(two, _run(vol, theta, padding_mode="zeros", resampler="grid"), atol=1e-6)
 
 
 def test_matches_monai_affine_params():
@@ -91,6 +145,9 @@ def test_identity_returns_input():
     tol = 2e-6 * float(x.max() - x.min())
     for padding in ("zeros", "min", "border"):
         np.testing.assert_allclose(apply_affine(x, identity_affine(3), padding_mode=padding), x, atol=tol)
+    for padding in ("zeros", "min"):
+        out = apply_affine(x, identity_affine(3), padding_mode=padding, resampler="two_pass")
+        np.testing.assert_allclose(out, x, atol=2 * tol)
 
 
 def test_rotation_90_degrees_moves_marker_on_non_cubic_grid():
@@ -125,10 +182,11 @@ def test_translation_shifts_centroid():
     np.testing.assert_allclose(centroid(out) - centroid(vol), np.array(shift) * SHAPE, atol=1e-4)
 
 
-def test_min_padding_fills_with_sample_minimum():
+@pytest.mark.parametrize("resampler", ["grid", "two_pass"])
+def test_min_padding_fills_with_sample_minimum(resampler):
     x = torch.randn(2, 2, 16, 16, 16) - 5
     x[1] += 10
-    out = apply_affine(x, _theta(shift=(0.5, 0.0, 0.0)).float().expand(2, 3, 4))
+    out = apply_affine(x, _theta(shift=(0.5, 0.0, 0.0)).float().expand(2, 3, 4), resampler=resampler)
     lows = x.amin(dim=(2, 3, 4))
     # the first half along D comes from outside the volume: exactly each (sample, channel)'s minimum
     torch.testing.assert_close(out[:, :, :7].amax(dim=(2, 3, 4)), lows)
@@ -191,3 +249,5 @@ def test_apply_affine_bad_args():
         apply_affine(x, identity_affine(2), padding_mode="edge")
     with pytest.raises(ValueError, match="B, C, D, H, W"):
         apply_affine(x[0], identity_affine(2))
+    with pytest.raises(ValueError, match="resampler"):
+        apply_affine(x, identity_affine(2), resampler="spline")
