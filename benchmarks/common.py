@@ -127,9 +127,10 @@ def _mem_total_gb() -> float | None:
 
 def machine_info() -> dict:
     """CPU, cores, memory, library versions, GPU (if any) and the load average now."""
-    import lightning
     import monai
     import torch
+
+    from medvox.engine.setup import fabric_module
 
     try:
         import torchio
@@ -143,7 +144,7 @@ def machine_info() -> dict:
         "cpu_flags": {f: f in flags for f in ("avx512f", "avx512_bf16", "amx_bf16", "amx_tile")},
         "gpu": gpu, "python": platform.python_version(), "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(), "monai": monai.__version__, "torchio": torchio.__version__ if torchio else None,
-        "lightning": lightning.__version__, "load_average": load_average(),
+        "lightning": fabric_module().__version__, "load_average": load_average(),
     }
 
 

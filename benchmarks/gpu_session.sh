@@ -20,8 +20,8 @@ fi
 export PYTHONPATH="${PYTHONPATH:-}:$PWD/src:$PWD" MEDVOX_MEDMNIST_DIR="$PWD/.gpu/data" MEDVOX_CACHE=/tmp/mvcache \
   PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
-python3 -c "import torch, monai, medvox, lightning; print('torch', torch.__version__, 'monai', monai.__version__,
-'lightning', lightning.__version__, torch.cuda.get_device_name(0), 'cpus', __import__('os').cpu_count())" || exit 1
+python3 -c "import torch, monai, medvox; from medvox.engine.setup import fabric_module as f; print('torch', torch.__version__,
+'monai', monai.__version__, 'lightning', f().__version__, torch.cuda.get_device_name(0), 'cpus', __import__('os').cpu_count())" || exit 1
 echo "[$(elapsed) s] GPU benchmark"
 timeout 200 python3 benchmarks/run.py --gpu --npz .gpu/data/adrenalmnist3d_64.npz --out "$OUT/GPU_RESULTS.md" \
   --json "$OUT/gpu_results.json" > "$OUT/bench.log" 2>&1

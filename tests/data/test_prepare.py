@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 
 import numpy as np
@@ -11,7 +12,9 @@ import pytest
 from medvox.cli import main
 from medvox.config import DataConfig
 from medvox.data import DataError, check_data, prepare
+from medvox.data.cache import array_digest
 from medvox.data.fingerprint import make_fingerprint, make_plan
+from medvox.engine.runinfo import content_hash
 from tests.data.conftest import lesion_volume, write_dicom_series, write_manifest, write_nifti
 
 
@@ -51,6 +54,17 @@ def test_adrenalmnist3d_prepared_split_and_cached(medmnist_28, data_cfg):
     assert again.cache_hit and "cache hit: nothing decoded" in again.summary()
     with pytest.raises(ValueError, match="fold 5 does not exist"):
         data.fold(5)
+
+    # the store's digest is written when it is built and is that of its bytes; a run's data hash from it
+    # equals the one read from the images themselves
+    digest_file = data.cache_dir / "digest.json"
+    assert again.images_digest == data.images_digest == json.loads(digest_file.read_text())["blake2b"]
+    assert data.images_digest == array_digest(np.asarray(data.images))
+    assert content_hash(again) == content_hash(dataclasses.replace(again, images_digest=None))
+    # a store built before digest.json existed gets one on its next use
+    digest_file.unlink()
+    assert prepare(data_cfg(medmnist_28), progress=False).images_digest == data.images_digest
+    assert digest_file.is_file()
 
 
 def test_adrenalmnist3d_64_keeps_its_grid(medmnist_64):

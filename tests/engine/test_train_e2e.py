@@ -146,3 +146,23 @@ def test_two_process_ddp_on_cpu_gathers_the_whole_validation_set(tiny_medmnist, 
     assert all(h["val"]["n"] == n_val for h in metrics["history"])  # every case once, over both ranks
     assert len((run / "log.csv").read_text().strip().splitlines()) == 1 + 2  # header + 2 epochs, written once
     assert done.stdout.count("epoch   1 |") == 1  # only rank 0 reports
+
+
+def test_training_start_up_imports_neither_monai_nor_torchmetrics(tiny_medmnist, tmp_path):
+    """A ResNet run reaches its first optimizer step without importing MONAI (~1 s) or torchmetrics (~1 s
+    through Fabric's version check): the warm start-up target of benchmarks/ leaves no room for either."""
+    probe = (
+        "import os, sys\n"
+        "from torch.optim.optimizer import register_optimizer_step_post_hook\n"
+        "def first_step(*_):\n"
+        "    print('LOADED', 'monai' in sys.modules, 'torchmetrics' in sys.modules, flush=True)\n"
+        "    os._exit(0)\n"
+        "register_optimizer_step_post_hook(first_step)\n"
+        "from medvox.cli import main\n"
+        "main(sys.argv[1:])\n"
+    )
+    args = ["train", "--data", str(tiny_medmnist), "--cache-dir", str(tmp_path / "cache"), "--model", "resnet10",
+            "--batch_size", "4", "--epochs", "1", "--folds", "2", "--output", str(tmp_path / "run")]
+    out = subprocess.run([sys.executable, "-c", probe, *args], capture_output=True, text=True, timeout=300,
+                         cwd=tmp_path)
+    assert "LOADED False False" in out.stdout, out.stdout + out.stderr[-2000:]

@@ -1,4 +1,4 @@
-"""ECE, Brier and temperature scaling: hand values, torchmetrics/sklearn references, synthetic models."""
+"""ECE, Brier and temperature scaling: hand values, MONAI/sklearn references, synthetic models."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import json
 import numpy as np
 import pytest
 import torch
+from monai.metrics import CalibrationErrorMetric
 from sklearn.metrics import brier_score_loss
-from torchmetrics.functional.classification import binary_calibration_error, multiclass_calibration_error
 
 from medvox.evaluation.calibration import (
     apply_temperature,
@@ -38,15 +38,22 @@ def test_ece_by_hand():
     assert bins["confidence"][7] == pytest.approx(0.8) and bins["accuracy"][0] is None
 
 
-def test_ece_matches_torchmetrics():
+def _monai_ece(confidence: torch.Tensor, correct: torch.Tensor) -> float:
+    """MONAI's equal-width 15-bin expected calibration error of one binary event (torchmetrics gives the same)."""
+    metric = CalibrationErrorMetric(num_bins=15, include_background=True, calibration_reduction="expected",
+                                    metric_reduction="mean")
+    return metric(y_pred=confidence.float().view(1, 1, -1), y=correct.float().view(1, 1, -1)).item()
+
+
+def test_ece_matches_monai():
     logits, labels = _calibrated_model(2000, 4, seed=1)
     probs = (logits * 2).softmax(1)
-    ref = multiclass_calibration_error(probs, labels, num_classes=4, n_bins=15, norm="l1")
-    assert expected_calibration_error(labels, probs) == pytest.approx(ref.item(), abs=1e-5)
+    # top-label ECE: the calibration of the event "the arg-max class is right" at the max probability
+    conf, pred = probs.max(1)
+    assert expected_calibration_error(labels, probs) == pytest.approx(_monai_ece(conf, pred == labels), abs=1e-5)
     p1 = torch.rand(2000, generator=torch.Generator().manual_seed(3))
     y = (torch.rand(2000, generator=torch.Generator().manual_seed(4)) < p1**2).long()
-    ref_bin = binary_calibration_error(p1, y, n_bins=15, norm="l1")
-    assert expected_calibration_error(y, p1, mode="positive") == pytest.approx(ref_bin.item(), abs=1e-5)
+    assert expected_calibration_error(y, p1, mode="positive") == pytest.approx(_monai_ece(p1, y), abs=1e-5)
 
 
 def test_ece_of_calibrated_model_is_near_zero():

@@ -65,7 +65,7 @@ def test_run_folder_records_versions_hardware_config_splits_and_data(determinist
     from importlib.metadata import version
 
     assert info["versions"] == {"python": platform.python_version(), "torch": torch.__version__,
-                                "monai": monai.__version__, "lightning": version("lightning"),
+                                "monai": monai.__version__, "lightning_fabric": version("lightning-fabric"),
                                 "numpy": np.__version__, "medvox": medvox.__version__}
     head = _git("rev-parse", "HEAD")
     if head is None or head.returncode != 0:

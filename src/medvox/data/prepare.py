@@ -49,6 +49,7 @@ class Prepared:
         cache_hit: True when nothing had to be preprocessed.
         n_built: cases preprocessed by this call (0 on a hit).
         skipped: what ``skip_bad`` dropped (also in ``skipped_cases.json``).
+        images_digest: blake2b of the store's bytes (``digest.json``, written when the store is built).
     """
 
     classes: list[str]
@@ -63,6 +64,7 @@ class Prepared:
     cache_hit: bool = False
     n_built: int = 0
     skipped: list[dict[str, Any]] = field(default_factory=list)
+    images_digest: str | None = None
 
     def __post_init__(self) -> None:
         self._row = {c.id: i for i, c in enumerate(self.cases)}
@@ -152,10 +154,11 @@ def prepare(cfg: DataConfig, progress: bool = True) -> Prepared:
         plan_dir, n_built = _ensure_store(dataset_dir, cases, plan, fingerprint, skipped, cfg, progress)
         splits = load_or_make_splits(dataset_dir, cases, caseset.classes, cfg.folds, cfg.split_seed)
         images = np.load(plan_dir / "images.npy", mmap_mode="r")  # opened under the lock: never mid-swap
+        images_digest = _ensure_digest(plan_dir)
     labels = np.array([-1 if c.label is None else c.label for c in cases], dtype=np.int64)
     return Prepared(classes=list(caseset.classes), cases=cases, images=images, labels=labels, plan=plan,
                     fingerprint=fingerprint, splits=splits, cache_dir=plan_dir, data_hash=data_hash,
-                    cache_hit=n_built == 0, n_built=n_built, skipped=skipped)
+                    cache_hit=n_built == 0, n_built=n_built, skipped=skipped, images_digest=images_digest)
 
 
 def _kept_cases(report: CheckReport, caseset: CaseSet, cfg: DataConfig) -> tuple[list[int], list[dict]]:
@@ -195,6 +198,7 @@ def _ensure_store(dataset_dir: Path, cases: list[Case], plan: dict, fingerprint:
     index = cache.read_json(plan_dir / "index.json")
     if index is not None and index.get("keys") == keys and (plan_dir / "images.npy").is_file():
         _write_documents(plan_dir, cases, keys, plan, fingerprint, skipped)  # labels/counts may have changed
+        _ensure_digest(plan_dir)  # stores built before digest.json existed get one, once
         return plan_dir, 0
     for stale in dataset_dir.glob(f".{plan_id}.*"):  # left by a killed build; we hold the lock
         shutil.rmtree(stale, ignore_errors=True)
@@ -204,10 +208,21 @@ def _ensure_store(dataset_dir: Path, cases: list[Case], plan: dict, fingerprint:
         todo = _copy_unchanged(tmp / "images.npy", plan_dir, index, keys, plan)
         build_images(tmp / "images.npy", cases, plan, todo, cfg.workers, progress)
         _write_documents(tmp, cases, keys, plan, fingerprint, skipped)
+        _ensure_digest(tmp)
         _swap(tmp, plan_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return plan_dir, len(todo)
+
+
+def _ensure_digest(folder: Path) -> str:
+    """The store's content digest from ``digest.json``; computed and written when missing (under the lock)."""
+    known = cache.read_json(folder / "digest.json")
+    if isinstance(known, dict) and isinstance(known.get("blake2b"), str):
+        return known["blake2b"]
+    digest = cache.store_digest(folder / "images.npy")
+    cache.write_json(folder / "digest.json", {"blake2b": digest})
+    return digest
 
 
 def _copy_unchanged(store: Path, plan_dir: Path, index: dict | None, keys: list[str], plan: dict) -> list[int]:

@@ -41,9 +41,23 @@ def resolve_precision(tc: TrainConfig, accelerator: str) -> str:
     return {"bf16": "bf16-mixed", "fp16": "16-mixed", "fp32": "32-true"}[choice]
 
 
+def fabric_module():
+    """``lightning_fabric`` (our dependency), or the same Fabric bundled as ``lightning.fabric``.
+
+    Both are the same code; we depend on the standalone package because the full ``lightning`` one
+    installs torchmetrics, and Fabric imports whatever torchmetrics is installed (with matplotlib and
+    SciPy's signal module) to check its version: about 1 s of every start-up on a 2-core CPU.
+    """
+    try:
+        import lightning_fabric
+    except ImportError:  # an environment with the full `lightning` package only
+        import lightning.fabric as lightning_fabric
+    return lightning_fabric
+
+
 def make_fabric(tc: TrainConfig):
     """A Lightning Fabric for the configured device(s); DDP when more than one process."""
-    from lightning.fabric import Fabric
+    lf = fabric_module()
 
     wants_gpu = tc.gpu or tc.multi_gpu
     if wants_gpu and not torch.cuda.is_available():
@@ -55,13 +69,11 @@ def make_fabric(tc: TrainConfig):
     n_dev = torch.cuda.device_count() if devices == -1 else devices
     strategy = "ddp" if n_dev > 1 else "auto"
     if strategy == "ddp" and accelerator == "cpu":
-        from lightning.fabric.strategies import DDPStrategy
-
-        strategy = DDPStrategy(process_group_backend="gloo")
+        strategy = lf.strategies.DDPStrategy(process_group_backend="gloo")
     precision = resolve_precision(tc, accelerator)
     if accelerator == "cuda":
         torch.backends.cudnn.benchmark = not tc.deterministic
-    return Fabric(accelerator=accelerator, devices=devices, strategy=strategy, precision=precision)
+    return lf.Fabric(accelerator=accelerator, devices=devices, strategy=strategy, precision=precision)
 
 
 def seed_everything(seed: int, deterministic: bool, threads: int | None) -> None:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from monai.networks.nets import DenseNet121
 
 from medvox.models.base import ClassifierBase
 from medvox.models.registry import register_model
@@ -50,6 +49,8 @@ class DenseNet3D(ClassifierBase):
         super().__init__(in_channels, num_classes, dropout)
         if not 0.0 <= dropout_prob < 1.0:
             raise ValueError(f"dropout_prob must be in [0, 1), got {dropout_prob!r}")
+        from monai.networks.nets import DenseNet121  # imported here: MONAI costs ~1 s at start-up
+
         net = DenseNet121(spatial_dims=3, in_channels=in_channels, out_channels=num_classes,
                           dropout_prob=dropout_prob)
         self.features = net.features  # MONAI's classifier (class_layers) is replaced by ours

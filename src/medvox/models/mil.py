@@ -32,8 +32,6 @@ from collections.abc import Sequence
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from monai.networks.blocks import Convolution
-from monai.networks.layers import Pool
 
 from medvox.models.base import ClassifierBase
 from medvox.models.registry import register_model
@@ -65,6 +63,9 @@ class InstanceEncoder(nn.Module):
 
     def __init__(self, spatial_dims: int, in_channels: int, channels: Sequence[int], embed_dim: int) -> None:
         super().__init__()
+        from monai.networks.blocks import Convolution  # imported here: MONAI costs ~1 s at start-up
+        from monai.networks.layers import Pool
+
         widths = [in_channels, *channels, embed_dim]
         self.blocks = nn.Sequential(*[
             Convolution(spatial_dims, c_in, c_out, strides=1 if i == 0 else 2, kernel_size=3, adn_ordering="NA",

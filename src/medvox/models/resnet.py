@@ -32,7 +32,6 @@ import inspect
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from monai.networks.layers import Conv, Norm, Pool
 
 from medvox.models.base import ClassifierBase
 from medvox.models.registry import register_model
@@ -53,8 +52,10 @@ RESNET_VARIANTS: dict[str, tuple[tuple[int, int], tuple[int, int]]] = {
     "faithful": ((1, 2), (1, 4)),
 }
 
-_Conv3d = Conv[Conv.CONV, 3]
-_BatchNorm3d = Norm[Norm.BATCH, 3]
+# the classes MONAI's layer factories return (Conv[Conv.CONV, 3], Norm[Norm.BATCH, 3]); used directly,
+# importing MONAI would cost ~1 s of every start-up
+_Conv3d = nn.Conv3d
+_BatchNorm3d = nn.BatchNorm3d
 
 
 def _conv3(in_planes: int, planes: int, stride: int = 1, dilation: int = 1) -> nn.Conv3d:
@@ -179,14 +180,14 @@ class MedResNet3D(ClassifierBase):
         self.conv1 = _Conv3d(in_channels, 64, 7, stride=stem_stride, padding=3, bias=False)
         self.bn1 = _BatchNorm3d(64)
         self.relu = nn.ReLU(inplace=True)
-        self.maxpool = Pool[Pool.MAX, 3](kernel_size=3, stride=2, padding=1)
+        self.maxpool = nn.MaxPool3d(kernel_size=3, stride=2, padding=1)
         (s3, d3), (s4, d4) = RESNET_VARIANTS[variant]
         self._in_planes = 64
         self.layer1 = self._make_layer(block, 64, blocks[0])
         self.layer2 = self._make_layer(block, 128, blocks[1], stride=2)
         self.layer3 = self._make_layer(block, 256, blocks[2], stride=s3, dilation=d3)
         self.layer4 = self._make_layer(block, 512, blocks[3], stride=s4, dilation=d4)
-        self.avgpool = Pool[Pool.ADAPTIVEAVG, 3](1)
+        self.avgpool = nn.AdaptiveAvgPool3d(1)
         self._build_head(512 * block.expansion, dropout, cosine_head, cosine_scale)
         self._init_backbone()
         self.set_grad_checkpointing(grad_checkpointing)

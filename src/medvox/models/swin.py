@@ -28,7 +28,6 @@ import re
 from collections.abc import Sequence
 
 import torch
-from monai.networks.nets.swin_unetr import SwinTransformer
 
 from medvox.models.base import ClassifierBase
 from medvox.models.registry import register_model
@@ -78,6 +77,10 @@ class SwinClassifier(ClassifierBase):
         super().__init__(in_channels, num_classes, dropout)
         _check_swin_args(feature_size, depths, num_heads, window_size, dropout_path_rate)
         self.feature_size = int(feature_size)
+        from monai.networks.nets.swin_unetr import (
+            SwinTransformer,  # imported here: MONAI costs ~1 s at start-up
+        )
+
         self.swinViT = SwinTransformer(
             in_chans=in_channels, embed_dim=self.feature_size, window_size=(window_size,) * 3,
             patch_size=(_PATCH,) * 3, depths=tuple(depths), num_heads=tuple(num_heads), mlp_ratio=4.0,
