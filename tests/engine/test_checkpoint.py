@@ -53,6 +53,36 @@ def test_full_disk_fails_clearly_and_keeps_the_previous_file(tmp_path, monkeypat
     assert ckpt.load_checkpoint(path)["epoch"] == 1
 
 
+def test_a_checkpoint_and_its_safetensors_twin_are_replaced_together(tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    path, twin = tmp_path / "best.pt", tmp_path / "best.safetensors"
+    w1 = {"w": torch.randn(3, 2)}
+    ckpt.atomic_save({"model": w1, "epoch": 1}, path, {"epoch": "1"})
+    assert ckpt.safetensors_epoch(twin) == 1 and torch.equal(load_file(twin)["w"], w1["w"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.pt", "best.safetensors"]
+
+    # the disk fills while the twin is written: neither file is replaced, no temp file stays
+    real_mkstemp, calls = ckpt.tempfile.mkstemp, []
+
+    def second_fails(*args, **kwargs):
+        calls.append(kwargs.get("prefix"))
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_mkstemp(*args, **kwargs)
+
+    monkeypatch.setattr(ckpt.tempfile, "mkstemp", second_fails)
+    with pytest.raises(TrainingError, match="no space left.*best.pt and .*best.safetensors"):
+        ckpt.atomic_save({"model": {"w": torch.zeros(3, 2)}, "epoch": 2}, path, {"epoch": "2"})
+    monkeypatch.undo()
+    assert calls == [".best.pt.", ".best.safetensors."]
+    assert ckpt.load_checkpoint(path)["epoch"] == 1 and ckpt.safetensors_epoch(twin) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.pt", "best.safetensors"]
+    assert ckpt.safetensors_epoch(tmp_path / "missing.safetensors") is None
+    path.with_suffix(".safetensors").write_bytes(b"not a safetensors file")
+    assert ckpt.safetensors_epoch(twin) is None
+
+
 def test_nan_weights_are_never_written(tmp_path):
     path = tmp_path / "best.pt"
     ckpt.atomic_save({"model": {"w": torch.ones(2)}, "epoch": 1}, path)

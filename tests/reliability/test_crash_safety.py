@@ -16,10 +16,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from medvox.cli import main
-from medvox.engine.checkpoint import load_checkpoint
+from medvox.engine.checkpoint import load_checkpoint, safetensors_epoch
 from medvox.evaluation.inference import final_checkpoint
 from tests.reliability.conftest import deterministic_cmd
 from tests.reliability.helpers import FAST, MIL, comparable, medvox, popen_medvox, read_json
@@ -114,9 +114,17 @@ def test_sigkill_at_random_moments_and_mid_write_then_resume(small_npz, determin
     assert any(name.startswith(".last.pt.") for name in left_behind)  # a half-written last.pt was really left
 
     last_epoch = _assert_every_checkpoint_loads(run).get("last.pt")
+    # a safetensors twin that lags its .pt (a kill between the two renames) is rewritten on resume
+    stale_twin = {k: torch.zeros_like(v) for k, v in load_file(run / "best.safetensors").items()}
+    save_file(stale_twin, run / "best.safetensors", metadata={"epoch": "-1"})
     done = medvox(*argv, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert f"resumed from {run / 'last.pt'} at epoch {last_epoch}" in done.stdout
+    assert "best.safetensors did not hold the weights of best.pt" in done.stdout + done.stderr
+    for name in ("best.pt", "best_ema.pt"):
+        pt, twin = load_checkpoint(run / name), run / name.replace(".pt", ".safetensors")
+        assert safetensors_epoch(twin) == pt["epoch"]
+        assert all(torch.equal(load_file(twin)[k], v) for k, v in pt["model"].items())
     assert _temp_files(run) == []  # the half-written files of the killed runs were deleted, never loaded
     assert _assert_every_checkpoint_loads(run)["last.pt"] == 2
 

@@ -43,50 +43,87 @@ def _atomic_write(path: Path, write: Callable[[Any], None]) -> None:
     A crash leaves the old file (plus, at worst, a ``.<name>.*.tmp`` that ``remove_stale_temp_files``
     deletes on the next start); a full disk raises a clear ``TrainingError`` and keeps the old file.
     """
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
+    _atomic_write_all([(path, write)])
+
+
+def _atomic_write_all(files: list[tuple[Path, Callable[[Any], None]]]) -> None:
+    """Write every file to its temp file first (fsynced), then rename them all over their targets.
+
+    Files that belong together (``best.pt`` and ``best.safetensors``) are then replaced within
+    microseconds of each other instead of one whole save apart; if any write fails, none is replaced.
+    """
+    temps: list[str] = []
     try:
-        with os.fdopen(fd, "wb") as fh:
-            write(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        share_permissions(tmp)
-        os.replace(tmp, path)
+        for path, write in files:
+            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
+            temps.append(tmp)
+            with os.fdopen(fd, "wb") as fh:
+                write(fh)
+                fh.flush()
+                os.fsync(fh.fileno())
+            share_permissions(tmp)
+        for tmp, (path, _) in zip(temps, files, strict=True):
+            os.replace(tmp, path)
     except OSError as exc:
-        Path(tmp).unlink(missing_ok=True)
+        for tmp in temps:
+            Path(tmp).unlink(missing_ok=True)
         if exc.errno == errno.ENOSPC:
+            names = " and ".join(str(path) for path, _ in files)
             raise TrainingError(
-                f"no space left on the device while writing {path}; the previous checkpoint is intact. "
+                f"no space left on the device while writing {names}; the previous checkpoint is intact. "
                 "Free some space (or choose another --output) and continue with --resume."
             ) from exc
         raise
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        for tmp in temps:
+            Path(tmp).unlink(missing_ok=True)
         raise
 
 
-def atomic_save(obj: dict[str, Any], path: str | Path) -> None:
-    """``torch.save`` to ``path`` atomically; model weights in ``obj['model']``/``obj['ema']`` must be finite."""
+def atomic_save(obj: dict[str, Any], path: str | Path, safetensors_metadata: dict[str, str] | None = None) -> None:
+    """``torch.save`` to ``path`` atomically; model weights in ``obj['model']``/``obj['ema']`` must be finite.
+
+    With ``safetensors_metadata``, ``obj['model']`` is also written as ``path`` with the suffix
+    ``.safetensors`` (see :func:`atomic_save_safetensors`), and the two files are replaced together.
+    """
     path = Path(path)
     for key in ("model", "ema"):
         if isinstance(obj.get(key), dict):
             _check_finite(obj[key], f"{path.name} ({key})")
-    _atomic_write(path, lambda fh: torch.save(obj, fh))
+    files = [(path, lambda fh: torch.save(obj, fh))]
+    if safetensors_metadata is not None:
+        data = _safetensors_bytes(obj["model"], safetensors_metadata)
+        files.append((path.with_suffix(".safetensors"), lambda fh: fh.write(data)))
+    _atomic_write_all(files)
 
 
 def atomic_save_safetensors(state_dict: dict[str, torch.Tensor], path: str | Path,
                             metadata: dict[str, str] | None = None) -> None:
-    """The weights alone as ``safetensors`` (no pickle: safe to load anywhere), atomically, finite only.
-
-    Tensors are stored as independent contiguous CPU copies (safetensors refuses strided or shared
-    storage, and channels-last convolution weights are strided).
-    """
-    from safetensors.torch import save as safetensors_bytes
-
+    """The weights alone as ``safetensors`` (no pickle: safe to load anywhere), atomically, finite only."""
     path = Path(path)
     _check_finite(state_dict, path.name)
-    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state_dict.items()}
-    data = safetensors_bytes(tensors, metadata=metadata)
+    data = _safetensors_bytes(state_dict, metadata)
     _atomic_write(path, lambda fh: fh.write(data))
+
+
+def _safetensors_bytes(state_dict: dict[str, torch.Tensor], metadata: dict[str, str] | None) -> bytes:
+    """Tensors are stored as independent contiguous CPU copies (safetensors refuses strided or shared
+    storage, and channels-last convolution weights are strided)."""
+    from safetensors.torch import save as safetensors_bytes
+
+    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state_dict.items()}
+    return safetensors_bytes(tensors, metadata=metadata)
+
+
+def safetensors_epoch(path: str | Path) -> int | None:
+    """The ``epoch`` in a safetensors file's metadata; None when the file or the field is missing or unreadable."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            return int((fh.metadata() or {})["epoch"])
+    except Exception:  # a missing or damaged file, no metadata, no epoch: safetensors raises its own types
+        return None
 
 
 def remove_stale_temp_files(folder: str | Path) -> list[Path]:

@@ -22,7 +22,7 @@ from medvox import __version__
 from medvox.config import ExperimentConfig, save, to_dict
 from medvox.data.loader import ArrayLoader
 from medvox.engine import artifacts, loop
-from medvox.engine.checkpoint import atomic_save, atomic_save_safetensors, load_checkpoint
+from medvox.engine.checkpoint import atomic_save, atomic_save_safetensors, load_checkpoint, safetensors_epoch
 from medvox.engine.compat import guard_cpu_bf16_conv3d
 from medvox.engine.ema import create_ema, update_ema
 from medvox.engine.optim import Schedule, build_optimizer, param_groups
@@ -150,6 +150,8 @@ class FoldTrainer:
         self.history, self.best, self.bad_epochs = state["history"], state["best"], state["bad_epochs"]
         torch.set_rng_state(state["rng"])
         self.start_epoch = int(state["epoch"]) + 1
+        if self.fabric.is_global_zero:
+            self._sync_safetensors()
         log.info("resumed from %s at epoch %d", self.run_dir / "last.pt", state["epoch"])
 
     # ---------------------------------------------------------------- one epoch
@@ -215,13 +217,24 @@ class FoldTrainer:
                 improved = True
                 weights = (self.raw_model if kind == "raw" else self.ema.module).state_dict()
                 if self.fabric.is_global_zero:
+                    # with the same weights without pickle (best.safetensors / best_ema.safetensors):
+                    # loadable where unpickling is not allowed; the metadata says what to build them into
                     atomic_save({**self._common(), "kind": kind, "epoch": epoch, "model": weights,
-                                 "metrics": entry[key]}, self.run_dir / fname)
-                    # the same weights without pickle (best.safetensors / best_ema.safetensors): loadable
-                    # where unpickling is not allowed; the metadata says what to build them into
-                    atomic_save_safetensors(weights, (self.run_dir / fname).with_suffix(".safetensors"),
-                                            self._safetensors_metadata(kind, epoch))
+                                 "metrics": entry[key]}, self.run_dir / fname, self._safetensors_metadata(kind, epoch))
         return improved
+
+    def _sync_safetensors(self) -> None:
+        """On resume: rewrite a ``.safetensors`` twin that does not hold its ``.pt``'s epoch (a run killed
+        between the two renames, or one from before they were written together)."""
+        for kind, fname in (("raw", "best.pt"), ("ema", "best_ema.pt")):
+            pt = self.run_dir / fname
+            if not pt.is_file():
+                continue
+            best = load_checkpoint(pt)
+            twin = pt.with_suffix(".safetensors")
+            if safetensors_epoch(twin) != int(best["epoch"]):
+                log.warning("%s did not hold the weights of %s (epoch %d): rewritten", twin.name, fname, best["epoch"])
+                atomic_save_safetensors(best["model"], twin, self._safetensors_metadata(kind, int(best["epoch"])))
 
     def _safetensors_metadata(self, kind: str, epoch: int) -> dict[str, str]:
         import json
