@@ -121,3 +121,150 @@ def run_gpu(quick: bool) -> dict:
             out["runs"].append(run)
     out["augment"] = _gpu_augment(96, 8, steps)
     return out
+
+
+# ------------------------------------------------------------------------------------------- MFU sweep
+# Where does ResNet-50-3D's step time go on a GPU, and which lever moves the MFU? One call measures the
+# step (bf16, fused Adam) at several batches, with and without channels_last_3d, torch.compile and the
+# on-device augmentation, and profiles the default configuration's CUDA kernels. It runs on any device
+# (the test smoke-runs it on the CPU at a tiny size); the figures that matter come from a GPU:
+#   python benchmarks/gpu.py --mfu-sweep --json /tmp/mfu.json
+
+
+def _sweep_step(model_name: str, size: int, batch: int, steps: int, device: str, channels_last: bool,
+                compile_model: bool, augment_on: bool) -> dict:
+    from benchmarks.medvox_side import medvox_augment
+    from medvox.models import create_model
+
+    dev = torch.device(device)
+    fmt = torch.channels_last_3d if channels_last else torch.contiguous_format
+    model = create_model(model_name, in_channels=1, num_classes=2).to(dev).to(memory_format=fmt)
+    opt = torch.optim.Adam(model.parameters(), lr=2e-4, fused=dev.type == "cuda")
+    forward = torch.compile(model) if compile_model else model
+    augment, gen = medvox_augment([0, 1, 2]), torch.Generator().manual_seed(0)
+    x = torch.rand(batch, 1, size, size, size, device=dev)
+    y = torch.randint(0, 2, (batch,), device=dev)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+
+    def step() -> None:
+        xa = (augment(x, gen) if augment_on else x).contiguous(memory_format=fmt)
+        with torch.autocast(dev.type, dtype=torch.bfloat16):
+            loss = torch.nn.functional.cross_entropy(forward(xa).float(), y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    t0 = time.perf_counter()
+    for _ in range(3):  # warm-up: compilation, cuDNN autotuning, the allocator
+        step()
+    sync()
+    warmup = time.perf_counter() - t0
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        step()
+        sync()
+        times.append(time.perf_counter() - t0)
+    peak = torch.cuda.max_memory_allocated() / 2**30 if dev.type == "cuda" else None
+    return {"step_seconds": summary(times), "warmup_seconds": warmup, "peak_allocated_gb": peak, "step": step}
+
+
+def _kernel_table(step, device: str, top: int = 15) -> list[dict]:
+    """The ``top`` kernels (or CPU ops) by self time over 3 profiled steps."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(3):
+            step()
+        if device == "cuda":
+            torch.cuda.synchronize()
+    attr = "self_device_time_total" if device == "cuda" else "self_cpu_time_total"
+    events = sorted(prof.key_averages(), key=lambda e: getattr(e, attr, 0), reverse=True)
+    total = sum(getattr(e, attr, 0) for e in events) or 1
+    return [{"name": e.key[:120], "calls": e.count, "ms_per_step": getattr(e, attr, 0) / 3 / 1e3,
+             "share": getattr(e, attr, 0) / total} for e in events[:top]]
+
+
+def mfu_sweep(model_name: str = "resnet50", size: int = 128, batches: tuple[int, ...] = (6, 12, 24),
+              steps: int = 10, device: str = "cuda", compile_too: bool = True) -> dict:
+    """Step time, TFLOP/s and MFU of ``model_name`` at ``size^3`` over batches and options; kernel profile."""
+    peak = peak_tflops(torch.cuda.get_device_name(0), "bf16") if device == "cuda" else None
+    configs = [dict(batch=b, channels_last=True, compile_model=False, augment_on=True) for b in batches]
+    configs += [dict(batch=batches[0], channels_last=False, compile_model=False, augment_on=True),
+                dict(batch=batches[0], channels_last=True, compile_model=False, augment_on=False)]
+    if compile_too:
+        configs += [dict(batch=b, channels_last=True, compile_model=True, augment_on=True) for b in batches[:2]]
+    out = {"model": model_name, "size": size, "device": torch.cuda.get_device_name(0) if device == "cuda" else device,
+           "peak": peak, "runs": []}
+    for cfg in configs:
+        log(f"mfu sweep: {model_name} {size}^3 {cfg}")
+        try:
+            run = _sweep_step(model_name, size, steps=steps, device=device, **cfg)
+        except torch.OutOfMemoryError:
+            out["runs"].append({**cfg, "error": "out of memory"})
+            if device == "cuda":
+                torch.cuda.empty_cache()
+            continue
+        step = run.pop("step")
+        flops = train_step_flops(model_name, size, cfg["batch"])
+        tflops = flops / run["step_seconds"]["median"] / 1e12
+        run.update({**cfg, "gflop_per_step": flops / 1e9, "tflops": tflops, "mfu": tflops / peak[1] if peak else None,
+                    "samples_per_s": cfg["batch"] / run["step_seconds"]["median"]})
+        if cfg == configs[0]:
+            run["kernels"] = _kernel_table(step, device)
+        out["runs"].append(run)
+        del step
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    return out
+
+
+def format_sweep(result: dict) -> str:
+    """A Markdown table of the sweep and the default configuration's top kernels."""
+    lines = [f"MFU sweep: {result['model']} at {result['size']}^3 on {result['device']} (bf16 autocast, fused Adam)",
+             "", "| batch | channels_last_3d | compile | augmentation | step ms | samples/s | TFLOP/s | MFU | peak GiB |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in result["runs"]:
+        if "error" in r:
+            lines.append(f"| {r['batch']} | {r['channels_last']} | {r['compile_model']} | {r['augment_on']} | "
+                         f"{r['error']} | | | | |")
+            continue
+        mfu = f"{100 * r['mfu']:.1f} %" if r["mfu"] is not None else "n/a"
+        peak = f"{r['peak_allocated_gb']:.1f}" if r["peak_allocated_gb"] is not None else "n/a"
+        lines.append(f"| {r['batch']} | {r['channels_last']} | {r['compile_model']} | {r['augment_on']} | "
+                     f"{1e3 * r['step_seconds']['median']:.1f} | {r['samples_per_s']:.1f} | {r['tflops']:.1f} | "
+                     f"{mfu} | {peak} |")
+    kernels = next((r["kernels"] for r in result["runs"] if "kernels" in r), [])
+    if kernels:
+        lines += ["", "Top kernels of the first configuration (self time per step):", "",
+                  "| kernel / op | calls (3 steps) | ms per step | share |", "| --- | --- | --- | --- |"]
+        lines += [f"| `{k['name']}` | {k['calls']} | {k['ms_per_step']:.2f} | {100 * k['share']:.1f} % |"
+                  for k in kernels]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    import argparse
+    import json
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    p = argparse.ArgumentParser(description="GPU MFU sweep of ResNet-3D training steps")
+    p.add_argument("--mfu-sweep", action="store_true", required=True)
+    p.add_argument("--model", default="resnet50")
+    p.add_argument("--size", type=int, default=128)
+    p.add_argument("--batches", type=int, nargs="+", default=[6, 12, 24])
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--no-compile", action="store_true")
+    p.add_argument("--json", type=Path, required=True)
+    a = p.parse_args()
+    res = mfu_sweep(a.model, a.size, tuple(a.batches), a.steps, "cuda" if torch.cuda.is_available() else "cpu",
+                    not a.no_compile)
+    a.json.write_text(json.dumps(res, indent=1, default=str))
+    a.json.with_suffix(".md").write_text(format_sweep(res))
+    print(format_sweep(res))

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One GPU session, everything in one call (a lent GPU machine is billed from start to give-back):
 #   1. the GPU benchmark (issue 6): `benchmarks/run.py --gpu` -> GPU_RESULTS.md / gpu_results.json
+#   1b. the MFU sweep (issue 6): `benchmarks/gpu.py --mfu-sweep` -> mfu_sweep.json / .md (MFU_SWEEP=0 skips it)
 #   2. the accuracy sweep (issue 8): `benchmarks/accuracy.py run` of many recipes in parallel on the one GPU,
 #      stopped at the session's time limit; the small files of every finished run -> acc.tar.gz
 # Usage (repository root, on the GPU machine): OUT=/some/dir BUDGET_S=540 bash benchmarks/gpu_session.sh
@@ -26,6 +27,11 @@ echo "[$(elapsed) s] GPU benchmark"
 timeout 200 python3 benchmarks/run.py --gpu --npz .gpu/data/adrenalmnist3d_64.npz --out "$OUT/GPU_RESULTS.md" \
   --json "$OUT/gpu_results.json" > "$OUT/bench.log" 2>&1
 echo "[$(elapsed) s] benchmark exit $?"; tail -n 25 "$OUT/bench.log"
+if [ "${MFU_SWEEP:-1}" = 1 ]; then  # issue 6: which lever moves ResNet-50-3D's MFU (batch, compile, layout)
+  echo "[$(elapsed) s] MFU sweep"
+  timeout 240 python3 benchmarks/gpu.py --mfu-sweep --json "$OUT/mfu_sweep.json" > "$OUT/mfu.log" 2>&1
+  echo "[$(elapsed) s] MFU sweep exit $?"; tail -n 40 "$OUT/mfu.log"
+fi
 left=$(( BUDGET_S - $(elapsed) - 25 ))
 echo "[$(elapsed) s] accuracy sweep, ${left} s left"
 python3 benchmarks/accuracy.py run --gpu --parallel "${PARALLEL:-10}" --threads 1 --drop-checkpoints \

@@ -104,3 +104,23 @@ def test_gpu_peak_table_matches_names_in_order():
     assert peak_tflops("NVIDIA A100-SXM4-40GB", "bf16")[0] == "A100"
     assert peak_tflops("NVIDIA L40S", "bf16")[0] == "L40S"
     assert peak_tflops("NVIDIA A10G", "bf16") is None and peak_tflops("Tesla V100", "bf16") is None
+
+
+def test_mfu_sweep_measures_every_configuration_and_profiles_the_first():
+    """The GPU MFU sweep, smoke-run on the CPU at a tiny size: one row per configuration, FLOPs from the
+    meta-device count, the first configuration's top ops from torch.profiler, a Markdown table."""
+    from benchmarks.gpu import format_sweep, mfu_sweep, train_step_flops
+
+    res = mfu_sweep("resnet10", 16, (2, 4), steps=1, device="cpu", compile_too=False)
+    runs = res["runs"]
+    assert [(r["batch"], r["channels_last"], r["augment_on"]) for r in runs] == [
+        (2, True, True), (4, True, True), (2, False, True), (2, True, False)]
+    for r in runs:
+        assert r["gflop_per_step"] == pytest.approx(train_step_flops("resnet10", 16, r["batch"]) / 1e9)
+        assert r["tflops"] > 0 and r["mfu"] is None and r["step_seconds"]["median"] > 0
+    assert runs[1]["gflop_per_step"] == pytest.approx(2 * runs[0]["gflop_per_step"], rel=0.01)
+    kernels = runs[0]["kernels"]
+    assert kernels and any("conv" in k["name"].lower() for k in kernels)
+    assert sum(k["share"] for k in kernels) <= 1.0 + 1e-9
+    table = format_sweep(res)
+    assert table.count("\n| 2 | ") == 3 and "Top kernels" in table
