@@ -129,6 +129,7 @@ def run_jobs(jobs: list[tuple[str, int]], out: Path, parallel: int, gpu: bool, t
              deadline: float | None, drop_checkpoints: bool, smoke: bool = False,
              hard_deadline: float | None = None, extra: list[str] | None = None) -> None:
     """Run ``jobs`` (recipe/baseline name, seed), ``parallel`` at a time; record time and CPU time of each."""
+    out = out.resolve()  # the jobs run with `out` as their working folder: a relative path would nest
     out.mkdir(parents=True, exist_ok=True)
     (out / "logs").mkdir(exist_ok=True)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO / "src"), str(REPO),

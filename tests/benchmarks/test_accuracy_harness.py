@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import csv
 import json
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -106,3 +108,26 @@ def test_job_commands_carry_the_recipe_and_seed(tmp_path):
     assert 'model.kwargs={"stem_stride": 1}' in cmd and "--gpu" in cmd and cmd[-2:] == ["--epochs", "5"]
     cmd, result = accuracy.job_command("monai_wce", 1, tmp_path, gpu=False, threads=None)
     assert "monai_baseline.py" in cmd[1] and cmd[cmd.index("--loss") + 1] == "weighted_CE"
+
+
+def test_run_jobs_with_a_relative_out_keeps_results_where_the_report_reads_them(tmp_path, monkeypatch):
+    """Each job runs with ``out`` as its working folder, so ``--out`` given relative used to nest the runs
+    (out/out/runs/...) where nothing was kept or cleaned; the harness now resolves it first."""
+    script = ("import pathlib, sys; run = pathlib.Path(sys.argv[1]); (run / 'fold_0').mkdir(parents=True); "
+              "(run / 'cv_summary.json').write_text('{}'); (run / 'fold_0' / 'metrics.json').write_text('{}'); "
+              "(run / 'fold_0' / 'best.pt').write_text('weights')")
+
+    def fake_job(name, seed, out, gpu, threads, smoke=False, extra=None):  # what medvox cv --output does
+        run = out / "runs" / f"{name}_s{seed}"
+        return [sys.executable, "-c", script, str(run)], run
+
+    monkeypatch.setattr(accuracy, "job_command", fake_job)
+    monkeypatch.chdir(tmp_path)
+    accuracy.run_jobs([("r18", 0)], Path("acc"), 1, False, None, None, drop_checkpoints=True)
+    run = tmp_path / "acc" / "runs" / "r18_s0"
+    assert (run / "cv_summary.json").is_file() and not (tmp_path / "acc" / "acc").exists()
+    assert not (run / "fold_0" / "best.pt").exists()  # checkpoints dropped
+    kept = tmp_path / "acc" / "kept" / "r18_s0"
+    assert (kept / "cv_summary.json").is_file() and (kept / "fold_0" / "metrics.json").is_file()
+    timings = json.loads((tmp_path / "acc" / "timings.json").read_text())
+    assert timings["r18_s0"]["rc"] == 0 and timings["r18_s0"]["cpu_seconds"] > 0
