@@ -107,3 +107,24 @@ def test_two_processes_starting_together_build_once(small_dataset, tmp_path):
         results = [f.result() for f in futures]
     assert sorted(n for n, _ in results) == [0, 12]
     assert results[0][1] == results[1][1]
+
+
+def test_rewritten_npz_is_rebuilt_and_an_untouched_one_is_not_read(medmnist_28, tmp_path, data_cfg):
+    """An npz row's cache key names the file (path, size, mtime) like a NIfTI case's: a rewritten npz is
+    preprocessed again with its new content; an untouched one is not even decompressed."""
+    path = tmp_path / "mini.npz"
+    with np.load(medmnist_28) as npz:
+        images, labels = npz["train_images"][:12], npz["train_labels"][:12]
+    np.savez(path, train_images=images, train_labels=labels)
+    first = prepare(data_cfg(path, folds=2), progress=False)
+    np.testing.assert_allclose(first.images[3, 0], images[3] / 255.0, atol=1e-3)
+    again = prepare(data_cfg(path, folds=2), progress=False)
+    assert again.cache_hit and all(c.array.images._array is None for c in again.cases)
+
+    flipped = images[:, ::-1].copy()
+    np.savez(path, train_images=flipped, train_labels=labels)
+    st = path.stat()
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # a new modification time, as a rewrite has
+    rebuilt = prepare(data_cfg(path, folds=2), progress=False)
+    assert not rebuilt.cache_hit and rebuilt.n_built == 12
+    np.testing.assert_allclose(rebuilt.images[3, 0], flipped[3] / 255.0, atol=1e-3)

@@ -61,6 +61,8 @@ def test_adrenalmnist3d_prepared_split_and_cached(medmnist_28, data_cfg):
     assert again.images_digest == data.images_digest == json.loads(digest_file.read_text())["blake2b"]
     assert data.images_digest == array_digest(np.asarray(data.images))
     assert content_hash(again) == content_hash(dataclasses.replace(again, images_digest=None))
+    # the warm start decompressed no image: the store, the inspections and the splits came from the cache
+    assert all(c.array.images._array is None for c in again.cases)
     # a store built before digest.json existed gets one on its next use
     digest_file.unlink()
     assert prepare(data_cfg(medmnist_28), progress=False).images_digest == data.images_digest

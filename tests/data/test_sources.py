@@ -8,6 +8,7 @@ import pytest
 from medvox.config import DataConfig
 from medvox.data import cases_from_paths, load_source
 from medvox.data.sources import SourceError
+from medvox.errors import DataError
 from tests.data.conftest import write_dicom_series, write_nifti
 
 
@@ -59,6 +60,31 @@ def test_medmnist_npz_pool_and_held_out_test(medmnist_28):
         assert case.label == int(npz["val_labels"][3, 0])
     assert case.array.dtype == np.uint8 and case.array.shape == (28, 28, 28) and case.images is None
     assert case.subset == "train" and cs.cases[-1].subset == "test"
+
+
+def test_npz_images_are_read_only_when_used(medmnist_28, tmp_path):
+    """Reading the source takes the labels and the arrays' headers; a volume's data is decompressed when a
+    case is first used, once per array; a case's signature names the file, the array and the row."""
+    cs = load_source(DataConfig(path=str(medmnist_28)))
+    holders = {c.array.images.key: c.array.images for c in cs.cases}
+    assert sorted(holders) == ["test_images", "train_images", "val_images"]
+    assert all(h._array is None for h in holders.values())  # nothing decompressed yet
+    assert holders["train_images"].shape == (1188, 28, 28, 28) and cs.cases[5].array.size == 28**3
+    with np.load(medmnist_28) as npz:
+        np.testing.assert_array_equal(np.asarray(cs.cases[5].array), npz["train_images"][5])
+        np.testing.assert_array_equal(np.stack([cs.cases[7].array, cs.cases[8].array]), npz["train_images"][7:9])
+    assert holders["train_images"]._array is not None and holders["test_images"]._array is None
+    sig = cs.cases[5].meta["_signature"]
+    assert sig.startswith("npz|") and sig.endswith("|train_images|5") and str(medmnist_28.absolute()) in sig
+
+    # an npz whose images are rewritten in place is not read as the old one
+    src = tmp_path / "mini.npz"
+    with np.load(medmnist_28) as npz:
+        np.savez(src, train_images=npz["train_images"][:4], train_labels=npz["train_labels"][:4])
+    lazy = load_source(DataConfig(path=str(src)))
+    np.savez(src, train_images=np.zeros((5, 28, 28, 28), np.uint8), train_labels=np.zeros((5, 1), np.uint8))
+    with pytest.raises(DataError, match="train_images changed while it was being read"):
+        np.asarray(lazy.cases[0].array)
 
 
 def test_folder_per_class_with_nifti_and_dicom(tmp_path):

@@ -71,6 +71,15 @@ def case_signature(case: Any) -> str:
     return " + ".join(file_signature(p) for p in case.images or [])
 
 
+def inspection_key(case: Any) -> str | None:
+    """The key of a case's inspection record in ``inspect.json``: a file case's signature, or the one its
+    source gave an in-memory case (an npz row names its file); None for other arrays, whose content
+    hash would cost as much as inspecting them again."""
+    if case.array is None:
+        return case_signature(case)
+    return case.meta.get("_signature")
+
+
 def dataset_hash(cfg: DataConfig, kind: str, source: Path) -> tuple[str, dict[str, Any]]:
     """The dataset folder's name and what it stands for (for ``dataset.json``)."""
     ident: dict[str, Any] = {"source": str(Path(source).expanduser().absolute()), "kind": kind}

@@ -19,7 +19,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from medvox.data import io as image_io
-from medvox.data.cache import case_signature
+from medvox.data.cache import case_signature, inspection_key
 from medvox.data.report import Problem
 from medvox.data.sources import Case
 
@@ -47,10 +47,21 @@ def inspect_cases(cases: list[Case], workers: int | None = None, cache: dict[str
     """
     records: list[dict | None] = [None] * len(cases)
     problems: list[Problem] = []
-    in_memory = [i for i, c in enumerate(cases) if c.array is not None]
+    in_memory = []
+    for i, c in enumerate(cases):
+        if c.array is not None:
+            key = inspection_key(c) if cache is not None else None
+            hit = cache.get(key) if key is not None else None
+            if hit is not None:
+                records[i] = hit
+            else:
+                in_memory.append(i)
     for i, record, found in _inspect_arrays([cases[i] for i in in_memory], in_memory):
         records[i] = record
         problems += found
+        key = inspection_key(cases[i]) if cache is not None else None
+        if record is not None and key is not None:
+            cache[key] = record
     # a path that escapes the data folder is reported by the source and never opened
     on_disk = [i for i, c in enumerate(cases) if c.array is None and c.images and not c.meta.get("escapes")]
     todo = []

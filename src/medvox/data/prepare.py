@@ -183,7 +183,7 @@ def _kept_cases(report: CheckReport, caseset: CaseSet, cfg: DataConfig) -> tuple
 
 def _save_records(dataset_dir: Path, records: dict[str, Any], known: set[str], cases: list[Case]) -> None:
     """Keep the inspection records of the current files only; write when something changed."""
-    current = {cache.case_signature(c) for c in cases if c.array is None}
+    current = {key for c in cases if (key := cache.inspection_key(c)) is not None}
     pruned = {k: v for k, v in records.items() if k in current}
     if set(pruned) != known:
         cache.write_json(dataset_dir / "inspect.json", pruned)

@@ -1,6 +1,6 @@
 """Turn a data source into cases: a CSV/TSV manifest, a MedMNIST ``.npz``, or a folder per class.
 
-Reading a source never decodes an image (the npz arrays excepted: they are the source). Problems
+Reading a source never decodes an image (an npz's arrays are read when first used). Problems
 a row has on its own (an empty label, a path that leaves the manifest's folder, a duplicate id)
 are collected in ``CaseSet.problems`` for ``check``; a source that cannot be read at all (no such
 file, a missing column) raises :class:`SourceError` naming what is there and the flag to use.
@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from medvox.config import DataConfig
+from medvox.data.cache import file_signature
 from medvox.data.io import is_image_path, suffix_of
 from medvox.data.report import Problem
 from medvox.errors import DataError
@@ -311,8 +312,67 @@ def _strip_suffix(name: str) -> str:
 # --- MedMNIST .npz ----------------------------------------------------------------------------
 
 
+class NpzImages:
+    """One image array of an ``.npz`` (``train_images``, ...), decompressed on first use, then kept.
+
+    A MedMNIST-64 npz holds 400 MB of deflated images: reading them costs seconds that a warm start
+    (store, inspections and splits all cached) never needs, so the source reads only the labels and the
+    arrays' headers, and the cases hold :class:`NpzVolume` views that load their array when asked.
+    """
+
+    def __init__(self, path: Path, key: str, shape: tuple[int, ...], dtype: np.dtype) -> None:
+        self.path, self.key, self.shape, self.dtype = path, key, tuple(shape), np.dtype(dtype)
+        self._array: np.ndarray | None = None
+
+    def load(self) -> np.ndarray:
+        if self._array is None:
+            with np.load(self.path) as npz:
+                array = npz[self.key]
+            if array.shape != self.shape or array.dtype != self.dtype:
+                raise DataError(f"{self.path}: {self.key} changed while it was being read "
+                                f"({self.shape} {self.dtype} -> {array.shape} {array.dtype}); run again")
+            self._array = array
+        return self._array
+
+
+class NpzVolume:
+    """Row ``index`` of an :class:`NpzImages`: shape, dtype and size without reading; the data on demand."""
+
+    __slots__ = ("images", "index")
+
+    def __init__(self, images: NpzImages, index: int) -> None:
+        self.images, self.index = images, index
+
+    shape = property(lambda self: self.images.shape[1:])
+    dtype = property(lambda self: self.images.dtype)
+    ndim = property(lambda self: len(self.images.shape) - 1)
+    size = property(lambda self: int(np.prod(self.images.shape[1:])))
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        array = self.images.load()[self.index]
+        return array if dtype is None else array.astype(dtype, copy=False)
+
+    def tobytes(self) -> bytes:
+        return np.asarray(self).tobytes()
+
+
+def _npz_header(path: Path, member: str) -> tuple[tuple[int, ...], np.dtype]:
+    """Shape and dtype of ``member`` (an ``.npy`` inside the zip), from its header alone."""
+    import zipfile
+
+    with zipfile.ZipFile(path) as zf, zf.open(member) as fh:
+        version = np.lib.format.read_magic(fh)
+        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, fortran, dtype = read(fh)
+    return tuple(shape), np.dtype(dtype)
+
+
 def _from_npz(path: Path, require_labels: bool) -> CaseSet:
-    """MedMNIST layout: official train+val form the pool, the official test split is held out."""
+    """MedMNIST layout: official train+val form the pool, the official test split is held out.
+
+    The image arrays are not read here (see :class:`NpzImages`); each case's signature names the file
+    (path, size, modification time), the array and the row, as a NIfTI case's names its file.
+    """
     with np.load(path) as npz:
         keys = set(npz.files)
         splits = [s for s in ("train", "val", "test") if f"{s}_images" in keys]
@@ -320,23 +380,26 @@ def _from_npz(path: Path, require_labels: bool) -> CaseSet:
             raise SourceError([Problem(f"no 'train_images' array (arrays present: {', '.join(sorted(keys))})",
                                        "use a MedMNIST-format .npz (train/val/test_images and _labels)",
                                        file=str(path))])
-        arrays = {s: npz[f"{s}_images"] for s in splits}
-        labels = {s: npz[f"{s}_labels"].reshape(len(arrays[s]), -1)[:, 0] for s in splits
+        images = {s: NpzImages(path, f"{s}_images", *_npz_header(path, f"{s}_images.npy")) for s in splits}
+        labels = {s: npz[f"{s}_labels"].reshape(images[s].shape[0], -1)[:, 0] for s in splits
                   if f"{s}_labels" in keys}
     if require_labels and len(labels) < len(splits):
         missing = [f"{s}_labels" for s in splits if s not in labels]
         raise SourceError([Problem(f"no {', '.join(missing)} array", "add the labels", file=str(path))])
     classes = class_order({str(int(v)) for s in labels for v in np.unique(labels[s])})
     index = {int(name): i for i, name in enumerate(classes)}
+    signature = file_signature(path)
     cases = []
     for split in splits:
-        width = max(4, len(str(len(arrays[split]) - 1)))
-        for i, array in enumerate(arrays[split]):
+        n = images[split].shape[0]
+        width = max(4, len(str(n - 1)))
+        for i in range(n):
             case_id = f"{split}_{i:0{width}d}"
             label = index[int(labels[split][i])] if split in labels else None
-            cases.append(Case(id=case_id, group=case_id, array=array, label=label,
+            cases.append(Case(id=case_id, group=case_id, array=NpzVolume(images[split], i), label=label,
                               subset="test" if split == "test" else "train",
-                              meta={"npz_key": f"{split}_images", "index": i}))
+                              meta={"npz_key": f"{split}_images", "index": i,
+                                    "_signature": f"npz|{signature}|{split}_images|{i}"}))
     return CaseSet(cases, classes, path, "npz")
 
 
