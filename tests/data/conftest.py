@@ -69,11 +69,14 @@ def lesion_volume(rng: np.random.Generator, label: int, shape=(12, 12, 8)) -> np
     return (vol + rng.normal(0, 10, shape)).astype(np.int16)
 
 
-def write_manifest(path: Path, rows: list[dict], columns: list[str] | None = None, delimiter: str = ",") -> Path:
+def write_manifest(path: Path, rows: list[dict], columns: list[str] | None = None, delimiter: str = ",",
+                   encoding: str = "utf-8", lineterminator: str = "\r\n") -> Path:
+    """``rows`` as a CSV (``csv``'s own CRLF line ends by default), only ``columns`` when given."""
     columns = columns or list(rows[0])
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="", encoding="utf-8") as fh:
-        writer = csv.DictWriter(fh, fieldnames=columns, delimiter=delimiter, extrasaction="ignore")
+    with open(path, "w", newline="", encoding=encoding) as fh:
+        writer = csv.DictWriter(fh, fieldnames=columns, delimiter=delimiter, extrasaction="ignore",
+                                lineterminator=lineterminator)
         writer.writeheader()
         writer.writerows(rows)
     return path

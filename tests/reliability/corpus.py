@@ -22,6 +22,7 @@ import nibabel as nib
 import numpy as np
 
 from tests.data.conftest import write_dicom_series as _write_dicom
+from tests.data.conftest import write_manifest as _write_manifest
 
 CLASSES = ("benign", "malignant")
 N_GOOD = 8
@@ -89,14 +90,8 @@ def write_dicom_series(folder: Path, data: np.ndarray, series: str = "1", skip: 
 
 def write_manifest(path: Path, rows: list[dict], columns: list[str] | None = None, delimiter: str = ",",
                    encoding: str = "utf-8", lineterminator: str = "\n") -> Path:
-    columns = columns or list(rows[0])
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="", encoding=encoding) as fh:
-        writer = csv.DictWriter(fh, fieldnames=columns, delimiter=delimiter, extrasaction="ignore",
-                                lineterminator=lineterminator)
-        writer.writeheader()
-        writer.writerows(rows)
-    return path
+    """The data tests' writer with LF line ends by default (the corpus varies them on purpose)."""
+    return _write_manifest(path, rows, columns, delimiter, encoding=encoding, lineterminator=lineterminator)
 
 
 def good_rows(root: Path, n: int = N_GOOD, seed: int = 0) -> list[dict]:
