@@ -52,40 +52,6 @@ def train_step_flops(model_name: str, size: int, batch: int) -> int:
     return int(counter.get_total_flops())
 
 
-def _gpu_train_steps(model_name: str, size: int, batch: int, steps: int, checkpointing: bool) -> dict:
-    """medvox's recipe on the GPU: bf16 autocast, channels_last_3d, fused Adam, BatchAugment on the device."""
-    from benchmarks.medvox_side import medvox_augment
-    from medvox.models import create_model
-
-    dev = torch.device("cuda")
-    model = create_model(model_name, in_channels=1, num_classes=2, grad_checkpointing=checkpointing)
-    model = model.to(dev).to(memory_format=torch.channels_last_3d)
-    opt = torch.optim.Adam(model.parameters(), lr=2e-4, fused=True)
-    augment, gen = medvox_augment([0, 1, 2]), torch.Generator().manual_seed(0)
-    x = torch.rand(batch, 1, size, size, size, device=dev)
-    y = torch.randint(0, 2, (batch,), device=dev)
-
-    def step() -> None:
-        xa = augment(x, gen).contiguous(memory_format=torch.channels_last_3d)
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = torch.nn.functional.cross_entropy(model(xa).float(), y)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    for _ in range(3):  # warm-up: cuDNN autotuning, allocator
-        step()
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        step()
-        torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    return {"step_seconds": summary(times), "peak_allocated_gb": torch.cuda.max_memory_allocated() / 2**30}
-
-
 def _gpu_augment(size: int, batch: int, steps: int) -> dict:
     from benchmarks.medvox_side import medvox_augment
 
@@ -113,7 +79,8 @@ def run_gpu(quick: bool) -> dict:
     for model_name, size, batch, key in (("resnet18", 64, 4, "resnet18_64_b4"), ("resnet50", 128, 6, "resnet50_128_b6")):
         for ckpt in (False, True):
             log(f"gpu: {model_name} {size}^3 batch {batch} bf16 checkpointing={ckpt}")
-            run = _gpu_train_steps(model_name, size, batch, steps, ckpt)
+            run = train_steps(model_name, size, batch, steps, checkpointing=ckpt)
+            del run["step"]
             tflops = flops[key] / run["step_seconds"]["median"] / 1e12
             run.update({"model": model_name, "size": size, "batch": batch, "checkpointing": ckpt,
                         "samples_per_s": batch / run["step_seconds"]["median"], "tflops": tflops,
@@ -131,14 +98,17 @@ def run_gpu(quick: bool) -> dict:
 #   python benchmarks/gpu.py --mfu-sweep --json /tmp/mfu.json
 
 
-def _sweep_step(model_name: str, size: int, batch: int, steps: int, device: str, channels_last: bool,
-                compile_model: bool, augment_on: bool) -> dict:
+def train_steps(model_name: str, size: int, batch: int, steps: int, device: str = "cuda", channels_last: bool = True,
+                compile_model: bool = False, augment_on: bool = True, checkpointing: bool = False) -> dict:
+    """medvox's recipe, timed: bf16 autocast, fused Adam (on CUDA), BatchAugment on the device; by default
+    channels_last_3d, no torch.compile. Returns the step times, warm-up time, peak memory and the step."""
     from benchmarks.medvox_side import medvox_augment
     from medvox.models import create_model
 
     dev = torch.device(device)
     fmt = torch.channels_last_3d if channels_last else torch.contiguous_format
-    model = create_model(model_name, in_channels=1, num_classes=2).to(dev).to(memory_format=fmt)
+    model = create_model(model_name, in_channels=1, num_classes=2, grad_checkpointing=checkpointing)
+    model = model.to(dev).to(memory_format=fmt)
     opt = torch.optim.Adam(model.parameters(), lr=2e-4, fused=dev.type == "cuda")
     forward = torch.compile(model) if compile_model else model
     augment, gen = medvox_augment([0, 1, 2]), torch.Generator().manual_seed(0)
@@ -202,7 +172,7 @@ def mfu_sweep(model_name: str = "resnet50", size: int = 128, batches: tuple[int,
     for cfg in configs:
         log(f"mfu sweep: {model_name} {size}^3 {cfg}")
         try:
-            run = _sweep_step(model_name, size, steps=steps, device=device, **cfg)
+            run = train_steps(model_name, size, steps=steps, device=device, **cfg)
         except torch.OutOfMemoryError:
             out["runs"].append({**cfg, "error": "out of memory"})
             if device == "cuda":

@@ -154,7 +154,7 @@ def prepare(cfg: DataConfig, progress: bool = True) -> Prepared:
         plan_dir, n_built = _ensure_store(dataset_dir, cases, plan, fingerprint, skipped, cfg, progress)
         splits = load_or_make_splits(dataset_dir, cases, caseset.classes, cfg.folds, cfg.split_seed)
         images = np.load(plan_dir / "images.npy", mmap_mode="r")  # opened under the lock: never mid-swap
-        images_digest = _ensure_digest(plan_dir)
+        images_digest = _ensure_digest(plan_dir)  # a new store (or one from before digest.json) gets one, once
     labels = np.array([-1 if c.label is None else c.label for c in cases], dtype=np.int64)
     return Prepared(classes=list(caseset.classes), cases=cases, images=images, labels=labels, plan=plan,
                     fingerprint=fingerprint, splits=splits, cache_dir=plan_dir, data_hash=data_hash,
@@ -198,7 +198,6 @@ def _ensure_store(dataset_dir: Path, cases: list[Case], plan: dict, fingerprint:
     index = cache.read_json(plan_dir / "index.json")
     if index is not None and index.get("keys") == keys and (plan_dir / "images.npy").is_file():
         _write_documents(plan_dir, cases, keys, plan, fingerprint, skipped)  # labels/counts may have changed
-        _ensure_digest(plan_dir)  # stores built before digest.json existed get one, once
         return plan_dir, 0
     for stale in dataset_dir.glob(f".{plan_id}.*"):  # left by a killed build; we hold the lock
         shutil.rmtree(stale, ignore_errors=True)
@@ -208,7 +207,6 @@ def _ensure_store(dataset_dir: Path, cases: list[Case], plan: dict, fingerprint:
         todo = _copy_unchanged(tmp / "images.npy", plan_dir, index, keys, plan)
         build_images(tmp / "images.npy", cases, plan, todo, cfg.workers, progress)
         _write_documents(tmp, cases, keys, plan, fingerprint, skipped)
-        _ensure_digest(tmp)
         _swap(tmp, plan_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -345,15 +345,11 @@ class NpzVolume:
 
     shape = property(lambda self: self.images.shape[1:])
     dtype = property(lambda self: self.images.dtype)
-    ndim = property(lambda self: len(self.images.shape) - 1)
     size = property(lambda self: int(np.prod(self.images.shape[1:])))
 
     def __array__(self, dtype=None, copy=None) -> np.ndarray:
         array = self.images.load()[self.index]
         return array if dtype is None else array.astype(dtype, copy=False)
-
-    def tobytes(self) -> bytes:
-        return np.asarray(self).tobytes()
 
 
 def _npz_header(path: Path, member: str) -> tuple[tuple[int, ...], np.dtype]:

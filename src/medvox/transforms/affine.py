@@ -202,13 +202,10 @@ def affine_grid_3d(theta: torch.Tensor, spatial_shape: tuple[int, int, int]) -> 
         ``(B, D, H, W, 3)`` sampling grid in ``theta``'s dtype and device.
     """
     d, h, w = spatial_shape
-
-    def centres(n: int) -> torch.Tensor:  # align_corners=False: voxel centres at (2i + 1) / n - 1
-        return (torch.arange(n, dtype=theta.dtype, device=theta.device) * 2 + 1) / n - 1
-
+    u, v, z = (_centres(n, theta.dtype, theta.device) for n in (w, h, d))
     cols = theta.transpose(1, 2)[:, None, None, None]  # (B, 1, 1, 1, 4, 3): row j = column j of theta
-    plane = centres(w).view(1, 1, 1, w, 1) * cols[..., 0, :] + centres(h).view(1, 1, h, 1, 1) * cols[..., 1, :]
-    column = centres(d).view(1, d, 1, 1, 1) * cols[..., 2, :] + cols[..., 3, :]
+    plane = u.view(1, 1, 1, w, 1) * cols[..., 0, :] + v.view(1, 1, h, 1, 1) * cols[..., 1, :]
+    column = z.view(1, d, 1, 1, 1) * cols[..., 2, :] + cols[..., 3, :]
     return plane + column
 
 
@@ -255,7 +252,7 @@ def apply_affine(
         on_cpu, voxels = x.device.type == "cpu", math.prod(x.shape[2:])
         resampler = "two_pass" if on_cpu and voxels >= _TWO_PASS_MIN_VOXELS else "grid"
     if resampler == "two_pass" and mode == "bilinear" and padding_mode in ("min", "zeros"):
-        return _two_pass(xf, theta.to(x.device), padding_mode).to(x.dtype)
+        return _two_pass(xf, grid_theta, padding_mode).to(x.dtype)
     # On the CPU, resample a few volumes at a time. ``grid_sample``'s 3D CPU kernel runs one volume per
     # thread, so chunks of ``num_threads`` volumes keep every core busy, and the per-chunk grid (10 MB per
     # volume at 96^3) stays small enough for malloc to reuse its memory; a whole-batch grid is a fresh
@@ -269,10 +266,13 @@ def apply_affine(
     return out.to(x.dtype)
 
 
-def _two_pass(xf: torch.Tensor, theta: torch.Tensor, padding_mode: str) -> torch.Tensor:
-    """Trilinear pull-back as a pass along D, then a pass in (H, W) planes (module docstring)."""
+def _two_pass(xf: torch.Tensor, grid_theta: torch.Tensor, padding_mode: str) -> torch.Tensor:
+    """Trilinear pull-back as a pass along D, then a pass in (H, W) planes (module docstring).
+
+    ``grid_theta``: the normalised matrices of :func:`normalized_theta`, axes (x, y, z) = (W, H, D).
+    """
     b, _, d, h, w = xf.shape
-    th = normalized_theta(theta, (d, h, w)).double().cpu()  # (x, y, z) = (W, H, D), see normalized_theta
+    th = grid_theta.double().cpu()
     a, bb, c = th[:, 0, 0], th[:, 0, 1], th[:, 0, 2]
     dd, e, f = th[:, 1, 0], th[:, 1, 1], th[:, 1, 2]
     det2 = a * e - bb * dd
@@ -290,10 +290,7 @@ def _two_pass(xf: torch.Tensor, theta: torch.Tensor, padding_mode: str) -> torch
     zc, yc = _centres(d), _centres(h)
     for k in range(b):
         if not good[k]:
-            grid_theta = normalized_theta(theta[k : k + 1], (d, h, w))
-            out[k : k + 1] = F.grid_sample(
-                src[k : k + 1], affine_grid_3d(grid_theta, (d, h, w)), padding_mode="zeros", align_corners=False
-            )
+            out[k : k + 1] = _resample(src[k : k + 1], grid_theta[k : k + 1], "bilinear", "zeros")
             continue
         # pass 1, planes (D, W) for each H row y: source (x, z) = (x, g x + ii z + hh y + tz)
         planes = src[k].permute(2, 0, 1, 3)  # (H, C, D, W), a view
@@ -306,9 +303,9 @@ def _two_pass(xf: torch.Tensor, theta: torch.Tensor, padding_mode: str) -> torch
     return out.add_(low) if low is not None else out
 
 
-def _centres(n: int) -> torch.Tensor:
-    """Normalised voxel centres for ``align_corners=False``: ``(2i + 1) / n - 1``, float64."""
-    return (torch.arange(n, dtype=torch.float64) * 2 + 1) / n - 1
+def _centres(n: int, dtype: torch.dtype = torch.float64, device=None) -> torch.Tensor:
+    """Normalised voxel centres for ``align_corners=False``: ``(2i + 1) / n - 1``."""
+    return (torch.arange(n, dtype=dtype, device=device) * 2 + 1) / n - 1
 
 
 def _plane_grid(m, off_x: torch.Tensor, off_y: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
