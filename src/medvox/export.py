@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import json
 import logging
-import types
 import warnings
 from pathlib import Path
 from typing import Any
@@ -103,8 +102,7 @@ def export_model(checkpoint_or_run: Path, out_dir: Path, formats: tuple[str, ...
     example = torch.zeros(1, *shape)
     probe = torch.randn(2, *shape, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        reference = wrapper(probe).numpy()  # before any export-only change to the modules
-    _make_exportable(wrapper)
+        reference = wrapper(probe).numpy()
     if "torchscript" in formats:
         files["torchscript"] = _export_torchscript(wrapper, example, out_dir / "model.torchscript.pt")
     if "onnx" in formats:
@@ -176,25 +174,6 @@ def _save_safetensors(wrapper: ProbabilityModel, path: Path, doc: dict[str, Any]
     save_file(tensors, str(path), metadata={"model": doc["model"], "classes": json.dumps(doc["classes"]),
                                             "layout": "state_dict" if not prefix else "members.<k>.<state_dict key>"})
     return path
-
-
-def _make_exportable(wrapper: ProbabilityModel) -> None:
-    """Swap the MIL patch split for an equivalent reshape: the ONNX exporter cannot size ``unfold`` after ``pad``."""
-    for member in wrapper.members:
-        if getattr(member, "instance", None) == "patch":
-            member.instances = types.MethodType(_patch_instances, member)
-
-
-def _patch_instances(self, x: torch.Tensor) -> torch.Tensor:
-    """``MILClassifier.instances`` for non-overlapping patches via reshape/permute (same order as ``unfold``)."""
-    c = int(x.shape[1])
-    spatial = [int(n) for n in x.shape[2:]]  # fixed by the plan in an export: constants are correct
-    pd, ph, pw = self.patch_size
-    pads = [(-n) % p for n, p in zip(spatial, self.patch_size, strict=True)]
-    x = torch.nn.functional.pad(x, (0, pads[2], 0, pads[1], 0, pads[0]))
-    nd, nh, nw = ((n + p) // s for n, p, s in zip(spatial, pads, self.patch_size, strict=True))
-    x = x.reshape(-1, c, nd, pd, nh, ph, nw, pw).permute(0, 2, 4, 6, 1, 3, 5, 7)
-    return x.reshape(-1, nd * nh * nw, c, pd, ph, pw)
 
 
 def _export_torchscript(wrapper: nn.Module, example: torch.Tensor, path: Path) -> Path:

@@ -44,6 +44,17 @@ def test_patch_instances_tile_the_volume():
     torch.testing.assert_close(bags[0, 3, 0], x[0, 0, 0:2, 4:8, 4:8])  # index 3 = (0, 1, 1)
 
 
+def test_patch_instances_equal_unfold_tiles_with_channels_batch_and_padding():
+    model = create_model("mil", in_channels=2, instance="patch", patch_size=(2, 4, 3))
+    x = torch.randn(3, 2, 5, 8, 7)  # D padded 5 -> 6, W padded 7 -> 9
+    padded = torch.nn.functional.pad(x, (0, 2, 0, 0, 0, 1))
+    ref = padded.unfold(2, 2, 2).unfold(3, 4, 4).unfold(4, 3, 3)  # (B, C, nd, nh, nw, pd, ph, pw)
+    ref = ref.permute(0, 2, 3, 4, 1, 5, 6, 7).reshape(3, -1, 2, 2, 4, 3)
+    bags = model.instances(x)
+    assert bags.shape == (3, 3 * 2 * 3, 2, 2, 4, 3)
+    torch.testing.assert_close(bags, ref, rtol=0, atol=0)
+
+
 def test_slice_permutation_permutes_attention_and_keeps_logits():
     torch.manual_seed(0)
     model = create_model("mil", num_classes=2).eval()

@@ -160,12 +160,15 @@ class MILClassifier(ClassifierBase):
             slabs = x.unfold(2, k, s)  # (B, C, N, H, W, k)
             n = slabs.shape[2]
             return slabs.permute(0, 2, 1, 5, 3, 4).reshape(b, n, c * k, *x.shape[3:])
-        pads = [(-n) % p for n, p in zip(x.shape[2:], self.patch_size, strict=True)]
+        # non-overlapping tiles by reshape/permute rather than ``unfold`` (same order): the ONNX exporter
+        # cannot size ``unfold`` after ``pad``; the sizes are Python ints, constants in an export
+        spatial = [int(n) for n in x.shape[2:]]
+        pads = [(-n) % p for n, p in zip(spatial, self.patch_size, strict=True)]
         x = F.pad(x, (0, pads[2], 0, pads[1], 0, pads[0]))
         pd, ph, pw = self.patch_size
-        patches = x.unfold(2, pd, pd).unfold(3, ph, ph).unfold(4, pw, pw)  # (B, C, nd, nh, nw, pd, ph, pw)
-        patches = patches.permute(0, 2, 3, 4, 1, 5, 6, 7)
-        return patches.reshape(b, -1, c, pd, ph, pw)
+        nd, nh, nw = ((n + p) // s for n, p, s in zip(spatial, pads, self.patch_size, strict=True))
+        x = x.reshape(-1, int(c), nd, pd, nh, ph, nw, pw).permute(0, 2, 4, 6, 1, 3, 5, 7)  # (B, nd, nh, nw, C, ...)
+        return x.reshape(-1, nd * nh * nw, int(c), pd, ph, pw)
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """Instance embeddings ``(B, N, L)`` of a batch ``(B, C, D, H, W)``."""
