@@ -134,3 +134,20 @@ def test_dicom_manifest_prepares_like_nifti_and_channels_stack(tmp_path, data_cf
     assert both.images.shape == (8, 2, 8, 12, 12) and both.plan["in_channels"] == 2
     assert [n["scheme"] for n in both.plan["normalization"]] == ["ct", "zscore"]
     np.testing.assert_array_equal(both.images[:, :1], nifti.images)
+
+
+def test_file_inspections_come_from_the_cache_and_only_a_changed_file_is_read_again(small_dataset, data_cfg,
+                                                                                   monkeypatch):
+    from medvox.data import inspection
+
+    first = prepare(data_cfg(small_dataset), progress=False)
+    read = []
+    real = inspection.inspect_case
+    monkeypatch.setattr(inspection, "inspect_case", lambda case, *a, **k: read.append(case.id) or real(case, *a, **k))
+    again = prepare(data_cfg(small_dataset), progress=False)
+    assert read == [] and again.cache_hit
+    volume = lesion_volume(np.random.default_rng(7), 1) + 5.0  # new content: another signature for c03 only
+    write_nifti(small_dataset.parent / "images/c03.nii.gz", volume, np.diag([0.8, 0.8, 2.5, 1.0]))
+    changed = prepare(data_cfg(small_dataset), progress=False)
+    assert read == ["c03"]  # (the store may be rebuilt: new intensities can change the plan's normalisation)
+    assert changed.images_digest != first.images_digest

@@ -19,7 +19,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from medvox.data import io as image_io
-from medvox.data.cache import case_signature, inspection_key
+from medvox.data.cache import inspection_key
 from medvox.data.report import Problem
 from medvox.data.sources import Case
 
@@ -47,39 +47,33 @@ def inspect_cases(cases: list[Case], workers: int | None = None, cache: dict[str
     """
     records: list[dict | None] = [None] * len(cases)
     problems: list[Problem] = []
-    in_memory = []
+    keys: dict[int, str | None] = {}
+    in_memory, todo = [], []
     for i, c in enumerate(cases):
-        if c.array is not None:
-            key = inspection_key(c) if cache is not None else None
-            hit = cache.get(key) if key is not None else None
-            if hit is not None:
-                records[i] = hit
-            else:
-                in_memory.append(i)
-    for i, record, found in _inspect_arrays([cases[i] for i in in_memory], in_memory):
-        records[i] = record
-        problems += found
-        key = inspection_key(cases[i]) if cache is not None else None
-        if record is not None and key is not None:
-            cache[key] = record
-    # a path that escapes the data folder is reported by the source and never opened
-    on_disk = [i for i, c in enumerate(cases) if c.array is None and c.images and not c.meta.get("escapes")]
-    todo = []
-    for i in on_disk:
-        hit = cache.get(case_signature(cases[i])) if cache is not None else None
+        if c.array is None and (not c.images or c.meta.get("escapes")):
+            continue  # a path that escapes the data folder is reported by the source and never opened
+        keys[i] = inspection_key(c) if cache is not None else None
+        hit = cache.get(keys[i]) if keys[i] is not None else None
         if hit is not None:
             records[i] = hit
         else:
-            todo.append(i)
+            (in_memory if c.array is not None else todo).append(i)
+
+    def keep(i: int, record: dict | None) -> None:
+        records[i] = record
+        if record is not None and keys[i] is not None:
+            cache[keys[i]] = record
+
+    for i, record, found in _inspect_arrays([cases[i] for i in in_memory], in_memory):
+        keep(i, record)
+        problems += found
     workers = max(1, min(workers or os.cpu_count() or 1, len(todo) or 1))
     with progress_bar(progress and len(todo) >= 50) as bar, ThreadPoolExecutor(workers) as pool:
         task = bar.add_task("checking images", total=len(todo))
         for i, (record, found) in zip(todo, pool.map(inspect_case, [cases[i] for i in todo]), strict=True):
             bar.advance(task)
-            records[i] = record
+            keep(i, record)
             problems += [_locate(p, cases[i], i) for p in found]
-            if record is not None and cache is not None:
-                cache[case_signature(cases[i])] = record
     return records, problems
 
 
