@@ -125,6 +125,21 @@ def _keep_small(run_dir: Path, dest: Path) -> None:
                 shutil.copy2(fold / name, dest / fold.name / name)
 
 
+def preflight(jobs: list[tuple[str, int]], python: str = sys.executable) -> str | None:
+    """Why ``python`` cannot run ``jobs`` (a missing module), or None: said before any job starts, instead
+    of every job failing a second later with the error in its log."""
+    modules = ["torch", "rich", "medvox.cli"] if any(name not in BASELINES for name, _ in jobs) else []
+    modules += ["monai", "torch"] if any(name in BASELINES for name, _ in jobs) else []
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO / "src"), os.environ.get("PYTHONPATH")]))}
+    code = "import importlib, sys\nfor m in sys.argv[1:]:\n    importlib.import_module(m)"
+    done = subprocess.run([python, "-c", code, *dict.fromkeys(modules)], env=env, capture_output=True, text=True)
+    if done.returncode == 0:
+        return None
+    last = (done.stderr.strip().splitlines() or [f"exit status {done.returncode}"])[-1]
+    return (f"{python} cannot run these jobs ({last}); run the harness with the project's environment, "
+            f"e.g. `.venv/bin/python benchmarks/accuracy.py run ...` after `make install`")
+
+
 def run_jobs(jobs: list[tuple[str, int]], out: Path, parallel: int, gpu: bool, threads: int | None,
              deadline: float | None, drop_checkpoints: bool, smoke: bool = False,
              hard_deadline: float | None = None, extra: list[str] | None = None) -> None:
@@ -345,6 +360,9 @@ def main(argv: list[str] | None = None) -> int:
             if name not in RECIPES and name not in BASELINES:
                 p.error(f"unknown job {name!r}")
             jobs += [(name, int(seed))] if seed else [(name, s) for s in args.seeds]
+        problem = preflight(jobs)
+        if problem:
+            p.error(problem)
         now = time.time()
         deadline = now + 60 * args.minutes if args.minutes else None
         hard = now + 60 * args.hard_minutes if args.hard_minutes else None

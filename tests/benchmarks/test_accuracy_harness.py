@@ -131,3 +131,12 @@ def test_run_jobs_with_a_relative_out_keeps_results_where_the_report_reads_them(
     assert (kept / "cv_summary.json").is_file() and (kept / "fold_0" / "metrics.json").is_file()
     timings = json.loads((tmp_path / "acc" / "timings.json").read_text())
     assert timings["r18_s0"]["rc"] == 0 and timings["r18_s0"]["cpu_seconds"] > 0
+
+
+def test_preflight_names_the_interpreter_and_the_missing_module(tmp_path):
+    bare = tmp_path / "bare-python"  # an interpreter that has nothing installed: `python -I -S`
+    bare.write_text(f"#!/bin/sh\nexec {sys.executable} -I -S \"$@\"\n")
+    bare.chmod(0o755)
+    problem = accuracy.preflight([("r18", 0)], python=str(bare))
+    assert problem is not None and str(bare) in problem and "No module named" in problem and ".venv/bin/python" in problem
+    assert accuracy.preflight([("r18", 0)]) is None  # the test environment has medvox and its dependencies
