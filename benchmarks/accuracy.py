@@ -125,14 +125,20 @@ def _keep_small(run_dir: Path, dest: Path) -> None:
                 shutil.copy2(fold / name, dest / fold.name / name)
 
 
+def _job_env() -> dict[str, str]:
+    """The environment every job runs in (and the pre-flight check imports in): medvox from this checkout."""
+    path = os.pathsep.join(filter(None, [str(REPO / "src"), str(REPO), os.environ.get("PYTHONPATH")]))
+    return {**os.environ, "PYTHONPATH": path, "PYTHONUNBUFFERED": "1"}
+
+
 def preflight(jobs: list[tuple[str, int]], python: str = sys.executable) -> str | None:
     """Why ``python`` cannot run ``jobs`` (a missing module), or None: said before any job starts, instead
     of every job failing a second later with the error in its log."""
     modules = ["torch", "rich", "medvox.cli"] if any(name not in BASELINES for name, _ in jobs) else []
     modules += ["monai", "torch"] if any(name in BASELINES for name, _ in jobs) else []
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO / "src"), os.environ.get("PYTHONPATH")]))}
     code = "import importlib, sys\nfor m in sys.argv[1:]:\n    importlib.import_module(m)"
-    done = subprocess.run([python, "-c", code, *dict.fromkeys(modules)], env=env, capture_output=True, text=True)
+    done = subprocess.run([python, "-c", code, *dict.fromkeys(modules)], env=_job_env(), capture_output=True,
+                          text=True)
     if done.returncode == 0:
         return None
     last = (done.stderr.strip().splitlines() or [f"exit status {done.returncode}"])[-1]
@@ -147,9 +153,7 @@ def run_jobs(jobs: list[tuple[str, int]], out: Path, parallel: int, gpu: bool, t
     out = out.resolve()  # the jobs run with `out` as their working folder: a relative path would nest
     out.mkdir(parents=True, exist_ok=True)
     (out / "logs").mkdir(exist_ok=True)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO / "src"), str(REPO),
-                                                                      os.environ.get("PYTHONPATH")])),
-           "PYTHONUNBUFFERED": "1"}
+    env = _job_env()
     pending, running, timings = list(jobs), {}, {}
     timing_path = out / "timings.json"
     if timing_path.is_file():
