@@ -62,6 +62,8 @@ RECIPES: dict[str, dict] = {
     "r18s1": {"desc": "ResNet-18-3D with a stride-1 stem, otherwise as r18", "args": ["--model", "resnet18", *_BASE, *_STEM1]},
     "r18_ldam": {"desc": "r18 with LDAM-DRW (cosine head)", "args": _swap(["--model", "resnet18", *_BASE], "--loss", "LDAM")},
     "r18_ce": {"desc": "r18 with plain cross-entropy", "args": _swap(["--model", "resnet18", *_BASE], "--loss", "CE")},
+    "r18_mixup": {"desc": "r18 with mixup (Beta(0.4, 0.4), one mix per batch)",
+                  "args": ["--model", "resnet18", *_BASE, "--set", "augment.mixup=0.4"]},
     "r18_noema": {"desc": "r18 without EMA", "args": _swap(["--model", "resnet18", *_BASE], "--ema_decay", "0")},
     "r50": {"desc": "ResNet-50-3D from scratch, otherwise as r18", "args": ["--model", "resnet50", *_BASE]},
     "mil": {"desc": "gated-attention MIL over slices, otherwise as r18", "args": ["--model", "mil", *_BASE]},

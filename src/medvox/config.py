@@ -103,6 +103,7 @@ class AugmentConfig:
     gamma: float = 0.2
     contrast: float = 0.1
     noise_std: float = 0.02
+    mixup: float = 0.0  # Beta(a, a) parameter of mixup (samples and labels mixed in pairs); 0 disables
 
 
 @dataclass

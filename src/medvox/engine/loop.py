@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from medvox.errors import TrainingError
+from medvox.transforms.mixup import mixup
 
 
 @dataclass
@@ -50,9 +51,12 @@ def to_device_batch(x: torch.Tensor, device: torch.device, channels_last: bool) 
 
 def train_one_epoch(fabric, model: nn.Module, loader, optimizer, criterion: Callable, schedule, *,
                     accum: int, grad_clip: float, augment: Callable | None, generator: torch.Generator,
-                    ema_update: Callable[[], None], channels_last: bool,
+                    ema_update: Callable[[], None], channels_last: bool, mixup_alpha: float = 0.0,
                     progress: Callable[[int, float], None] | None = None) -> EpochStats:
-    """Train for one pass over ``loader``; returns the mean loss and throughput figures."""
+    """Train for one pass over ``loader``; returns the mean loss and throughput figures.
+
+    ``mixup_alpha > 0`` mixes each augmented batch with a permutation of itself (:func:`medvox.transforms.
+    mixup.mixup`) and the loss with it; the reported loss is then that of the mixed batch."""
     model.train()
     n_batches = len(loader)
     total_loss, n_seen, steps, skipped = 0.0, 0, 0, 0
@@ -68,9 +72,13 @@ def train_one_epoch(fabric, model: nn.Module, loader, optimizer, criterion: Call
         y = y.to(fabric.device, non_blocking=True)
         if augment is not None:
             x = augment(x, generator)
+        if mixup_alpha > 0:
+            x, perm, lam = mixup(x, mixup_alpha, generator)
         with fabric.no_backward_sync(model, enabled=not is_last_in_group):
-            logits = model(x)
-            loss = criterion(logits.float(), y)
+            logits = model(x).float()
+            loss = criterion(logits, y)
+            if mixup_alpha > 0:
+                loss = lam * loss + (1 - lam) * criterion(logits, y[perm])
             fabric.backward(loss / group_size)
         loss_value = float(loss.detach())
         if not math.isfinite(loss_value) and not _scaler_handles_inf(fabric):

@@ -186,7 +186,7 @@ class FoldTrainer:
                 f, self.model, self.loaders["train"], self.optimizer, self.criterion, self.schedule,
                 accum=tc.grad_accum, grad_clip=tc.grad_clip, augment=self.augment, generator=gen,
                 ema_update=lambda: update_ema(self.ema, self.raw_model), channels_last=self.channels_last,
-                progress=bar.advance)
+                mixup_alpha=self.cfg.augment.mixup if self.cfg.augment.enabled else 0.0, progress=bar.advance)
 
     def _run_epoch(self, epoch: int) -> dict:
         lr = self.optimizer.param_groups[0]["lr"]

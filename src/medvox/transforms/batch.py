@@ -59,6 +59,8 @@ class BatchAugment:
                 f"need gamma >= 0, noise_std >= 0 and 0 <= contrast < 1; "
                 f"got {cfg.gamma}, {cfg.noise_std}, {cfg.contrast}"
             )
+        if cfg.mixup < 0:
+            raise ValueError(f"augment.mixup (the Beta parameter) must be >= 0 (0 disables it), got {cfg.mixup}")
         _check_axes(cfg.flip_axes)
         if padding_mode not in ("min", "zeros", "border", "reflection"):
             raise ValueError(f"padding_mode must be min, zeros, border or reflection, got {padding_mode!r}")

@@ -1,0 +1,52 @@
+"""Mixup (Zhang et al., ICLR 2018): train on convex combinations of pairs of samples and of their labels.
+
+One mixing weight ``lam ~ Beta(alpha, alpha)`` per batch and one random pairing (a permutation of the
+batch), as in the paper's reference code. The loss of the mixed batch is
+``lam * loss(logits, y) + (1 - lam) * loss(logits, y[perm])``, which for cross-entropy (weighted or not)
+equals the loss against the mixed one-hot target, and works unchanged for LDAM. A regulariser for
+small datasets; off by default (``augment.mixup=0``).
+
+Like the other transforms, the random numbers are drawn on the CPU from the caller's generator (the
+permutation, then ``lam`` by inverting the Beta CDF of a uniform draw), so a seed gives the same mix on
+every device and a resumed run repeats it.
+
+Example:
+    >>> g = torch.Generator().manual_seed(0)
+    >>> x = torch.stack([torch.zeros(1, 2, 2, 2), torch.ones(1, 2, 2, 2)])
+    >>> mixed, perm, lam = mixup(x, 0.4, g)
+    >>> bool(torch.allclose(mixed, lam * x + (1 - lam) * x[perm]))
+    True
+"""
+
+from __future__ import annotations
+
+import torch
+from scipy.special import betaincinv
+
+from medvox.transforms.affine import _check_generator
+
+
+def mixup(x: torch.Tensor, alpha: float, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Mix a batch with a permutation of itself.
+
+    Args:
+        x: ``(B, ...)`` float tensor on any device.
+        alpha: the Beta(alpha, alpha) parameter (> 0; 0.2-0.4 is usual: most ``lam`` near 0 or 1).
+        generator: a CPU ``torch.Generator``.
+
+    Returns:
+        ``(mixed, perm, lam)``: ``lam * x + (1 - lam) * x[perm]`` in ``x``'s dtype and memory format, the
+        permutation (on ``x``'s device) and the weight of the unpermuted batch.
+    """
+    if not alpha > 0:
+        raise ValueError(f"mixup alpha must be > 0, got {alpha}")
+    if not x.is_floating_point():
+        raise ValueError(f"x must be a float tensor, got {x.dtype}")
+    _check_generator(generator)
+    perm = torch.randperm(x.shape[0], generator=generator)
+    lam = float(betaincinv(alpha, alpha, float(torch.rand((), generator=generator, dtype=torch.float64))))
+    perm = perm.to(x.device)
+    mixed = torch.lerp(x[perm], x, lam)
+    if x.ndim == 5 and x.is_contiguous(memory_format=torch.channels_last_3d) and not x.is_contiguous():
+        mixed = mixed.contiguous(memory_format=torch.channels_last_3d)
+    return mixed, perm, lam
