@@ -52,6 +52,91 @@ def train_step_flops(model_name: str, size: int, batch: int) -> int:
     return int(counter.get_total_flops())
 
 
+# Peak memory bandwidth in TB/s from the same data sheets (HBM/GDDR), for the roofline bound below.
+BANDWIDTH_TBS: dict[str, float] = {"H200 SXM": 4.8, "H100 NVL": 3.9, "H100 PCIe": 2.0, "H100 SXM": 3.35, "A100": 2.04,
+                                   "L40S": 0.864, "L4": 0.3, "A10": 0.6, "RTX 4090": 1.008}
+
+
+def op_costs(model_name: str, size: int, batch: int, dtype: torch.dtype = torch.bfloat16) -> list[dict]:
+    """Every ATen op of one training step (forward, backward, no optimizer) with its FLOPs and the bytes it
+    reads and writes, recorded on ``meta`` tensors (no compute) in ``dtype`` (what bf16 autocast gives the
+    activations). Bytes count each op's tensor arguments and results once, as an unfused (eager) op moves
+    them through memory; views move nothing."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_leaves
+    from torch.utils.flop_counter import flop_registry
+
+    from medvox.models import create_model
+
+    ops: list[dict] = []
+
+    class _Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            out = func(*args, **kwargs)
+            packet = func._overloadpacket
+            flops = int(flop_registry[packet](*args, **kwargs, out_val=out)) if packet in flop_registry else 0
+            moved = 0 if func.is_view else sum(
+                t.numel() * t.element_size() for t in tree_leaves((args, kwargs, out)) if isinstance(t, torch.Tensor))
+            ops.append({"op": str(packet).removeprefix("aten."), "flops": flops, "bytes": moved})
+            return out
+
+    model = create_model(model_name, in_channels=1, num_classes=2).to(device="meta", dtype=dtype)
+    x = torch.empty(batch, 1, size, size, size, device="meta", dtype=dtype)
+    y = torch.zeros(batch, dtype=torch.long, device="meta")
+    with _Record():
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+    return ops
+
+
+def roofline(ops: list[dict], peak_tflops: float, bandwidth_tbs: float) -> dict:
+    """The fastest an unfused step can run: each op takes ``max(FLOPs / peak, bytes / bandwidth)`` (every
+    convolution at the card's full peak, every other op at full memory bandwidth). The MFU of that time is
+    an upper bound for eager execution; ``by_op`` says where the time goes (memory-bound ops count no FLOPs).
+
+    Example:
+        >>> ops = [{"op": "convolution", "flops": 2e12, "bytes": 1e9}, {"op": "relu", "flops": 0, "bytes": 2e9}]
+        >>> r = roofline(ops, peak_tflops=1000, bandwidth_tbs=2)
+        >>> round(r["seconds"], 6), round(r["mfu_bound"], 3), r["mfu_bound_fused"]
+        (0.003, 0.667, 1.0)
+    """
+    by_op: dict[str, dict] = {}
+    total = flops = compute_ops = 0.0
+    for o in ops:
+        t = max(o["flops"] / (peak_tflops * 1e12), o["bytes"] / (bandwidth_tbs * 1e12))
+        total += t
+        flops += o["flops"]
+        compute_ops += t if o["flops"] else 0.0
+        agg = by_op.setdefault(o["op"], {"seconds": 0.0, "flops": 0, "bytes": 0, "calls": 0})
+        agg["seconds"] += t
+        agg["flops"] += o["flops"]
+        agg["bytes"] += o["bytes"]
+        agg["calls"] += 1
+    ideal = flops / (peak_tflops * 1e12)
+    return {"seconds": total, "flops": flops, "mfu_bound": ideal / total if total else None,
+            # every op without FLOPs (BatchNorm, ReLU, adds, pooling) fused away for free: the ceiling of fusion
+            "mfu_bound_fused": ideal / compute_ops if compute_ops else None,
+            "by_op": dict(sorted(by_op.items(), key=lambda kv: -kv[1]["seconds"]))}
+
+
+ROOFLINE_CASES = (("resnet50", 128, 6), ("resnet18", 64, 4))
+ROOFLINE_CARDS = ("H100 SXM", "H200 SXM")
+
+
+def roofline_bounds(cards: tuple[str, ...] = ROOFLINE_CARDS, cases=ROOFLINE_CASES) -> list[dict]:
+    """The roofline MFU bounds of the benchmark's training steps on the given cards (names in both tables)."""
+    peaks = {card: p.get("bf16") for _, card, p in PEAK_TFLOPS}
+    out = []
+    for model_name, size, batch in cases:
+        ops = op_costs(model_name, size, batch)
+        for card in cards:
+            r = roofline(ops, peaks[card], BANDWIDTH_TBS[card])
+            top = [(k, v["seconds"]) for k, v in r["by_op"].items()][:6]
+            out.append({"model": model_name, "size": size, "batch": batch, "card": card, "seconds": r["seconds"],
+                        "mfu_bound": r["mfu_bound"], "mfu_bound_fused": r["mfu_bound_fused"], "top_ops": top})
+    return out
+
+
 def _gpu_augment(size: int, batch: int, steps: int) -> dict:
     from benchmarks.medvox_side import medvox_augment
 
@@ -70,12 +155,14 @@ def run_gpu(quick: bool) -> dict:
     """The GPU figures, or ``status: pending`` where no CUDA device is visible."""
     flops = {"resnet18_64_b4": train_step_flops("resnet18", 64, 4),
              "resnet50_128_b6": train_step_flops("resnet50", 128, 6)}
+    roof = roofline_bounds()
     if not torch.cuda.is_available():
-        return {"status": "pending", "reason": "no CUDA device on this machine", "train_step_flops": flops}
+        return {"status": "pending", "reason": "no CUDA device on this machine", "train_step_flops": flops,
+                "roofline": roof}
     name = torch.cuda.get_device_name(0)
     peak = peak_tflops(name, "bf16")
     steps = 5 if quick else 20
-    out = {"status": "measured", "device": name, "peak": peak, "train_step_flops": flops, "runs": []}
+    out = {"status": "measured", "device": name, "peak": peak, "train_step_flops": flops, "roofline": roof, "runs": []}
     for model_name, size, batch, key in (("resnet18", 64, 4, "resnet18_64_b4"), ("resnet50", 128, 6, "resnet50_128_b6")):
         for ckpt in (False, True):
             log(f"gpu: {model_name} {size}^3 batch {batch} bf16 checkpointing={ckpt}")

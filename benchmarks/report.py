@@ -198,6 +198,19 @@ def _gpu(g: dict) -> list[str]:
         lines += ["", f"BatchAugment on the GPU: {_f(a.get('samples_per_s'), 0)} samples/s at {a.get('size')}^3.", ""]
     lines += ["FLOPs per training step (forward + backward, FlopCounterMode): "
               + ", ".join(f"{k}: {v / 1e9:.0f} GFLOP" for k, v in flops.items()) + ".", ""]
+    if g.get("roofline"):
+        lines += ["**Roofline bound on MFU** (`benchmarks/gpu.py: op_costs, roofline`; every ATen op of one bf16 "
+                  "forward + backward recorded on `meta` tensors with its FLOPs and the bytes it reads and writes; "
+                  "each op takes max(FLOPs / peak, bytes / bandwidth), i.e. every convolution at the card's full "
+                  "peak and every other op at full memory bandwidth). Eager: the ops as PyTorch runs them; fused: "
+                  "every op without FLOPs (BatchNorm, ReLU, residual adds, pooling) free, the ceiling of any fusion.",
+                  "", "| model | size | batch | card | fastest step (eager) | MFU bound, eager | MFU bound, fused | "
+                  "where the eager time goes |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+        for r in g["roofline"]:
+            where = ", ".join(f"{k} {1e3 * t:.2f} ms" for k, t in r["top_ops"][:4])
+            lines.append(f"| {r['model']} | {r['size']}^3 | {r['batch']} | {r['card']} | {1e3 * r['seconds']:.2f} ms | "
+                         f"{_pct(r['mfu_bound'])} | {_pct(r['mfu_bound_fused'])} | {where} |")
+        lines.append("")
     return lines
 
 
