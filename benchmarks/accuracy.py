@@ -254,7 +254,7 @@ def collect(outs: Path | list[Path], rule: str) -> dict:
                 runs[key] = {**t, "test": res["test"], "best_val_auc": res["best_val_auc"]}
             elif (out / "kept" / key / "cv_summary.json").is_file():
                 res = medvox_result(out / "kept" / key, rule)
-                runs[key] = {**t, **res, "test": res["chosen"]}
+                runs[key] = {**t, **res, "test": res["chosen"], "kept": str(out / "kept" / key)}
     recipes: dict[str, dict] = {}
     for r in runs.values():
         recipes.setdefault(r["name"], []).append(r)
@@ -277,7 +277,30 @@ def collect(outs: Path | list[Path], rule: str) -> dict:
                 row[label] = {m: float(np.mean([r[label][m] for r in rs]))
                               for m in ("accuracy", "balanced_accuracy", "f1")}
         table[name] = row
-    return {"rule": rule, "runs": runs, "recipes": table}
+    return {"rule": rule, "runs": runs, "recipes": table, "paired": paired_against(runs)}
+
+
+def paired_against(runs: dict[str, dict], reference: str = "r18", n_boot: int = 1000) -> list[dict]:
+    """``medvox compare`` of every medvox run with the ``reference`` recipe's run of the same seed (the same
+    CV split, so the same out-of-fold cases): DeLong's test of the two correlated AUCs, out-of-fold (what a
+    choice may rest on) and on test (for information), as recipe minus reference."""
+    from medvox.evaluation.compare import compare_runs
+    from medvox.evaluation.runs import load_run
+
+    refs = {r["seed"]: r for r in runs.values() if r["name"] == reference and "kept" in r}
+    rows = []
+    for key in sorted(runs):
+        r = runs[key]
+        if r["name"] == reference or "kept" not in r or r["seed"] not in refs:
+            continue
+        result = compare_runs([load_run(Path(refs[r["seed"]]["kept"])), load_run(Path(r["kept"]))], n_boot=n_boot)
+        row = {"recipe": r["name"], "seed": r["seed"], "reference": reference}
+        for pair in result["pairs"]:
+            d = pair["delong"]
+            row[pair["split"]] = {"auc_reference": d["auc_a"], "auc": d["auc_b"], "diff": -d["diff"],
+                                  "ci95": [-d["ci95_diff"][1], -d["ci95_diff"][0]], "p": d["p_value"], "n": d["n"]}
+        rows.append(row)
+    return rows
 
 
 def _pm(cell: dict) -> str:
@@ -322,6 +345,20 @@ def render(results: dict, commands: dict[str, str]) -> str:
         cells = [r[k] for k in ("argmax", "at_youden", "at_f1", "at_accuracy")]
         lines.append(f"| {name} | " + " | ".join(
             f"{c['accuracy']:.3f} / {c['balanced_accuracy']:.3f} / {c['f1']:.3f}" for c in cells) + " |")
+    if results.get("paired"):
+        ref = results["paired"][0]["reference"]
+        lines += ["", f"## Paired against {ref} (`medvox compare`: DeLong's test, same seed = same CV split and cases)",
+                  "", "Choices rest on the out-of-fold columns; the test columns are for information only.", "",
+                  f"| recipe | seed | OOF AUC ({ref} -> recipe) | difference [95 % CI] | p | test AUC ({ref} -> recipe) "
+                  "| difference [95 % CI] | p |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+        for row in results["paired"]:
+            cells = []
+            for split in ("oof", "test"):
+                c = row.get(split)
+                cells += (["", "", ""] if c is None else
+                          [f"{c['auc_reference']:.3f} -> {c['auc']:.3f}",
+                           f"{c['diff']:+.3f} [{c['ci95'][0]:+.3f}, {c['ci95'][1]:+.3f}]", f"{c['p']:.2f}"])
+            lines.append(f"| {row['recipe']} | {row['seed']} | " + " | ".join(cells) + " |")
     lines += ["", "## Commands", ""]
     lines += [f"- `{name}`: `{cmd}`" for name, cmd in commands.items()]
     return "\n".join(lines) + "\n"

@@ -140,3 +140,35 @@ def test_preflight_names_the_interpreter_and_the_missing_module(tmp_path):
     problem = accuracy.preflight([("r18", 0)], python=str(bare))
     assert problem is not None and str(bare) in problem and "No module named" in problem and ".venv/bin/python" in problem
     assert accuracy.preflight([("r18", 0)]) is None  # the test environment has medvox and its dependencies
+
+
+def test_recipes_are_compared_with_the_reference_of_the_same_seed(tmp_path):
+    """The paired section is `medvox compare`'s DeLong test of the same cases, signed recipe minus r18."""
+    from medvox.evaluation.stats import delong_test
+
+    rng = np.random.default_rng(3)
+    _fake_cv(tmp_path / "kept" / "r18_s0", rng)
+    other = tmp_path / "kept" / "r18_mixup_s0"
+    import shutil
+
+    shutil.copytree(tmp_path / "kept" / "r18_s0", other)  # same cases and labels, sharper probabilities
+    rows = list(csv.DictReader(open(other / "oof_predictions.csv")))
+    for r in rows:
+        p = float(r["prob_1"]) * 0.5 + 0.5 * (r["label"] == "1")
+        r["prob_1"], r["prob_0"] = p, 1 - p
+    _write_csv(other / "oof_predictions.csv", rows)
+    timings = {k: {"name": n, "seed": 0, "rc": 0, "wall_seconds": 1.0, "cpu_seconds": 1.0, "device": "cpu"}
+               for k, n in (("r18_s0", "r18"), ("r18_mixup_s0", "r18_mixup"))}
+    (tmp_path / "timings.json").write_text(json.dumps(timings))
+    results = accuracy.collect(tmp_path, "youden")
+    (row,) = results["paired"]
+    assert row["recipe"] == "r18_mixup" and row["seed"] == 0
+    load = lambda path: list(csv.DictReader(open(path)))  # noqa: E731
+    ref, new = load(tmp_path / "kept" / "r18_s0" / "oof_predictions.csv"), load(other / "oof_predictions.csv")
+    y = np.array([r["label"] == "1" for r in ref], dtype=int)
+    d = delong_test(y, np.array([float(r["prob_1"]) for r in ref]), np.array([float(r["prob_1"]) for r in new]))
+    assert row["oof"]["diff"] == pytest.approx(-d["diff"]) and row["oof"]["diff"] > 0.05
+    assert row["oof"]["p"] == pytest.approx(d["p_value"]) and row["oof"]["p"] < 0.01
+    assert row["test"]["diff"] == pytest.approx(0.0)  # the test predictions were copied unchanged
+    md = accuracy.render(results, {})
+    assert "## Paired against r18" in md and f"| r18_mixup | 0 | {row['oof']['auc_reference']:.3f} -> " in md
