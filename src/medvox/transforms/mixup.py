@@ -2,8 +2,9 @@
 
 One mixing weight ``lam ~ Beta(alpha, alpha)`` per batch and one random pairing (a permutation of the
 batch), as in the paper's reference code. The loss of the mixed batch is
-``lam * loss(logits, y) + (1 - lam) * loss(logits, y[perm])``, which for cross-entropy (weighted or not)
-equals the loss against the mixed one-hot target, and works unchanged for LDAM. A regulariser for
+``lam * loss(logits, y) + (1 - lam) * loss(logits, y[perm])``, which for cross-entropy equals the loss
+against the mixed one-hot target (weighted CE keeps each term's own weight normalisation), and works
+unchanged for LDAM and focal loss. A regulariser for
 small datasets; off by default (``augment.mixup=0``).
 
 Like the other transforms, the random numbers are drawn on the CPU from the caller's generator (the
@@ -21,7 +22,6 @@ Example:
 from __future__ import annotations
 
 import torch
-from scipy.special import betaincinv
 
 from medvox.transforms.affine import _check_generator
 
@@ -43,6 +43,8 @@ def mixup(x: torch.Tensor, alpha: float, generator: torch.Generator) -> tuple[to
     if not x.is_floating_point():
         raise ValueError(f"x must be a float tensor, got {x.dtype}")
     _check_generator(generator)
+    from scipy.special import betaincinv  # here: scipy costs start-up time that most runs never need
+
     perm = torch.randperm(x.shape[0], generator=generator)
     lam = float(betaincinv(alpha, alpha, float(torch.rand((), generator=generator, dtype=torch.float64))))
     perm = perm.to(x.device)
