@@ -357,7 +357,8 @@ def render(results: dict, commands: dict[str, str]) -> str:
                 c = row.get(split)
                 cells += (["", "", ""] if c is None else
                           [f"{c['auc_reference']:.3f} -> {c['auc']:.3f}",
-                           f"{c['diff']:+.3f} [{c['ci95'][0]:+.3f}, {c['ci95'][1]:+.3f}]", f"{c['p']:.2f}"])
+                           f"{c['diff']:+.3f} [{c['ci95'][0]:+.3f}, {c['ci95'][1]:+.3f}]",
+                           "< 0.001" if c["p"] < 0.001 else f"{c['p']:.3f}"])
             lines.append(f"| {row['recipe']} | {row['seed']} | " + " | ".join(cells) + " |")
     lines += ["", "## Commands", ""]
     lines += [f"- `{name}`: `{cmd}`" for name, cmd in commands.items()]
