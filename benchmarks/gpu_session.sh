@@ -34,13 +34,13 @@ if [ "${MFU_SWEEP:-1}" = 1 ]; then  # issue 6: which lever moves ResNet-50-3D's 
 fi
 left=$(( BUDGET_S - $(elapsed) - 25 ))
 echo "[$(elapsed) s] accuracy sweep, ${left} s left"
-# done already (benchmarks/accuracy.md): r18 x 3 seeds (CPU), the MONAI baselines x 3 seeds (H100), r18_mixup@0
-# (CPU). First what the CPU cannot do in its budget: the 64^3 input x 3 seeds, then the model families the
+# done already (benchmarks/accuracy.md): r18 x 3 seeds (CPU), the MONAI baselines x 3 seeds (H100), r18_mixup (2 folds,
+# CPU), mil@0 (CPU), r50 (folds 0-1, CPU). First what the CPU cannot do in its budget: the 64^3 input x 3 seeds, then the model families the
 # issue asks to compare and that no run has finished yet (Swin UNETR: ~25x ResNet-18's step on the CPU).
 # Fewer jobs at a time than 2026-11-25 (10 -> 6): that sweep finished no job in its ~8 minutes.
 python3 benchmarks/accuracy.py run --gpu --parallel "${PARALLEL:-6}" --threads 1 --drop-checkpoints \
   --out /tmp/acc --hard-minutes "$(python3 -c "print($left / 60)")" --minutes "$(python3 -c "print(max($left - 150, 30) / 60)")" \
-  --jobs ${JOBS:-r18_64@0 r18_64@1 r18_64@2 swin@0 r50@0 mil@0 r10s1_64@0 r10s1@0 r10s1@1 r10s1@2 r18s1@0 \
+  --jobs ${JOBS:-r18_64@0 r18_64@1 r18_64@2 swin@0 r50@0 r10s1_64@0 r10s1@0 r10s1@1 r10s1@2 r18s1@0 \
   r18_ldam@0 r18_ce@0 r18_noema@0 original@0}
 echo "[$(elapsed) s] sweep done"
 for f in /tmp/acc/logs/*.log; do echo "== $f"; grep -E "epoch +[0-9]+ \||fold [0-9]+ (complete|early)|Error|error" "$f" | tail -n 3; done
