@@ -38,17 +38,24 @@ def peak_tflops(device_name: str, precision: str) -> tuple[str, float] | None:
     return None
 
 
+def _meta_train_step(model_name: str, size: int, batch: int, mode, dtype: torch.dtype = torch.float32) -> None:
+    """One forward + backward of ``model_name`` on ``(batch, 1, size^3)`` in ``dtype`` on ``meta`` tensors
+    (shapes only, no compute), under the dispatch ``mode`` that records it."""
+    from medvox.models import create_model
+
+    model = create_model(model_name, in_channels=1, num_classes=2).to(device="meta", dtype=dtype)
+    x = torch.empty(batch, 1, size, size, size, device="meta", dtype=dtype)
+    y = torch.zeros(batch, dtype=torch.long, device="meta")
+    with mode:
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+
+
 def train_step_flops(model_name: str, size: int, batch: int) -> int:
     """FLOPs of one forward + backward of ``model_name`` on ``(batch, 1, size^3)`` (counted on ``meta``)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from medvox.models import create_model
-
-    model = create_model(model_name, in_channels=1, num_classes=2).to("meta")
-    x = torch.empty(batch, 1, size, size, size, device="meta")
-    y = torch.zeros(batch, dtype=torch.long, device="meta")
-    with FlopCounterMode(display=False) as counter:
-        torch.nn.functional.cross_entropy(model(x), y).backward()
+    counter = FlopCounterMode(display=False)
+    _meta_train_step(model_name, size, batch, counter)
     return int(counter.get_total_flops())
 
 
@@ -66,8 +73,6 @@ def op_costs(model_name: str, size: int, batch: int, dtype: torch.dtype = torch.
     from torch.utils._pytree import tree_leaves
     from torch.utils.flop_counter import flop_registry
 
-    from medvox.models import create_model
-
     ops: list[dict] = []
 
     class _Record(TorchDispatchMode):
@@ -81,11 +86,7 @@ def op_costs(model_name: str, size: int, batch: int, dtype: torch.dtype = torch.
             ops.append({"op": str(packet).removeprefix("aten."), "flops": flops, "bytes": moved})
             return out
 
-    model = create_model(model_name, in_channels=1, num_classes=2).to(device="meta", dtype=dtype)
-    x = torch.empty(batch, 1, size, size, size, device="meta", dtype=dtype)
-    y = torch.zeros(batch, dtype=torch.long, device="meta")
-    with _Record():
-        torch.nn.functional.cross_entropy(model(x), y).backward()
+    _meta_train_step(model_name, size, batch, _Record(), dtype)
     return ops
 
 

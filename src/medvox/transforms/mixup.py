@@ -48,7 +48,4 @@ def mixup(x: torch.Tensor, alpha: float, generator: torch.Generator) -> tuple[to
     perm = torch.randperm(x.shape[0], generator=generator)
     lam = float(betaincinv(alpha, alpha, float(torch.rand((), generator=generator, dtype=torch.float64))))
     perm = perm.to(x.device)
-    mixed = torch.lerp(x[perm], x, lam)
-    if x.ndim == 5 and x.is_contiguous(memory_format=torch.channels_last_3d) and not x.is_contiguous():
-        mixed = mixed.contiguous(memory_format=torch.channels_last_3d)
-    return mixed, perm, lam
+    return torch.lerp(x[perm], x, lam), perm, lam  # indexing and lerp both keep x's memory format
