@@ -31,6 +31,7 @@ def test_length_ema_and_loss_follow_the_dataset():
     assert values["train.epochs"] == 40 and values["train.ema_decay"] == 0.998
     assert values["loss.name"] == "weighted_CE" and values["model.name"] == "resnet18"
     assert any("3.58:1" in line for line in why)
+    assert values["train.feature_fusion"] is True and any("descriptors" in line for line in why)
     small, _ = auto_recipe(_plan((28, 28, 28), n=100, imbalance=1.2), folds=5, pretrained=False)
     assert small["train.epochs"] == 100 and small["loss.name"] == "CE"  # 5 steps per epoch: capped at 100 epochs
     big, _ = auto_recipe(_plan((28, 28, 28), n=20000), folds=5, pretrained=False)

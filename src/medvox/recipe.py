@@ -19,7 +19,10 @@ the cross-validation pool), and leaves every setting the user gave (flag, ``--se
   cross-entropy;
 * augmentation: the original affine ranges, plus left-right flips (axis W of the RAS grid: anatomy is
   close to mirror-symmetric, the other axes are not);
-* decision: the threshold that maximises Youden's J on validation / out-of-fold predictions.
+* decision: the threshold that maximises Youden's J on validation / out-of-fold predictions;
+* fusion (``medvox cv``): a logistic regression on shape and intensity descriptors, fitted on the same
+  folds, mixed into the fold ensemble at the weight with the best pooled out-of-fold AUC
+  (:mod:`medvox.evaluation.features`; weight 0 keeps the CNN alone).
 
 The recipe and the reason for every choice are logged and saved with the config (``config.json``).
 """
@@ -144,6 +147,7 @@ def auto_recipe(plan: dict[str, Any], folds: int, pretrained: bool, gpu_model: s
         "train.batch_size": batch, "train.grad_accum": accum, "train.epochs": epochs, "train.early_stopping": 10,
         "train.ema_decay": ema, "optim.optimizer": "adamw", "optim.lr": 1e-3, "optim.weight_decay": 0.05,
         "loss.name": loss, "augment.flip_axes": [2], "train.threshold_rule": "youden",
+        "train.feature_fusion": True,
     }
     why = [
         batch_why,
@@ -153,6 +157,8 @@ def auto_recipe(plan: dict[str, Any], folds: int, pretrained: bool, gpu_model: s
         f"class imbalance {imbalance:g}:1 -> {loss}",
         "from scratch: ResNet-18-3D, dropout 0.2, AdamW lr 1e-3, weight decay 0.05, left-right flips, "
         "Youden threshold on validation",
+        "medvox cv: a logistic regression on shape and intensity descriptors beside the fold ensemble, mixed in "
+        "at the weight with the best out-of-fold AUC (0 keeps the CNN alone)",
     ]
     return values, why
 

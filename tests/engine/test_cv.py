@@ -31,6 +31,18 @@ def _rows(path):
         return list(csv.DictReader(fh))
 
 
+def _as_nifti(npz_path, case_ids, folder):
+    """The .npz cases ``<split>_<index>`` as NIfTI files in ``folder`` (made here)."""
+    npz = np.load(npz_path)
+    folder.mkdir()
+    for cid in case_ids:
+        split, index = cid.rsplit("_", 1)
+        volume = npz[f"{split}_images"][int(index)]  # (D, H, W) uint8
+        # medvox arrays are (z, y, x) of the RAS grid: NIfTI stores (x, y, z)
+        nib.save(nib.Nifti1Image(volume.transpose(2, 1, 0), np.eye(4)), folder / f"{cid}.nii.gz")
+    return folder
+
+
 def test_cv_writes_summary_oof_and_test_ensemble(cv_run, tiny_medmnist):
     for k in range(3):
         fold = cv_run / f"fold_{k}"
@@ -116,14 +128,7 @@ def test_cv_skips_finished_folds(cv_run, tiny_medmnist, capsys):
 def test_predict_from_the_run_folder_matches_validation(cv_run, tiny_medmnist, tmp_path):
     fold = cv_run / "fold_0"
     val = _rows(fold / "val_predictions.csv")[:6]
-    npz = np.load(tiny_medmnist)
-    folder = tmp_path / "nifti"
-    folder.mkdir()
-    for r in val:
-        split, index = r["case_id"].rsplit("_", 1)
-        volume = npz[f"{split}_images"][int(index)]  # (D, H, W) uint8
-        # medvox arrays are (z, y, x) of the RAS grid: NIfTI stores (x, y, z)
-        nib.save(nib.Nifti1Image(volume.transpose(2, 1, 0), np.eye(4)), folder / f"{r['case_id']}.nii.gz")
+    folder = _as_nifti(tiny_medmnist, [r["case_id"] for r in val], tmp_path / "nifti")
     out = tmp_path / "pred.csv"
     assert main(["predict", "--run", str(fold / "best_ema.pt"), str(folder), "--out", str(out),
                  "--uncalibrated"]) == 0
@@ -133,3 +138,84 @@ def test_predict_from_the_run_folder_matches_validation(cv_run, tiny_medmnist, t
         for c in ("prob_0", "prob_1"):
             assert float(got[r["case_id"]][c]) == pytest.approx(float(r[c]), abs=1e-4)
         assert got[r["case_id"]]["status"] == "ok"
+
+
+@pytest.fixture(scope="module")
+def fused_run(cv_run, tmp_path_factory):
+    """The finished run summarised again with ``feature_fusion`` (a copy: the other tests keep theirs)."""
+    import shutil
+
+    from medvox.config import from_dict
+    from medvox.data import prepare
+    from medvox.evaluation.summary import summarize
+
+    run = tmp_path_factory.mktemp("fused") / "resnet10"
+    shutil.copytree(cv_run, run)
+    cfg = from_dict(json.loads((run / "fold_0" / "config.json").read_text()))
+    prepared = prepare(cfg.data, progress=False)
+    summarize(run, [run / f"fold_{k}" for k in range(3)], prepared, feature_fusion=True, progress=False)
+    return run, prepared
+
+
+def test_cv_feature_fusion_is_fitted_out_of_fold_and_mixed_at_the_oof_weight(fused_run):
+    """Each fold's feature model is fitted without that fold's cases; the weight is the best OOF AUC of the
+    mixture with the calibrated CNN; threshold and test ensemble use the mixture."""
+    from medvox.evaluation.features import feature_matrix, make_feature_model, predict_json
+    from medvox.evaluation.metrics import best_threshold, compute_metrics
+    from medvox.evaluation.summary import calibrated_oof, load_predictions
+
+    run, prepared = fused_run
+    summary = json.loads((run / "cv_summary.json").read_text())
+    fusion = summary["fusion"]
+    w = fusion["weight"]
+    assert 0.0 <= w <= 1.0 and fusion["n_features"] == len(feature_matrix(prepared.images[:1], progress=False)[0])
+    oof = _rows(run / "oof_predictions.csv")
+    feat_rows = _rows(run / "features" / "oof_predictions.csv")
+    assert [r["case_id"] for r in feat_rows] == [r["case_id"] for r in oof]
+    index = {c.id: i for i, c in enumerate(prepared.cases)}
+    _, x = feature_matrix(prepared.images[[index[r["case_id"]] for r in oof]], progress=False)
+    labels = np.array([prepared.classes.index(r["label"]) for r in oof])
+    folds = np.array([int(r["fold"]) for r in oof])
+    p_feat = np.array([[float(r[f"prob_{c}"]) for c in prepared.classes] for r in feat_rows])
+    for k in range(3):  # refitted here on the other folds only
+        model = make_feature_model().fit(x[folds != k], labels[folds != k])
+        np.testing.assert_allclose(p_feat[folds == k], model.predict_proba(x[folds == k]), atol=1e-6)
+        doc = json.loads((run / "features" / f"fold_{k}.json").read_text())
+        np.testing.assert_allclose(predict_json(doc, x[folds == k]), p_feat[folds == k], atol=1e-6)
+    y, p_cnn = calibrated_oof(run, summary["calibration"])
+    aucs = {c["weight"]: c["auc"] for c in json.loads((run / "features" / "fusion.json").read_text())["curve"]}
+    assert aucs[w] == max(aucs.values())
+    fused = (1 - w) * p_cnn + w * p_feat
+    assert summary["oof_fused"]["auc"] == pytest.approx(compute_metrics(y, fused)["auc"])
+    assert summary["decision"]["threshold"] == pytest.approx(best_threshold(y, fused, rule="youden"), abs=1e-6)
+
+    test = summary["test"]
+    assert test["final"] == "fused" and test["fusion_weight"] == w
+    yt, pt, _, rows = load_predictions(run / "test_predictions.csv")
+    _, p_tfeat, _, _ = load_predictions(run / "features" / "test_predictions.csv")
+    if w < 1:  # what remains after taking the feature part out is the calibrated TTA ensemble's
+        cnn = (pt - w * p_tfeat) / (1 - w)
+        assert compute_metrics(yt, cnn)["auc"] == pytest.approx(test["ensemble_tta_calibrated"]["auc"], abs=1e-5)
+    assert test["fused"]["auc"] == pytest.approx(compute_metrics(yt, pt)["auc"], abs=1e-6)
+    assert test["final_at_threshold"]["accuracy"] == pytest.approx(
+        compute_metrics(yt, pt, threshold=summary["decision"]["threshold"])["accuracy"])
+
+
+def test_predict_from_a_fused_run_folder_reproduces_its_test_predictions(fused_run, tiny_medmnist, tmp_path):
+    """`medvox predict --run <fused run> --tta` on NIfTI copies of test cases gives the fused test ensemble's
+    probabilities; given the fold checkpoints instead (no run folder), the CNN alone."""
+    run, _ = fused_run
+    rows = _rows(run / "test_predictions.csv")[:5]
+    folder = _as_nifti(tiny_medmnist, [r["case_id"] for r in rows], tmp_path / "nifti")
+    out = tmp_path / "pred.csv"
+    assert main(["predict", "--run", str(run), str(folder), "--out", str(out), "--tta"]) == 0
+    weight = json.loads((run / "cv_summary.json").read_text())["fusion"]["weight"]
+    assert json.loads(out.with_suffix(".json").read_text())["feature_fusion_weight"] == weight
+    got = {r["case_id"]: r for r in _rows(out)}
+    for r in rows:
+        assert float(got[r["case_id"]]["prob_1"]) == pytest.approx(float(r["prob_1"]), abs=1e-4)
+    if weight > 0:
+        folds = [str(run / f"fold_{k}") for k in range(3)]
+        assert main(["predict", *sum((["--run", f] for f in folds), []), str(folder), "--out", str(out), "--tta"]) == 0
+        cnn = {r["case_id"]: float(r["prob_1"]) for r in _rows(out)}
+        assert any(abs(cnn[r["case_id"]] - float(r["prob_1"])) > 1e-3 for r in rows)

@@ -29,7 +29,8 @@ def run_cv(cfg: ExperimentConfig, tta: bool = True) -> dict:
         train(fold_cfg)
         fold_dirs.append(run_dir / f"fold_{k}")
     prepared = prepare(cfg.data, progress=False)
-    summary = summarize(run_dir, fold_dirs, prepared, tta=tta, threshold_rule=cfg.train.threshold_rule)
+    summary = summarize(run_dir, fold_dirs, prepared, tta=tta, threshold_rule=cfg.train.threshold_rule,
+                        feature_fusion=cfg.train.feature_fusion, seed=cfg.train.seed)
     table = format_table(summary)
     (run_dir / "cv_table.md").write_text(table + "\n", encoding="utf-8")
     log.info("cross-validation of %s over %d folds:\n%s", cfg.model.name, cfg.data.folds, table)

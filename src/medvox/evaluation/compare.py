@@ -29,7 +29,7 @@ from medvox.evaluation.runs import Predictions, Run, load_run
 from medvox.evaluation.stats import delong_test, paired_bootstrap_auc
 
 _CV_METRICS = ("auc", "accuracy", "balanced_accuracy", "f1")
-_TEST_ORDER = ("ensemble_tta_calibrated", "ensemble_tta", "ensemble")
+_TEST_ORDER = ("fused", "ensemble_tta_calibrated", "ensemble_tta", "ensemble")
 
 
 def write_comparison(run_dirs: list[Path], out: Path, n_boot: int = 2000, seed: int = 0) -> Path:

@@ -48,12 +48,19 @@ def predict_cases(checkpoints: list[str], inputs: list[str], out: str | Path, *,
 
     Columns: case_id, source, label (when known), prob_<class>..., predicted, spread (standard deviation
     over the ensemble members of the predicted class's probability), status, error.
+
+    A single run folder fused with a feature model by ``medvox cv`` (``features/fusion.json``) predicts the
+    same mixture as its test ensemble (calibrated probabilities only; ``spread`` stays the CNN members').
     """
     from medvox.data import preprocess_case
+    from medvox.evaluation.features import fuse_probs, load_fusion
     from medvox.evaluation.inference import ensemble_predict, find_checkpoints, load_model
 
     models = [load_model(p) for p in find_checkpoints(checkpoints)]
     plan, classes = _check_plans(models), models[0].classes
+    fusion = None
+    if calibrated and len(checkpoints) == 1 and Path(checkpoints[0]).is_dir():
+        fusion = load_fusion(Path(checkpoints[0]))
     cases = _cases(inputs, data_cfg)
     if not cases:
         raise DataError(f"no input images found in {', '.join(inputs)} (NIfTI .nii/.nii.gz, DICOM folders, .npy)")
@@ -76,8 +83,10 @@ def predict_cases(checkpoints: list[str], inputs: list[str], out: str | Path, *,
                     failures.append({"case_id": case.id, "source": case.file, "error": reason})
                     writer.writerow([case.id, case.file, "", *[""] * len(classes), "", "", "error", reason])
             if chunk:
-                mean, per = ensemble_predict(models, np.stack(arrays), tta=tta, calibrated=calibrated,
-                                             batch_size=batch_size)
+                volumes = np.stack(arrays)
+                mean, per = ensemble_predict(models, volumes, tta=tta, calibrated=calibrated, batch_size=batch_size)
+                if fusion is not None:
+                    mean = fuse_probs(fusion, mean, volumes)
                 _write_rows(writer, chunk, classes, mean, per)
                 n_ok += len(chunk)
             fh.flush()
@@ -85,7 +94,8 @@ def predict_cases(checkpoints: list[str], inputs: list[str], out: str | Path, *,
     if failures:  # each one is in the result (and the CSV/JSON); `medvox predict` lists them once on stderr
         log.warning("could not predict %d input(s); see %s", len(failures), out.with_suffix(".json"))
     summary = {"predicted": n_ok, "failed": len(failures), "failures": failures, "output": str(out),
-               "models": [str(m.path) for m in models], "tta": tta, "calibrated": calibrated}
+               "models": [str(m.path) for m in models], "tta": tta, "calibrated": calibrated,
+               "feature_fusion_weight": fusion["weight"] if fusion else None}
     (out.with_suffix(".json")).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     return summary
 

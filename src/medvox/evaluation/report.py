@@ -29,7 +29,8 @@ from medvox.evaluation.runs import Run, load_run
 
 _FOLD_COLS = ("auc", "accuracy", "balanced_accuracy", "f1", "sensitivity", "specificity", "loss")
 _TEST_VARIANTS = (("ensemble", "fold ensemble"), ("ensemble_tta", "ensemble + TTA"),
-                  ("ensemble_tta_calibrated", "ensemble + TTA + temperature scaling"))
+                  ("ensemble_tta_calibrated", "ensemble + TTA + temperature scaling"),
+                  ("fused", "+ descriptor model (feature fusion)"))
 
 
 def write_report(run_dir: Path, out: Path | None = None) -> Path:
@@ -179,7 +180,7 @@ def _consistency(run: Run, which: str, csv_auc: float | None) -> str:
     """Warn when the curves (from the CSV) and the tables (from cv_summary.json) disagree."""
     s = run.summary or {}
     if which == "oof":
-        ref = (s.get("oof") or {}).get("auc")
+        ref = (s.get("oof_fused") or s.get("oof") or {}).get("auc")
     else:
         test = s.get("test") or {}
         ref = next(((test.get(k) or {}).get("auc") for k, _ in reversed(_TEST_VARIANTS) if test.get(k)), None)

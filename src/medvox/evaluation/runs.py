@@ -114,7 +114,8 @@ def load_run(path: Path) -> Run:
     run = Run(path=path, name=path.name, summary=summary, folds=folds, classes=classes, config=config, plan=plan,
               run_info=_first(fold_dirs, "run_info.json") or {}, splits=_first(fold_dirs, "splits.json") or {},
               fingerprint=find_fingerprint(config, plan, _first(fold_dirs, "run_info.json") or {}),
-              oof=read_predictions_csv(path / "oof_predictions.csv", classes or None),
+              oof=(read_predictions_csv(path / "oof_fused_predictions.csv", classes or None)
+                   or read_predictions_csv(path / "oof_predictions.csv", classes or None)),
               test=read_predictions_csv(path / "test_predictions.csv", classes or None))
     run.notes = _notes(run)
     return run
@@ -148,6 +149,10 @@ def _notes(run: Run) -> list[str]:
     notes = []
     if run.summary is None:
         notes.append("cv_summary.json is missing: the cross-validation has not finished.")
+    fusion = (run.summary or {}).get("fusion")
+    if fusion:
+        notes.append(f"Fused with a descriptor model (weight {fusion['weight']:.2f}, chosen on out-of-fold AUC): the "
+                     "out-of-fold and test predictions are the mixture (oof_fused_predictions.csv).")
     if len(run.folds) == 1:
         notes.append("Only one fold: no spread over folds (standard deviation and CI need two or more).")
     ema = (run.config.get("train") or {}).get("ema_decay")

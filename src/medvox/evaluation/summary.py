@@ -112,6 +112,32 @@ def write_oof(run_dir: Path, fold_dirs: list[Path]) -> tuple[dict, np.ndarray, n
     return compute_metrics(labels, probs, class_names=classes), labels, probs, classes
 
 
+def write_fused_oof(run_dir: Path, probs: np.ndarray, classes: list[str]) -> Path:
+    """``oof_fused_predictions.csv``: the rows of ``oof_predictions.csv`` with the final (calibrated, fused)
+    probabilities, which ``medvox compare`` and ``medvox report`` then use for the run."""
+    rows, _ = read_predictions(run_dir / "oof_predictions.csv")
+    for r, p in zip(rows, probs, strict=True):
+        r.update({f"prob_{c}": f"{v:.8g}" for c, v in zip(classes, p, strict=True)})
+        r["predicted"] = classes[int(np.argmax(p))]
+    path = run_dir / "oof_fused_predictions.csv"
+    with open(path, "w", newline="", encoding="utf-8") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0].keys()))
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def final_oof(run_dir: Path, summary: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+    """The pooled OOF (labels, probabilities) the decision threshold rests on: per-fold calibrated, and mixed
+    with the feature model where the run was fused."""
+    labels, probs = calibrated_oof(run_dir, summary["calibration"])
+    fusion = summary.get("fusion")
+    if fusion and fusion.get("weight"):
+        _, feat, _, _ = load_predictions(run_dir / "features" / "oof_predictions.csv")
+        probs = (1 - fusion["weight"]) * probs + fusion["weight"] * feat
+    return labels, probs
+
+
 def calibrated_oof(run_dir: Path, calibration: list[dict]) -> tuple[np.ndarray, np.ndarray]:
     """Pooled out-of-fold (labels, probabilities), each fold's rescaled by its own temperature, so that the
     folds' scores are on one scale (raw fold models are not: pooled raw OOF AUC is below the fold mean)."""
@@ -135,10 +161,12 @@ def oof_decision(labels: np.ndarray, probs: np.ndarray, rule: str) -> dict[str, 
 
 
 def test_ensemble(run_dir: Path, fold_dirs: list[Path], prepared, tta: bool,
-                  threshold: float | None = None) -> dict[str, Any] | None:
+                  threshold: float | None = None, fusion: dict[str, Any] | None = None) -> dict[str, Any] | None:
     """Average the fold models' (calibrated) probabilities on the held-out test set.
 
-    ``threshold`` (chosen on OOF data) adds ``final_at_threshold``: the final variant's metrics at it."""
+    ``threshold`` (chosen on OOF data) adds ``final_at_threshold``: the final variant's metrics at it.
+    ``fusion`` (from :func:`~medvox.evaluation.features.fit_fusion`) adds the variant ``fused``: the
+    calibrated ensemble mixed with the feature model's test probabilities at the OOF-chosen weight."""
     from medvox.evaluation.inference import ensemble_predict, final_checkpoint, load_model
 
     test_idx = prepared.test_idx
@@ -156,6 +184,11 @@ def test_ensemble(run_dir: Path, fold_dirs: list[Path], prepared, tta: bool,
         mean, per = ensemble_predict(models, images, tta=use_tta, calibrated=calibrated)
         out[name] = compute_metrics(labels, mean, class_names=prepared.classes)
         best, best_per, out["final"] = mean, per, name  # the last variant (calibrated) is the final one
+    if fusion is not None and fusion.get("test_features") is not None:
+        w = fusion["weight"]
+        best = (1 - w) * best + w * fusion["test_features"]
+        out["fused"] = compute_metrics(labels, best, class_names=prepared.classes)
+        out["final"], out["fusion_weight"] = "fused", w
     if threshold is not None:
         out["final_at_threshold"] = compute_metrics(labels, best, threshold=threshold, class_names=prepared.classes)
     out["per_fold"] = [compute_metrics(labels, p, class_names=prepared.classes) for p in best_per]
@@ -181,24 +214,42 @@ def _add_spread(path: Path, per_model: np.ndarray) -> None:
 
 
 def summarize(run_dir: Path, fold_dirs: list[Path], prepared=None, tta: bool = True,
-              threshold_rule: str = "youden") -> dict[str, Any]:
+              threshold_rule: str = "youden", feature_fusion: bool = False, seed: int = 0,
+              progress: bool = True) -> dict[str, Any]:
     """Write ``cv_summary.json`` (+ ``oof_predictions.csv``, ``test_predictions.csv``) for a finished CV.
 
     Binary tasks also get ``decision``: a threshold chosen by ``threshold_rule`` on the pooled, calibrated
     OOF predictions, and the test ensemble's metrics at it (``test.final_at_threshold``): at the argmax an
-    imbalanced task's models often predict the majority class only."""
+    imbalanced task's models often predict the majority class only.
+
+    ``feature_fusion`` (needs ``prepared``): a descriptor model on the same folds, mixed in at the weight
+    with the best pooled OOF AUC (:mod:`medvox.evaluation.features`); the threshold, ``oof_fused`` and the
+    test variant ``fused`` then use the mixture, and ``fusion`` records the weight."""
     folds = [json.loads((d / "metrics.json").read_text()) for d in fold_dirs]
     fold_val = [f["final"]["val"] for f in folds]
     oof_metrics, _, _, classes = write_oof(run_dir, fold_dirs)
     calibration = [fit_fold_calibration(d) for d in fold_dirs]
-    decision = oof_decision(*calibrated_oof(run_dir, calibration), rule=threshold_rule)
+    oof_labels, oof_probs = calibrated_oof(run_dir, calibration)
+    fusion = None
+    if feature_fusion and prepared is not None:
+        from medvox.evaluation.features import fit_fusion
+
+        _, _, _, rows = load_predictions(run_dir / "oof_predictions.csv")
+        fusion = fit_fusion(run_dir, prepared, [r["case_id"] for r in rows], np.array([int(r["fold"]) for r in rows]),
+                            oof_labels, oof_probs, progress=progress, seed=seed)
+        oof_probs = fusion["oof"]
+    decision = oof_decision(oof_labels, oof_probs, rule=threshold_rule)
     threshold = decision["threshold"] if decision else None
     summary = {
         "model": folds[0]["model"], "folds": len(folds), "classes": classes, "monitor": folds[0]["monitor"],
         "fold_final_weights": [f["final"]["weights"] for f in folds],
         "cv": fold_table(fold_val), "oof": oof_metrics, "calibration": calibration, "decision": decision,
-        "test": test_ensemble(run_dir, fold_dirs, prepared, tta, threshold) if prepared is not None else None,
+        "test": test_ensemble(run_dir, fold_dirs, prepared, tta, threshold, fusion) if prepared is not None else None,
     }
+    if fusion is not None:
+        summary["fusion"] = {k: fusion[k] for k in ("weight", "chosen_on", "model", "oof_auc", "n_features")}
+        summary["oof_fused"] = compute_metrics(oof_labels, oof_probs, class_names=classes)
+        write_fused_oof(run_dir, oof_probs, classes)
     write_json(summary, run_dir / "cv_summary.json")
     return to_jsonable(summary)
 

@@ -1,0 +1,113 @@
+"""The descriptor model beside the CNN: each descriptor against a hand-computed value, the JSON model
+against scikit-learn's own predictions, and the fusion weight chosen on out-of-fold predictions."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from sklearn.metrics import roc_auc_score
+
+from medvox.evaluation.features import (
+    WEIGHT_GRID,
+    choose_weight,
+    make_feature_model,
+    model_to_json,
+    otsu_threshold,
+    predict_json,
+    volume_features,
+)
+
+
+def _features(volume) -> dict[str, float]:
+    names, values = volume_features(volume)
+    return dict(zip(names, values, strict=True))
+
+
+def test_otsu_splits_two_modes_between_them():
+    rng = np.random.default_rng(0)
+    x = np.concatenate([rng.normal(0, 0.1, 5000), rng.normal(3, 0.1, 500)])
+    t = otsu_threshold(x)
+    assert 1.0 < t < 2.0  # midway across the empty gap, not at the lower mode's edge
+    assert (x > t).sum() == 500
+    assert otsu_threshold(np.full(10, 2.0)) == 2.0  # constant: nothing above the threshold
+
+
+def test_cube_descriptors_by_hand():
+    v = np.zeros((1, 12, 12, 12), np.float32)
+    v[0, 2:8, 2:8, 2:8] = 1.0  # a 6^3 cube, 216 voxels
+    f = _features(v)
+    assert np.exp(f["c0_fg_log_voxels"]) == pytest.approx(216)
+    assert f["c0_fg_fraction"] == pytest.approx(216 / 12 ** 3)
+    assert f["c0_fg_surface_ratio"] == pytest.approx(6 * 36 / 216 ** (2 / 3))  # 6 faces of 36 voxel faces
+    assert f["c0_fg_components"] == 1 and f["c0_fg_largest_share"] == 1
+    # sample variance (ddof=1) of the coordinates 2..7, each taken by 36 of the 216 voxels, on each axis
+    var = np.var(np.arange(2, 8)) * 216 / 215
+    for a in ("axis0", "axis1", "axis2"):
+        assert f[f"c0_fg_{a}"] == pytest.approx(var)
+    assert f["c0_fg_axis_ratio_10"] == pytest.approx(1.0)
+    assert f["c0_fg_solidity"] == pytest.approx(1.0, abs=1e-9)  # the hull of voxel centres: a 5^3 box < 216
+    assert f["c0_fg_extent"] == 1.0 and f["c0_fg_box0"] == 6
+    assert f["c0_fg_eroded1"] == pytest.approx(4 ** 3 / 216)
+    assert f["c0_fg_eroded2"] == pytest.approx(2 ** 3 / 216)
+    assert f["c0_fg_eroded3"] == 0
+    assert f["c0_fg_dist_max"] == 3  # the centre voxels are 3 voxels from the background
+    assert f["c0_fg_centroid0"] == pytest.approx(4.5 / 12)
+    assert f["c0_mean"] == pytest.approx(216 / 12 ** 3) and f["c0_p50"] == 0
+
+
+def test_components_thickness_and_empty_volume():
+    v = np.zeros((20, 20, 20), np.float32)
+    v[1:9, 1:9, 1:9] = 1.0  # 512 voxels
+    v[12:14, 12:14, 12:14] = 1.0  # 8 voxels, apart
+    f = _features(v)
+    assert f["c0_fg_components"] == 2
+    assert f["c0_fg_largest_share"] == pytest.approx(512 / 520)
+    thin = np.zeros((20, 20, 20), np.float32)
+    thin[2:18, 2:18, 9:11] = 1.0  # a 2-voxel plate: thickness 1 everywhere
+    g = _features(thin)
+    assert g["c0_fg_dist_max"] == 1 and g["c0_fg_eroded1"] == 0
+    assert f["c0_fg_dist_mean"] > g["c0_fg_dist_mean"]
+    empty = _features(np.zeros((8, 8, 8), np.float32))
+    assert all(val == 0 for k, val in empty.items() if k.startswith("c0_fg_"))
+
+
+def test_channels_are_described_apart_and_shapes_are_checked():
+    rng = np.random.default_rng(1)
+    v = rng.normal(size=(2, 10, 10, 10)).astype(np.float32)
+    names, values = volume_features(v)
+    one, _ = volume_features(v[:1])
+    assert len(names) == 2 * len(one) and names[: len(one)] == one
+    assert names[len(one)].startswith("c1_") and np.isfinite(values).all()
+    with pytest.raises(ValueError, match="volume"):
+        volume_features(np.zeros((4, 4)))
+
+
+@pytest.mark.parametrize("k", [2, 3])
+def test_json_model_predicts_like_sklearn(k):
+    rng = np.random.default_rng(k)
+    x = rng.normal(size=(120, 5))
+    y = (x[:, 0] + 0.5 * x[:, 1] > 0).astype(int) + (k == 3) * (x[:, 2] > 1).astype(int)
+    model = make_feature_model().fit(x, y)
+    doc = model_to_json(model, [f"f{i}" for i in range(5)], [str(c) for c in range(k)])
+    x_new = rng.normal(size=(30, 5))
+    np.testing.assert_allclose(predict_json(doc, x_new), model.predict_proba(x_new), atol=1e-10)
+
+
+def test_fusion_weight_picks_the_better_mixture():
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 2000)
+    cnn1 = y + rng.normal(0, 1.0, len(y))
+    feat1 = y + rng.normal(0, 1.0, len(y))  # independent errors of equal size: the mean is better than either
+
+    def as_probs(s):
+        p = 1 / (1 + np.exp(-s))
+        return np.stack([1 - p, p], 1)
+
+    w, curve = choose_weight(y, as_probs(cnn1), as_probs(feat1))
+    assert 0.3 <= w <= 0.7
+    assert [c["weight"] for c in curve] == list(WEIGHT_GRID)
+    fused = max(c["auc"] for c in curve)
+    assert fused > roc_auc_score(y, cnn1) + 0.02 and fused > roc_auc_score(y, feat1) + 0.02
+    # a useless feature model gets weight 0 (the CNN alone); the same model twice: the smaller weight
+    assert choose_weight(y, as_probs(cnn1), as_probs(rng.normal(size=len(y))))[0] == 0
+    assert choose_weight(y, as_probs(cnn1), as_probs(cnn1))[0] == 0
