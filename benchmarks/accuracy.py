@@ -57,6 +57,8 @@ _STEM1 = ["--set", 'model.kwargs={"stem_stride": 1}']
 RECIPES: dict[str, dict] = {
     "r18": {"desc": "ResNet-18-3D, AdamW 1e-3, wd 0.05, batch 16, 40 ep., weighted CE, EMA 0.998, L-R flips",
             "args": ["--model", "resnet18", *_BASE]},
+    "r18f": {"desc": "r18 + a logistic regression on shape/intensity descriptors, mixed in at the OOF-chosen weight",
+             "args": ["--model", "resnet18", *_BASE, "--set", "train.feature_fusion=true"]},
     "r10s1": {"desc": "ResNet-10-3D with a stride-1 stem, otherwise as r18",
               "args": ["--model", "resnet10", *_BASE, *_STEM1]},
     "r18s1": {"desc": "ResNet-18-3D with a stride-1 stem, otherwise as r18", "args": ["--model", "resnet18", *_BASE, *_STEM1]},
@@ -82,7 +84,7 @@ PUBLISHED = [  # MedMNIST v2 (Yang et al., Scientific Data 2023), AdrenalMNIST3D
     ("MedMNIST v2: ResNet-18 + ACS (published)", 0.839, 0.754),
     ("MedMNIST v2: auto-sklearn (published)", 0.828, 0.802),
 ]
-KEEP = ("cv_summary.json", "cv_table.md", "oof_predictions.csv", "test_predictions.csv")
+KEEP = ("cv_summary.json", "cv_table.md", "oof_predictions.csv", "oof_fused_predictions.csv", "test_predictions.csv")
 
 
 def _npz(kind: str) -> Path:
@@ -120,6 +122,8 @@ def _keep_small(run_dir: Path, dest: Path) -> None:
     for name in KEEP:
         if (run_dir / name).is_file():
             shutil.copy2(run_dir / name, dest / name)
+    if (run_dir / "features").is_dir():  # the feature models (JSON) and their predictions: small
+        shutil.copytree(run_dir / "features", dest / "features", dirs_exist_ok=True)
     for fold in sorted(run_dir.glob("fold_*")):
         for name in ("metrics.json", "config.json", "plan.json"):
             if (fold / name).is_file():
@@ -210,24 +214,84 @@ def run_jobs(jobs: list[tuple[str, int]], out: Path, parallel: int, gpu: bool, t
     timing_path.write_text(json.dumps(timings, indent=1) + "\n", encoding="utf-8")
 
 
+def fuse_kept(src: Path, out: Path, rule: str = "youden", name: str = "r18f") -> str:
+    """Fuse a finished run's kept predictions with the descriptor model, as ``medvox cv --set
+    train.feature_fusion=true`` does at its end (:func:`medvox.evaluation.summary.summarize`), into
+    ``out/kept/<name>_s<seed>``. The kept folder has no checkpoints, so the CNN's test probabilities are its
+    ``test_predictions.csv`` (the calibrated TTA ensemble, which is what ``summarize`` mixes). The time
+    recorded is the source run's plus the fusion's."""
+    from medvox.config import from_dict
+    from medvox.data import prepare
+    from medvox.engine.artifacts import write_json, write_predictions
+    from medvox.evaluation.features import fit_fusion
+    from medvox.evaluation.metrics import compute_metrics
+    from medvox.evaluation.summary import calibrated_oof, load_predictions, oof_decision, write_fused_oof
+
+    src, out = src.resolve(), out.resolve()
+    timings_src = json.loads((src.parent.parent / "timings.json").read_text())[src.name]
+    seed = timings_src["seed"]
+    key = f"{name}_s{seed}"
+    dest = out / "kept" / key
+    if dest.exists():
+        shutil.rmtree(dest)
+    shutil.copytree(src, dest)
+    cfg = from_dict(json.loads((dest / "fold_0" / "config.json").read_text()))
+    t0 = time.time()
+    prepared = prepare(cfg.data, progress=False)
+    summary = json.loads((dest / "cv_summary.json").read_text())
+    y, p = calibrated_oof(dest, summary["calibration"])
+    _, _, _, rows = load_predictions(dest / "oof_predictions.csv")
+    fusion = fit_fusion(dest, prepared, [r["case_id"] for r in rows], np.array([int(r["fold"]) for r in rows]), y, p,
+                        progress=False, seed=cfg.train.seed)
+    yt, pt, classes, trows = load_predictions(dest / "test_predictions.csv")
+    if [r["case_id"] for r in trows] != fusion["test_ids"]:
+        raise ValueError(f"{src}: test_predictions.csv does not list the prepared test cases in order")
+    w = fusion["weight"]
+    fused = (1 - w) * pt + w * fusion["test_features"]
+    decision = oof_decision(y, fusion["oof"], rule=rule)
+    test = summary["test"]
+    test["fused"] = compute_metrics(yt, fused, class_names=classes)
+    test["final"], test["fusion_weight"] = "fused", w
+    test["final_at_threshold"] = compute_metrics(yt, fused, threshold=decision["threshold"], class_names=classes)
+    summary.update(decision=decision, oof_fused=compute_metrics(y, fusion["oof"], class_names=classes),
+                   fusion={k: fusion[k] for k in ("weight", "chosen_on", "model", "oof_auc", "n_features")})
+    write_fused_oof(dest, fusion["oof"], classes)
+    write_predictions(dest / "test_predictions.csv", [r["case_id"] for r in trows], [r["patient_id"] for r in trows],
+                      yt, fused, classes)
+    write_json(summary, dest / "cv_summary.json")
+    seconds = time.time() - t0
+    timing_path = out / "timings.json"
+    timings = json.loads(timing_path.read_text()) if timing_path.is_file() else {}
+    timings[key] = {**timings_src, "name": name, "wall_seconds": timings_src["wall_seconds"] + seconds,
+                    "cpu_seconds": (timings_src.get("cpu_seconds") or 0) + seconds, "fusion_seconds": seconds,
+                    "fused_from": str(src.relative_to(REPO) if src.is_relative_to(REPO) else src)}
+    out.mkdir(parents=True, exist_ok=True)
+    timing_path.write_text(json.dumps(timings, indent=1) + "\n", encoding="utf-8")
+    print(f"{key}: weight {w:.2f}, OOF AUC {fusion['oof_auc']['cnn']:.3f} -> {fusion['oof_auc']['fused']:.3f}, "
+          f"test AUC {test['ensemble_tta_calibrated']['auc']:.3f} -> {test['fused']['auc']:.3f} ({seconds:.0f} s)")
+    return key
+
+
 # ------------------------------------------------------------------------------------------- analysis
 
 
 def medvox_result(kept: Path, rule: str = "youden") -> dict:
     """Test metrics of a finished cv run: single folds, ensemble, + TTA, + calibration, + OOF threshold."""
     from medvox.evaluation.metrics import best_threshold, compute_metrics
-    from medvox.evaluation.summary import calibrated_oof, load_predictions
+    from medvox.evaluation.summary import final_oof, load_predictions
 
     summary = json.loads((kept / "cv_summary.json").read_text())
     classes = summary["classes"]
     test = summary["test"]
-    y_cal, p_cal = calibrated_oof(kept, summary["calibration"])  # the CV summary's own computation
+    y_cal, p_cal = final_oof(kept, summary)  # the CV summary's own computation (calibrated, fused if it was)
     y_test, p_test, _, _ = load_predictions(kept / "test_predictions.csv")  # the calibrated TTA ensemble
     out = {
         "single_fold_auc": float(np.mean([m["auc"] for m in test["per_fold"]])),
         "single_fold_acc": float(np.mean([m["accuracy"] for m in test["per_fold"]])),
         "ensemble_auc": test["ensemble"]["auc"],
         "ensemble_tta_auc": (test.get("ensemble_tta") or {}).get("auc"),
+        "calibrated_auc": (test.get("ensemble_tta_calibrated") or {}).get("auc"),
+        "fused_auc": (test.get("fused") or {}).get("auc"), "fusion_weight": (summary.get("fusion") or {}).get("weight"),
         "cv_auc_mean": summary["cv"]["auc"]["mean"], "oof_auc": summary["oof"]["auc"],
         "oof_auc_calibrated": compute_metrics(y_cal, p_cal)["auc"],
     }
@@ -268,10 +332,13 @@ def collect(outs: Path | list[Path], rule: str) -> dict:
         for m in ("auc", "accuracy", "balanced_accuracy", "f1"):
             vals = [r["test"][m] for r in rs]
             row[m] = {"mean": float(np.mean(vals)), "std": float(np.std(vals, ddof=1)) if len(vals) > 1 else None}
-        for m in ("single_fold_auc", "ensemble_auc", "ensemble_tta_auc", "oof_auc_calibrated", "cv_auc_mean"):
+        for m in ("single_fold_auc", "ensemble_auc", "ensemble_tta_auc", "calibrated_auc", "fused_auc",
+                  "oof_auc_calibrated", "cv_auc_mean"):
             vals = [r[m] for r in rs if r.get(m) is not None]
             if vals:
                 row[m] = float(np.mean(vals))
+        if any(r.get("fusion_weight") is not None for r in rs):
+            row["fusion_weights"] = [f"{r['fusion_weight']:.2f}" for r in sorted(rs, key=lambda r: r["seed"])]
         if "argmax" in rs[0]:
             for label in ("argmax", "at_youden", "at_f1", "at_accuracy"):
                 row[label] = {m: float(np.mean([r[label][m] for r in rs]))
@@ -327,15 +394,16 @@ def render(results: dict, commands: dict[str, str]) -> str:
     for label, auc, acc in PUBLISHED:
         lines.append(f"| {label} | 1 | {auc:.3f} | {acc:.3f} | | | |")
     lines += ["", "## What each part adds (test AUC, mean over seeds)", "",
-              "| recipe | CV mean (val folds) | single fold model | 5-fold ensemble | + flip TTA | + calibration |",
-              "| --- | --- | --- | --- | --- | --- |"]
+              "| recipe | CV mean (val folds) | single fold model | 5-fold ensemble | + flip TTA | + calibration "
+              "| + descriptor model (weight) |", "| --- | --- | --- | --- | --- | --- | --- |"]
     for name in order:
         r = rec[name]
         if "ensemble_auc" not in r:
             continue
         cells = [r.get("cv_auc_mean"), r.get("single_fold_auc"), r.get("ensemble_auc"), r.get("ensemble_tta_auc"),
-                 r["auc"]["mean"]]
-        lines.append(f"| {name} | " + " | ".join("" if c is None else f"{c:.3f}" for c in cells) + " |")
+                 r.get("calibrated_auc", r["auc"]["mean"])]
+        fused = "" if r.get("fused_auc") is None else f"{r['fused_auc']:.3f} ({', '.join(r['fusion_weights'])})"
+        lines.append(f"| {name} | " + " | ".join("" if c is None else f"{c:.3f}" for c in cells) + f" | {fused} |")
     lines += ["", "## Decision threshold (test ACC / balanced ACC / F1 of the same ensemble)", "",
               "| recipe | argmax | Youden on OOF | F1-max on OOF | accuracy-max on OOF |", "| --- | --- | --- | --- | --- |"]
     for name in order:
@@ -392,6 +460,11 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--extra", nargs=argparse.REMAINDER, default=[],
                    help="further `medvox cv` flags for every medvox job (last on the command line, e.g. --epochs 20)")
     r.add_argument("--out", type=Path, required=True)
+    fu = sub.add_parser("fuse", help="fuse finished runs' kept predictions with the descriptor model (as r18f)")
+    fu.add_argument("kept", type=Path, nargs="+", help="kept run folders (<out>/kept/<name>_s<seed>)")
+    fu.add_argument("--out", type=Path, required=True)
+    fu.add_argument("--name", default="r18f")
+    fu.add_argument("--rule", default="youden", choices=["youden", "f1", "accuracy"])
     rep = sub.add_parser("report", help="write the tables")
     rep.add_argument("--out", type=Path, nargs="+", required=True, help="one or more `run --out` folders")
     rep.add_argument("--rule", default="youden", choices=["youden", "f1", "accuracy"])
@@ -412,6 +485,10 @@ def main(argv: list[str] | None = None) -> int:
         hard = now + 60 * args.hard_minutes if args.hard_minutes else None
         run_jobs(jobs, args.out, args.parallel, args.gpu, args.threads, deadline, args.drop_checkpoints, args.smoke,
                  hard, args.extra)
+        return 0
+    if args.cmd == "fuse":
+        for kept in args.kept:
+            fuse_kept(kept, args.out, args.rule, args.name)
         return 0
     results = collect(args.out, args.rule)
     notes = REPO / "benchmarks" / "accuracy_notes.md"  # hand-written findings, appended to the generated tables
