@@ -225,7 +225,13 @@ def fuse_kept(src: Path, out: Path, rule: str = "youden", name: str = "r18f") ->
     from medvox.engine.artifacts import write_json, write_predictions
     from medvox.evaluation.features import fit_fusion
     from medvox.evaluation.metrics import compute_metrics
-    from medvox.evaluation.summary import calibrated_oof, load_predictions, oof_decision, write_fused_oof
+    from medvox.evaluation.summary import (
+        calibrated_oof,
+        format_table,
+        load_predictions,
+        oof_decision,
+        write_fused_oof,
+    )
 
     src, out = src.resolve(), out.resolve()
     timings_src = json.loads((src.parent.parent / "timings.json").read_text())[src.name]
@@ -259,6 +265,7 @@ def fuse_kept(src: Path, out: Path, rule: str = "youden", name: str = "r18f") ->
     write_predictions(dest / "test_predictions.csv", [r["case_id"] for r in trows], [r["patient_id"] for r in trows],
                       yt, fused, classes)
     write_json(summary, dest / "cv_summary.json")
+    (dest / "cv_table.md").write_text(format_table(summary) + "\n", encoding="utf-8")
     seconds = time.time() - t0
     timing_path = out / "timings.json"
     timings = json.loads(timing_path.read_text()) if timing_path.is_file() else {}

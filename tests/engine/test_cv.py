@@ -219,3 +219,24 @@ def test_predict_from_a_fused_run_folder_reproduces_its_test_predictions(fused_r
         assert main(["predict", *sum((["--run", f] for f in folds), []), str(folder), "--out", str(out), "--tta"]) == 0
         cnn = {r["case_id"]: float(r["prob_1"]) for r in _rows(out)}
         assert any(abs(cnn[r["case_id"]] - float(r["prob_1"])) > 1e-3 for r in rows)
+
+
+def test_summarised_again_without_fusion_the_run_forgets_it(fused_run, tmp_path):
+    """A fused run summarised again with fusion off drops the fusion's files, so that predict, compare and
+    report do not mix in a feature model the summary no longer has."""
+    import shutil
+
+    from medvox.evaluation.features import load_fusion
+    from medvox.evaluation.runs import load_run
+    from medvox.evaluation.summary import summarize
+
+    src, prepared = fused_run
+    run = tmp_path / "resnet10"
+    shutil.copytree(src, run)
+    assert load_fusion(run) is not None or json.loads((run / "cv_summary.json").read_text())["fusion"]["weight"] == 0
+    summary = summarize(run, [run / f"fold_{k}" for k in range(3)], prepared, progress=False)
+    assert "fusion" not in summary and summary["test"]["final"] == "ensemble_tta_calibrated"
+    assert not (run / "features").exists() and not (run / "oof_fused_predictions.csv").exists()
+    assert load_fusion(run) is None
+    plain = _rows(run / "oof_predictions.csv")
+    assert [float(r["prob_1"]) for r in plain] == pytest.approx(list(load_run(run).oof.probs[:, 1]), abs=1e-7)

@@ -238,6 +238,11 @@ def summarize(run_dir: Path, fold_dirs: list[Path], prepared=None, tta: bool = T
         fusion = fit_fusion(run_dir, prepared, [r["case_id"] for r in rows], np.array([int(r["fold"]) for r in rows]),
                             oof_labels, oof_probs, progress=progress, seed=seed)
         oof_probs = fusion["oof"]
+    else:  # summarised again without fusion: a former fusion's files must not be read as this run's
+        import shutil
+
+        shutil.rmtree(run_dir / "features", ignore_errors=True)
+        (run_dir / "oof_fused_predictions.csv").unlink(missing_ok=True)
     decision = oof_decision(oof_labels, oof_probs, rule=threshold_rule)
     threshold = decision["threshold"] if decision else None
     summary = {
@@ -261,7 +266,8 @@ def format_table(summary: dict) -> str:
     test = (summary.get("test") or {})
     test_best = test.get("final_at_threshold") or test.get(test.get("final", "")) or test.get("ensemble") or {}
     decision = summary.get("decision") or {}
-    oof = {**summary["oof"], **{k: v for k, v in (decision.get("oof") or {}).items() if k not in ("auc", "loss")}}
+    base = summary.get("oof_fused") or summary["oof"]  # a fused run's pooled OOF is the calibrated mixture
+    oof = {**base, **{k: v for k, v in (decision.get("oof") or {}).items() if k not in ("auc", "loss")}}
     lines = ["| metric | folds mean +- std [95 % CI] | pooled OOF | test ensemble |", "| --- | --- | --- | --- |"]
     for name, row in summary["cv"].items():
         if row["mean"] is None:
@@ -275,4 +281,10 @@ def format_table(summary: dict) -> str:
         lines.append(f"\nOOF and test ensemble at the threshold p({summary['classes'][1]}) >= {decision['threshold']:.3f} "
                      f"({decision['rule']} on the pooled calibrated out-of-fold predictions; AUC and loss do not "
                      "depend on it); the folds column is at the argmax.")
+    fusion = summary.get("fusion")
+    if fusion:
+        lines.append(f"\nOOF and test ensemble include the descriptor model at weight {fusion['weight']:.2f} (chosen on "
+                     f"the pooled OOF AUC: CNN {fusion['oof_auc']['cnn']:.3f}, descriptors "
+                     f"{fusion['oof_auc']['features']:.3f}, fused {fusion['oof_auc']['fused']:.3f}); the folds column is "
+                     "the CNN's.")
     return "\n".join(lines)
