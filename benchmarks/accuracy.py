@@ -370,9 +370,14 @@ def paired_against(runs: dict[str, dict], reference: str = "r18", n_boot: int = 
         result = compare_runs([load_run(Path(refs[r["seed"]]["kept"])), load_run(Path(r["kept"]))], n_boot=n_boot)
         row = {"recipe": r["name"], "seed": r["seed"], "reference": reference}
         for pair in result["pairs"]:
-            d = pair["delong"]
-            row[pair["split"]] = {"auc_reference": d["auc_a"], "auc": d["auc_b"], "diff": -d["diff"],
-                                  "ci95": [-d["ci95_diff"][1], -d["ci95_diff"][0]], "p": d["p_value"], "n": d["n"]}
+            d, b = pair.get("delong"), pair.get("bootstrap")
+            if d is not None:
+                row[pair["split"]] = {"auc_reference": d["auc_a"], "auc": d["auc_b"], "diff": -d["diff"],
+                                      "ci95": [-d["ci95_diff"][1], -d["ci95_diff"][0]], "p": d["p_value"], "n": d["n"]}
+            elif b is not None:  # more than two classes: DeLong is binary; the paired bootstrap of the macro AUC
+                row[pair["split"]] = {"auc_reference": None, "auc": None, "diff": -b["diff"],
+                                      "ci95": [-b["ci"][1], -b["ci"][0]], "p": b["p_boot"], "n": pair["n_common"],
+                                      "test": "bootstrap, macro one-vs-rest AUC"}
         rows.append(row)
     return rows
 
@@ -431,7 +436,7 @@ def render(results: dict, commands: dict[str, str]) -> str:
             for split in ("oof", "test"):
                 c = row.get(split)
                 cells += (["", "", ""] if c is None else
-                          [f"{c['auc_reference']:.3f} -> {c['auc']:.3f}",
+                          ["" if c["auc"] is None else f"{c['auc_reference']:.3f} -> {c['auc']:.3f}",
                            f"{c['diff']:+.3f} [{c['ci95'][0]:+.3f}, {c['ci95'][1]:+.3f}]",
                            "< 0.001" if c["p"] < 0.001 else f"{c['p']:.3f}"])
             lines.append(f"| {row['recipe']} | {row['seed']} | " + " | ".join(cells) + " |")

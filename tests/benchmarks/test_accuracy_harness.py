@@ -172,3 +172,30 @@ def test_recipes_are_compared_with_the_reference_of_the_same_seed(tmp_path):
     assert row["test"]["diff"] == pytest.approx(0.0)  # the test predictions were copied unchanged
     md = accuracy.render(results, {})
     assert "## Paired against r18" in md and f"| r18_mixup | 0 | {row['oof']['auc_reference']:.3f} -> " in md
+
+
+def test_paired_section_falls_back_to_the_bootstrap_for_three_classes(tmp_path):
+    """DeLong is binary: with three classes the row carries the paired bootstrap of the macro AUC."""
+    from medvox.evaluation.stats import paired_bootstrap_auc
+    from tests.conftest_runs import write_synthetic_run
+
+    rng = np.random.default_rng(5)
+    y = rng.integers(0, 3, 150)
+    ids = [f"c{i}" for i in range(len(y))]
+
+    def probs(sharp):
+        z = rng.normal(size=(len(y), 3)) + sharp * np.eye(3)[y]
+        e = np.exp(z)
+        return e / e.sum(1, keepdims=True)
+
+    pa, pb = probs(0.5), probs(2.0)
+    runs = {}
+    for key, name, p in (("r18_s0", "r18", pa), ("r50_s0", "r50", pb)):
+        write_synthetic_run(tmp_path / key, ids, list(y), p, classes=("a", "b", "c"))
+        runs[key] = {"name": name, "seed": 0, "kept": str(tmp_path / key)}
+    (row,) = accuracy.paired_against(runs, n_boot=300)
+    expected = paired_bootstrap_auc(y, pa, pb, n_boot=300, seed=0)
+    assert row["oof"]["diff"] == pytest.approx(-expected["diff"]) and row["oof"]["diff"] > 0.1
+    assert row["oof"]["p"] == pytest.approx(expected["p_boot"]) and row["oof"]["auc"] is None
+    md = accuracy.render({"rule": "youden", "recipes": {}, "paired": [row]}, {})
+    assert f"| r50 | 0 |  | {row['oof']['diff']:+.3f}" in md
