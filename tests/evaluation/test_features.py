@@ -51,6 +51,9 @@ def test_cube_descriptors_by_hand():
     assert f["c0_fg_eroded2"] == pytest.approx(2 ** 3 / 216)
     assert f["c0_fg_eroded3"] == 0
     assert f["c0_fg_dist_max"] == 3  # the centre voxels are 3 voxels from the background
+    # layers 1, 2, 3 deep: the 6^3 shell (216 - 64), the 4^3 shell (64 - 8), the 2^3 core
+    assert [f[f"c0_fg_dist_share{k}"] for k in ("1", "2", "3", "4plus")] == pytest.approx([152 / 216, 56 / 216, 8 / 216, 0])
+    assert [f[f"c0_fg_chord{a}"] for a in "012"] == [6, 6, 6]  # 36 runs of 6 voxels along each axis
     assert f["c0_fg_centroid0"] == pytest.approx(4.5 / 12)
     assert f["c0_mean"] == pytest.approx(216 / 12 ** 3) and f["c0_p50"] == 0
 
@@ -66,6 +69,9 @@ def test_components_thickness_and_empty_volume():
     thin[2:18, 2:18, 9:11] = 1.0  # a 2-voxel plate: thickness 1 everywhere
     g = _features(thin)
     assert g["c0_fg_dist_max"] == 1 and g["c0_fg_eroded1"] == 0
+    assert (g["c0_fg_chord0"], g["c0_fg_chord1"], g["c0_fg_chord2"]) == (16, 16, 2)  # (z, y, x): 2 thick in x
+    assert (g["c0_fg_chord_min"], g["c0_fg_chord_mid"], g["c0_fg_chord_max"]) == (2, 16, 16)
+    assert g["c0_fg_dist_share1"] == 1.0
     assert f["c0_fg_dist_mean"] > g["c0_fg_dist_mean"]
     empty = _features(np.zeros((8, 8, 8), np.float32))
     assert all(val == 0 for k, val in empty.items() if k.startswith("c0_fg_"))

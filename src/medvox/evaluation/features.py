@@ -12,8 +12,10 @@ voxel units agree across cases), per channel:
   one's share, log voxel count, surface faces / volume^(2/3) (a sphericity measure), the principal-axis
   variances and their ratios, solidity (voxels / volume of the voxel centres' convex hull, capped at 1:
   compact shapes saturate, concave ones fall below), extent (volume / bounding box) and the
-  box's sides, the share left after 1, 2 and 3 erosions and the Euclidean distance to the background
-  (mean, std, 90th percentile, max): thickness, which a strided CNN stem sees poorly at 28^3;
+  box's sides, the share left after 1, 2 and 3 erosions, the Euclidean distance to the background (mean,
+  std, 90th percentile, max, and the shares of voxels 1, 2, 3 and >= 4 voxels deep) and the mean chord
+  length along each axis (also sorted, orientation-free): thickness, which a strided CNN stem sees poorly
+  at 28^3;
   the centroid (fractions of the grid).
 
 :func:`fit_fusion` fits ``StandardScaler + LogisticRegression`` on the same folds as the CNN (each fold's
@@ -86,8 +88,9 @@ def _first_order(x: np.ndarray) -> dict[str, float]:
 
 SHAPE_NAMES = ("fraction", "mean", "std", "components", "largest_share", "log_voxels", "surface_ratio", "axis0",
                "axis1", "axis2", "axis_ratio_10", "axis_ratio_20", "solidity", "extent", "box0", "box1", "box2",
-               "eroded1", "eroded2", "eroded3", "dist_mean", "dist_std", "dist_p90", "dist_max", "centroid0",
-               "centroid1", "centroid2")
+               "eroded1", "eroded2", "eroded3", "dist_mean", "dist_std", "dist_p90", "dist_max", "dist_share1",
+               "dist_share2", "dist_share3", "dist_share4plus", "chord0", "chord1", "chord2", "chord_min",
+               "chord_mid", "chord_max", "centroid0", "centroid1", "centroid2")
 
 
 def _shape(x: np.ndarray) -> dict[str, float]:
@@ -114,6 +117,9 @@ def _shape(x: np.ndarray) -> dict[str, float]:
     box = idx.max(0) - idx.min(0) + 1
     dist = ndimage.distance_transform_edt(m)[m]
     eroded = [ndimage.binary_erosion(m, iterations=k).sum() / n for k in (1, 2, 3)]
+    layer = np.floor(dist)
+    # mean chord length along each axis: foreground voxels / runs of foreground along that axis
+    chords = [n / max(int((np.diff(padded, axis=a) == 1).sum()), 1) for a in range(3)]
     return {"fraction": n / m.size, "mean": float(fg.mean()), "std": float(fg.std()), "components": float(ncomp),
             "largest_share": sizes.max() / n, "log_voxels": float(np.log(n)), "surface_ratio": faces / n ** (2 / 3),
             "axis0": ev[0], "axis1": ev[1], "axis2": ev[2], "axis_ratio_10": ev[1] / max(ev[0], 1e-12),
@@ -121,6 +127,10 @@ def _shape(x: np.ndarray) -> dict[str, float]:
             "extent": n / float(np.prod(box)), "box0": box[0], "box1": box[1], "box2": box[2],
             "eroded1": eroded[0], "eroded2": eroded[1], "eroded3": eroded[2], "dist_mean": float(dist.mean()),
             "dist_std": float(dist.std()), "dist_p90": float(np.percentile(dist, 90)), "dist_max": float(dist.max()),
+            "dist_share1": float(np.mean(layer == 1)), "dist_share2": float(np.mean(layer == 2)),
+            "dist_share3": float(np.mean(layer == 3)), "dist_share4plus": float(np.mean(dist >= 4)),
+            "chord0": chords[0], "chord1": chords[1], "chord2": chords[2], **dict(zip(
+                ("chord_min", "chord_mid", "chord_max"), sorted(chords), strict=True)),
             "centroid0": centroid[0] / m.shape[0], "centroid1": centroid[1] / m.shape[1],
             "centroid2": centroid[2] / m.shape[2]}
 
