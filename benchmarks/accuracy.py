@@ -76,6 +76,8 @@ RECIPES: dict[str, dict] = {
     "original": {"desc": "the original pipeline's defaults from scratch: ResNet-50, Adam 2e-4, batch 6 x 2, LDAM, "
                          "60 ep., patience 7, dropout 0.4, EMA 0.999", "args": ["--model", "resnet50", "--amp"]},
     "default": {"desc": "what `medvox cv` picks with no recipe flags (the fingerprint plan)", "args": []},
+    "auto": {"desc": "`--recipe auto --amp`: the plan's recipe (r18's settings and descriptor fusion)",
+             "args": ["--recipe", "auto", "--amp"]},
 }
 BASELINES = {"monai_ce": "CE", "monai_wce": "weighted_CE"}
 PUBLISHED = [  # MedMNIST v2 (Yang et al., Scientific Data 2023), AdrenalMNIST3D, official test split, 28^3
