@@ -109,14 +109,17 @@ def _shape(x: np.ndarray) -> dict[str, float]:
     ev = np.sort(np.linalg.eigvalsh(np.cov((idx - centroid).T)))[::-1]
     padded = np.pad(m, 1).astype(np.int8)
     faces = sum(int(np.abs(np.diff(padded, axis=a)).sum()) for a in range(3))
-    surface = idx[(m & ~ndimage.binary_erosion(m))[m]]  # the hull of the boundary voxels is the hull of all
+    peeled = [m]  # the mask eroded 0, 1, 2, 3 times (an erosion of the last: iterations=k without repeats)
+    for _ in range(3):
+        peeled.append(ndimage.binary_erosion(peeled[-1]))
+    surface = idx[(m & ~peeled[1])[m]]  # the hull of the boundary voxels is the hull of all
     try:
         hull = ConvexHull(surface).volume
     except (QhullError, ValueError):  # flat or degenerate foreground
         hull = float(n)
     box = idx.max(0) - idx.min(0) + 1
     dist = ndimage.distance_transform_edt(m)[m]
-    eroded = [ndimage.binary_erosion(m, iterations=k).sum() / n for k in (1, 2, 3)]
+    eroded = [e.sum() / n for e in peeled[1:]]
     layer = np.floor(dist)
     # mean chord length along each axis: foreground voxels / runs of foreground along that axis
     chords = [n / max(int((np.diff(padded, axis=a) == 1).sum()), 1) for a in range(3)]
@@ -153,33 +156,16 @@ def volume_features(volume: np.ndarray) -> tuple[list[str], np.ndarray]:
 
 def feature_matrix(images, progress: bool = True) -> tuple[list[str], np.ndarray]:
     """(names, ``(N, F)`` matrix) of :func:`volume_features` for every volume of ``images``."""
+    from medvox.data.inspection import progress_bar
+
     rows, names = [], []
-    bar = _bar(progress, len(images))
-    for i in range(len(images)):
-        names, vals = volume_features(images[i])
-        rows.append(vals)
-        bar(1)
-    bar.close()
+    with progress_bar(progress and len(images) > 0) as bar:
+        task = bar.add_task("features", total=len(images))
+        for i in range(len(images)):
+            names, vals = volume_features(images[i])
+            rows.append(vals)
+            bar.advance(task)
     return names, np.stack(rows) if rows else np.zeros((0, 0))
-
-
-class _bar:
-    def __init__(self, enabled: bool, total: int):
-        self._p = None
-        if enabled and total:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-            self._p = Progress(TextColumn("features"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-            self._p.start()
-            self._task = self._p.add_task("features", total=total)
-
-    def __call__(self, n: int) -> None:
-        if self._p is not None:
-            self._p.advance(self._task, n)
-
-    def close(self) -> None:
-        if self._p is not None:
-            self._p.stop()
 
 
 def make_feature_model(seed: int = 0):
