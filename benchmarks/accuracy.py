@@ -225,14 +225,15 @@ def fuse_kept(src: Path, out: Path, rule: str = "youden", name: str = "r18f") ->
     from medvox.config import from_dict
     from medvox.data import prepare
     from medvox.engine.artifacts import write_json, write_predictions
-    from medvox.evaluation.features import fit_fusion
     from medvox.evaluation.metrics import compute_metrics
     from medvox.evaluation.summary import (
         calibrated_oof,
         format_table,
+        fuse_oof,
+        fuse_test,
         load_predictions,
         oof_decision,
-        write_fused_oof,
+        record_fusion,
     )
 
     src, out = src.resolve(), out.resolve()
@@ -248,22 +249,16 @@ def fuse_kept(src: Path, out: Path, rule: str = "youden", name: str = "r18f") ->
     prepared = prepare(cfg.data, progress=False)
     summary = json.loads((dest / "cv_summary.json").read_text())
     y, p = calibrated_oof(dest, summary["calibration"])
-    _, _, _, rows = load_predictions(dest / "oof_predictions.csv")
-    fusion = fit_fusion(dest, prepared, [r["case_id"] for r in rows], np.array([int(r["fold"]) for r in rows]), y, p,
-                        progress=False, seed=cfg.train.seed)
+    fusion = fuse_oof(dest, prepared, y, p, progress=False, seed=cfg.train.seed)
     yt, pt, classes, trows = load_predictions(dest / "test_predictions.csv")
     if [r["case_id"] for r in trows] != fusion["test_ids"]:
         raise ValueError(f"{src}: test_predictions.csv does not list the prepared test cases in order")
-    w = fusion["weight"]
-    fused = (1 - w) * pt + w * fusion["test_features"]
-    decision = oof_decision(y, fusion["oof"], rule=rule)
     test = summary["test"]
-    test["fused"] = compute_metrics(yt, fused, class_names=classes)
-    test["final"], test["fusion_weight"] = "fused", w
-    test["final_at_threshold"] = compute_metrics(yt, fused, threshold=decision["threshold"], class_names=classes)
-    summary.update(decision=decision, oof_fused=compute_metrics(y, fusion["oof"], class_names=classes),
-                   fusion={k: fusion[k] for k in ("weight", "chosen_on", "model", "oof_auc", "n_features")})
-    write_fused_oof(dest, fusion["oof"], classes)
+    fused = fuse_test(test, yt, pt, fusion, classes)
+    summary["decision"] = oof_decision(y, fusion["oof"], rule=rule)
+    test["final_at_threshold"] = compute_metrics(yt, fused, threshold=summary["decision"]["threshold"],
+                                                 class_names=classes)
+    record_fusion(dest, summary, fusion, y, classes)
     write_predictions(dest / "test_predictions.csv", [r["case_id"] for r in trows], [r["patient_id"] for r in trows],
                       yt, fused, classes)
     write_json(summary, dest / "cv_summary.json")
@@ -276,7 +271,7 @@ def fuse_kept(src: Path, out: Path, rule: str = "youden", name: str = "r18f") ->
                     "fused_from": str(src.relative_to(REPO) if src.is_relative_to(REPO) else src)}
     out.mkdir(parents=True, exist_ok=True)
     timing_path.write_text(json.dumps(timings, indent=1) + "\n", encoding="utf-8")
-    print(f"{key}: weight {w:.2f}, OOF AUC {fusion['oof_auc']['cnn']:.3f} -> {fusion['oof_auc']['fused']:.3f}, "
+    print(f"{key}: weight {fusion['weight']:.2f}, OOF AUC {fusion['oof_auc']['cnn']:.3f} -> {fusion['oof_auc']['fused']:.3f}, "
           f"test AUC {test['ensemble_tta_calibrated']['auc']:.3f} -> {test['fused']['auc']:.3f} ({seconds:.0f} s)")
     return key
 

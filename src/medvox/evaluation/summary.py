@@ -112,10 +112,41 @@ def write_oof(run_dir: Path, fold_dirs: list[Path]) -> tuple[dict, np.ndarray, n
     return compute_metrics(labels, probs, class_names=classes), labels, probs, classes
 
 
-def write_fused_oof(run_dir: Path, probs: np.ndarray, classes: list[str]) -> Path:
+def fuse_oof(run_dir: Path, prepared, labels: np.ndarray, probs: np.ndarray, progress: bool = True,
+             seed: int = 0) -> dict[str, Any]:
+    """:func:`~medvox.evaluation.features.fit_fusion` on the run's pooled OOF cases (ids and folds from
+    ``oof_predictions.csv``, whose rows it keeps as ``oof_rows``); ``labels``, ``probs``: the calibrated OOF."""
+    from medvox.evaluation.features import fit_fusion
+
+    rows, _ = read_predictions(run_dir / "oof_predictions.csv")
+    fusion = fit_fusion(run_dir, prepared, [r["case_id"] for r in rows], np.array([int(r["fold"]) for r in rows]),
+                        labels, probs, progress=progress, seed=seed)
+    return {**fusion, "oof_rows": rows}
+
+
+def fuse_test(test: dict[str, Any], labels: np.ndarray, probs: np.ndarray, fusion: dict[str, Any],
+              classes: list[str]) -> np.ndarray:
+    """Mix the test ensemble's ``probs`` with the feature model's at the fusion weight; records the variant
+    ``fused`` (now ``final``) in ``test``; returns the mixture."""
+    w = fusion["weight"]
+    fused = (1 - w) * probs + w * fusion["test_features"]
+    test["fused"] = compute_metrics(labels, fused, class_names=classes)
+    test["final"], test["fusion_weight"] = "fused", w
+    return fused
+
+
+def record_fusion(run_dir: Path, summary: dict[str, Any], fusion: dict[str, Any], labels: np.ndarray,
+                  classes: list[str]) -> None:
+    """``fusion`` and ``oof_fused`` in the summary, and ``oof_fused_predictions.csv``."""
+    summary["fusion"] = {k: fusion[k] for k in ("weight", "chosen_on", "model", "oof_auc", "n_features")}
+    summary["oof_fused"] = compute_metrics(labels, fusion["oof"], class_names=classes)
+    write_fused_oof(run_dir, fusion["oof_rows"], fusion["oof"], classes)
+
+
+def write_fused_oof(run_dir: Path, rows: list[dict], probs: np.ndarray, classes: list[str]) -> Path:
     """``oof_fused_predictions.csv``: the rows of ``oof_predictions.csv`` with the final (calibrated, fused)
     probabilities, which ``medvox compare`` and ``medvox report`` then use for the run."""
-    rows, _ = read_predictions(run_dir / "oof_predictions.csv")
+    rows = [dict(r) for r in rows]
     for r, p in zip(rows, probs, strict=True):
         r.update({f"prob_{c}": f"{v:.8g}" for c, v in zip(classes, p, strict=True)})
         r["predicted"] = classes[int(np.argmax(p))]
@@ -185,10 +216,7 @@ def test_ensemble(run_dir: Path, fold_dirs: list[Path], prepared, tta: bool,
         out[name] = compute_metrics(labels, mean, class_names=prepared.classes)
         best, best_per, out["final"] = mean, per, name  # the last variant (calibrated) is the final one
     if fusion is not None and fusion.get("test_features") is not None:
-        w = fusion["weight"]
-        best = (1 - w) * best + w * fusion["test_features"]
-        out["fused"] = compute_metrics(labels, best, class_names=prepared.classes)
-        out["final"], out["fusion_weight"] = "fused", w
+        best = fuse_test(out, labels, best, fusion, prepared.classes)
     if threshold is not None:
         out["final_at_threshold"] = compute_metrics(labels, best, threshold=threshold, class_names=prepared.classes)
     out["per_fold"] = [compute_metrics(labels, p, class_names=prepared.classes) for p in best_per]
@@ -232,11 +260,7 @@ def summarize(run_dir: Path, fold_dirs: list[Path], prepared=None, tta: bool = T
     oof_labels, oof_probs = calibrated_oof(run_dir, calibration)
     fusion = None
     if feature_fusion and prepared is not None:
-        from medvox.evaluation.features import fit_fusion
-
-        _, _, _, rows = load_predictions(run_dir / "oof_predictions.csv")
-        fusion = fit_fusion(run_dir, prepared, [r["case_id"] for r in rows], np.array([int(r["fold"]) for r in rows]),
-                            oof_labels, oof_probs, progress=progress, seed=seed)
+        fusion = fuse_oof(run_dir, prepared, oof_labels, oof_probs, progress=progress, seed=seed)
         oof_probs = fusion["oof"]
     else:  # summarised again without fusion: a former fusion's files must not be read as this run's
         import shutil
@@ -252,9 +276,7 @@ def summarize(run_dir: Path, fold_dirs: list[Path], prepared=None, tta: bool = T
         "test": test_ensemble(run_dir, fold_dirs, prepared, tta, threshold, fusion) if prepared is not None else None,
     }
     if fusion is not None:
-        summary["fusion"] = {k: fusion[k] for k in ("weight", "chosen_on", "model", "oof_auc", "n_features")}
-        summary["oof_fused"] = compute_metrics(oof_labels, oof_probs, class_names=classes)
-        write_fused_oof(run_dir, oof_probs, classes)
+        record_fusion(run_dir, summary, fusion, oof_labels, classes)
     write_json(summary, run_dir / "cv_summary.json")
     return to_jsonable(summary)
 
