@@ -22,6 +22,7 @@ out-of-fold predictions (never on test); the rule is the recipe's (``youden`` by
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shutil
@@ -78,6 +79,12 @@ RECIPES: dict[str, dict] = {
     "default": {"desc": "what `medvox cv` picks with no recipe flags (the fingerprint plan)", "args": []},
     "auto": {"desc": "`--recipe auto --amp`: the plan's recipe (r18's settings and descriptor fusion)",
              "args": ["--recipe", "auto", "--amp"]},
+    "r18f64": {"desc": "r18f with the descriptors on the 64^3 release's grid (the CNN at 28^3; post hoc: "
+                       "`fuse --features-data`, the CNN of the r18 runs)",
+               "args": ["--model", "resnet18", *_BASE, "--target-shape", "28", "28", "28", "--set",
+                        "train.feature_fusion=true"], "data": "64"},
+    "auto64": {"desc": "`--recipe auto --amp` on the 64^3 release, CNN input 28^3: descriptors on the native 64^3 grid",
+               "args": ["--recipe", "auto", "--amp", "--target-shape", "28", "28", "28"], "data": "64"},
 }
 BASELINES = {"monai_ce": "CE", "monai_wce": "weighted_CE"}
 PUBLISHED = [  # MedMNIST v2 (Yang et al., Scientific Data 2023), AdrenalMNIST3D, official test split, 28^3
@@ -216,7 +223,7 @@ def run_jobs(jobs: list[tuple[str, int]], out: Path, parallel: int, gpu: bool, t
     timing_path.write_text(json.dumps(timings, indent=1) + "\n", encoding="utf-8")
 
 
-def fuse_kept(src: Path, out: Path, rule: str = "youden", name: str = "r18f") -> str:
+def fuse_kept(src: Path, out: Path, rule: str = "youden", name: str = "r18f", features_data: Path | None = None) -> str:
     """Fuse a finished run's kept predictions with the descriptor model, as ``medvox cv --set
     train.feature_fusion=true`` does at its end (:func:`medvox.evaluation.summary.summarize`), into
     ``out/kept/<name>_s<seed>``. The kept folder has no checkpoints, so the CNN's test probabilities are its
@@ -247,9 +254,13 @@ def fuse_kept(src: Path, out: Path, rule: str = "youden", name: str = "r18f") ->
     cfg = from_dict(json.loads((dest / "fold_0" / "config.json").read_text()))
     t0 = time.time()
     prepared = prepare(cfg.data, progress=False)
+    features_from = None
+    if features_data is not None:  # the same cases from another file (the 64^3 release), on its own grid
+        features_from = prepare(dataclasses.replace(cfg.data, path=str(features_data), target_shape=None,
+                                                    target_spacing=None), progress=False)
     summary = json.loads((dest / "cv_summary.json").read_text())
     y, p = calibrated_oof(dest, summary["calibration"])
-    fusion = fuse_oof(dest, prepared, y, p, progress=False, seed=cfg.train.seed)
+    fusion = fuse_oof(dest, prepared, y, p, progress=False, seed=cfg.train.seed, features_from=features_from)
     yt, pt, classes, trows = load_predictions(dest / "test_predictions.csv")
     if [r["case_id"] for r in trows] != fusion["test_ids"]:
         raise ValueError(f"{src}: test_predictions.csv does not list the prepared test cases in order")
@@ -268,7 +279,8 @@ def fuse_kept(src: Path, out: Path, rule: str = "youden", name: str = "r18f") ->
     timings = json.loads(timing_path.read_text()) if timing_path.is_file() else {}
     timings[key] = {**timings_src, "name": name, "wall_seconds": timings_src["wall_seconds"] + seconds,
                     "cpu_seconds": (timings_src.get("cpu_seconds") or 0) + seconds, "fusion_seconds": seconds,
-                    "fused_from": str(src.relative_to(REPO) if src.is_relative_to(REPO) else src)}
+                    "fused_from": str(src.relative_to(REPO) if src.is_relative_to(REPO) else src),
+                    "features_data": None if features_data is None else features_data.name}
     out.mkdir(parents=True, exist_ok=True)
     timing_path.write_text(json.dumps(timings, indent=1) + "\n", encoding="utf-8")
     print(f"{key}: weight {fusion['weight']:.2f}, OOF AUC {fusion['oof_auc']['cnn']:.3f} -> {fusion['oof_auc']['fused']:.3f}, "
@@ -474,6 +486,8 @@ def main(argv: list[str] | None = None) -> int:
     fu.add_argument("--out", type=Path, required=True)
     fu.add_argument("--name", default="r18f")
     fu.add_argument("--rule", default="youden", choices=["youden", "f1", "accuracy"])
+    fu.add_argument("--features-data", type=Path,
+                    help="compute the descriptors on this file's version of the cases (e.g. the 64^3 release)")
     rep = sub.add_parser("report", help="write the tables")
     rep.add_argument("--out", type=Path, nargs="+", required=True, help="one or more `run --out` folders")
     rep.add_argument("--rule", default="youden", choices=["youden", "f1", "accuracy"])
@@ -497,7 +511,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.cmd == "fuse":
         for kept in args.kept:
-            fuse_kept(kept, args.out, args.rule, args.name)
+            fuse_kept(kept, args.out, args.rule, args.name, args.features_data)
         return 0
     results = collect(args.out, args.rule)
     notes = REPO / "benchmarks" / "accuracy_notes.md"  # hand-written findings, appended to the generated tables

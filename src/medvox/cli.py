@@ -89,9 +89,11 @@ def _add_data_args(p: argparse.ArgumentParser, positional: bool = False) -> None
     p.add_argument("--split-seed", "--split_seed", dest="split_seed", type=int, help="seed of the fold split")
     p.add_argument("--skip-bad", "--skip_bad", dest="skip_bad", action="store_const", const=True,
                    help="skip bad cases (listed in skipped_cases.json) instead of stopping")
-    p.add_argument("--target-shape", "--target_shape", dest="target_shape", type=int, nargs=3, metavar=("D", "H", "W"))
+    p.add_argument("--target-shape", "--target_shape", dest="target_shape", type=int, nargs=3, metavar=("D", "H", "W"),
+                   help="the CNN's input grid (default: from the fingerprint); alone it resizes the whole field of "
+                        "view, with --target-spacing it resamples to that spacing and crops/pads")
     p.add_argument("--target-spacing", "--target_spacing", dest="target_spacing", type=float, nargs=3,
-                   metavar=("SZ", "SY", "SX"))
+                   metavar=("SZ", "SY", "SX"), help="voxel spacing in mm (default: from the fingerprint)")
     p.add_argument("--normalization", choices=["ct", "zscore", "minmax", "none"])
     p.add_argument("--ct-window", "--ct_window", dest="ct_window", type=float, nargs=2, metavar=("LOW", "HIGH"),
                    help="CT intensity window in HU (default: from the fingerprint)")

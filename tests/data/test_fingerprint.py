@@ -62,6 +62,25 @@ def test_large_volumes_keep_their_field_of_view_at_a_coarser_spacing():
     assert plan["target_spacing"] == pytest.approx([300 / 128, 0.7 * 512 / 128, 0.7 * 512 / 128])
 
 
+def test_a_target_shape_alone_resizes_the_field_of_view_instead_of_cropping_it():
+    """`data.target_shape` without `target_spacing` keeps the median extent: the 64^3 release at 28^3 is the
+    whole volume at 64/28 mm (a 28^3 crop of its centre would cut most of an organ off); an anisotropic
+    set keeps each axis's extent."""
+    from medvox.data.preprocess import preprocess_volume
+
+    plan = make_plan(_fingerprint([[1.0, 1.0, 1.0]] * 3, [[64, 64, 64]] * 3), DataConfig(target_shape=[28, 28, 28]))
+    assert plan["target_shape"] == [28, 28, 28] and plan["target_spacing"] == pytest.approx([64 / 28] * 3, abs=1e-4)
+    aniso = make_plan(_fingerprint([[2.5, 0.8, 0.8], [2.5, 0.8, 0.8], [3.0, 0.8, 0.8]], [[24, 48, 48]] * 3),
+                      DataConfig(target_shape=[16, 32, 32]))
+    assert aniso["target_spacing"] == pytest.approx([24 * 2.5 / 16, 48 * 0.8 / 32, 48 * 0.8 / 32])
+    zz, yy, xx = np.mgrid[:64, :64, :64]
+    ball = (((zz - 31.5) ** 2 + (yy - 31.5) ** 2 + (xx - 31.5) ** 2) < 28 ** 2).astype(np.float32)
+    out = preprocess_volume(ball, {"spacing": [1.0, 1.0, 1.0]}, {**plan, "normalization": [{"scheme": "none"}]})
+    assert out.shape == (1, 28, 28, 28)
+    assert (out[0] > 0.5).mean() == pytest.approx(ball.mean(), abs=0.02)  # ~0.35 of the grid; a crop: ~1.0
+    assert out[0, 0].max() < 0.5 and out[0, 14, 14, 14] > 0.5  # the ball's edge stays inside, its centre too
+
+
 def test_ct_normalisation_and_overrides():
     fp = _fingerprint([[2.5, 0.8, 0.8]] * 3, [[24, 48, 48]] * 3, lo=-1000, hi=1000)
     ct = make_plan(fp, DataConfig())["normalization"][0]

@@ -240,3 +240,56 @@ def test_summarised_again_without_fusion_the_run_forgets_it(fused_run, tmp_path)
     assert load_fusion(run) is None
     plain = _rows(run / "oof_predictions.csv")
     assert [float(r["prob_1"]) for r in plain] == pytest.approx(list(load_run(run).oof.probs[:, 1]), abs=1e-7)
+
+
+@pytest.fixture(scope="module")
+def native_run(tiny_medmnist, tmp_path_factory):
+    """A fused CV run whose CNN sees 16^3 (the 28^3 volumes resized): the descriptors stay on the 28^3 grid."""
+    out = tmp_path_factory.mktemp("native")
+    args = [*CV_ARGS, "--target-shape", "16", "16", "16", "--set", "train.feature_fusion=true"]
+    assert main(["cv", "--data", str(tiny_medmnist), "--output", str(out), *args]) == 0
+    return out / "resnet10"
+
+
+def test_descriptors_stay_on_the_native_grid_when_the_cnn_input_is_coarser(native_run, tiny_medmnist, tmp_path):
+    """The feature models are fitted on descriptors of the native 28^3 volumes (refitted here from them, not
+    from the CNN's 16^3 input), the grid is recorded with its plan, and `medvox predict --run` on NIfTI
+    copies of test cases preprocesses them for both and reproduces the fused test predictions."""
+    import dataclasses
+
+    from medvox.config import from_dict
+    from medvox.data import prepare
+    from medvox.evaluation.features import feature_matrix, make_feature_model
+
+    cfg = from_dict(json.loads((native_run / "fold_0" / "config.json").read_text()))
+    cnn = prepare(cfg.data, progress=False)
+    native = prepare(dataclasses.replace(cfg.data, target_shape=None), progress=False)
+    assert cnn.images.shape[2:] == (16, 16, 16) and native.images.shape[2:] == (28, 28, 28)
+    assert cnn.plan["target_spacing"] == pytest.approx([1.75] * 3)  # the whole volume, resized
+    summary = json.loads((native_run / "cv_summary.json").read_text())
+    assert summary["fusion"]["grid"] == {"target_shape": [28, 28, 28], "target_spacing": [1.0, 1.0, 1.0],
+                                         "same_as_input": False}
+    assert json.loads((native_run / "features" / "plan.json").read_text()) == native.plan
+    assert summary["fusion"]["weight"] > 0
+
+    oof, feat_rows = _rows(native_run / "oof_predictions.csv"), _rows(native_run / "features" / "oof_predictions.csv")
+    index = {c.id: i for i, c in enumerate(native.cases)}
+    rows = [index[r["case_id"]] for r in oof]
+    labels = np.array([native.classes.index(r["label"]) for r in oof])
+    folds = np.array([int(r["fold"]) for r in oof])
+    p_feat = np.array([float(r["prob_1"]) for r in feat_rows])
+    for images, same in ((native.images, True), (cnn.images, False)):
+        _, x = feature_matrix(images[rows], progress=False)
+        refit = np.zeros(len(rows))
+        for k in range(3):
+            refit[folds == k] = make_feature_model().fit(x[folds != k], labels[folds != k]).predict_proba(
+                x[folds == k])[:, 1]
+        assert np.allclose(refit, p_feat, atol=1e-6) == same
+
+    test_rows = _rows(native_run / "test_predictions.csv")[:5]
+    folder = _as_nifti(tiny_medmnist, [r["case_id"] for r in test_rows], tmp_path / "nifti")
+    out = tmp_path / "pred.csv"
+    assert main(["predict", "--run", str(native_run), str(folder), "--out", str(out), "--tta"]) == 0
+    got = {r["case_id"]: float(r["prob_1"]) for r in _rows(out)}
+    for r in test_rows:
+        assert got[r["case_id"]] == pytest.approx(float(r["prob_1"]), abs=1e-4)

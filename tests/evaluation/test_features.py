@@ -117,3 +117,22 @@ def test_fusion_weight_picks_the_better_mixture():
     # a useless feature model gets weight 0 (the CNN alone); the same model twice: the smaller weight
     assert choose_weight(y, as_probs(cnn1), as_probs(rng.normal(size=len(y))))[0] == 0
     assert choose_weight(y, as_probs(cnn1), as_probs(cnn1))[0] == 0
+
+
+def test_feature_grid_is_the_cnns_input_unless_the_user_made_the_input_coarser(tmp_path, capsys):
+    """`feature_data` prepares nothing when the descriptors' grid is the CNN's (grid "input", or no
+    target_shape/target_spacing given), and refuses an unknown grid before any training (as `medvox train`)."""
+    from medvox.cli import main
+    from medvox.config import DataConfig
+    from medvox.evaluation.features import feature_data
+
+    prepared = object()  # never read: no preparation happens on these routes
+    assert feature_data(DataConfig(path="x.npz"), prepared, "native") is prepared
+    assert feature_data(DataConfig(path="x.npz", target_shape=[16, 16, 16]), prepared, "input") is prepared
+    with pytest.raises(ValueError, match="unknown train.feature_grid 'coarse'"):
+        feature_data(DataConfig(path="x.npz"), prepared, "coarse")
+    out = tmp_path / "runs"
+    code = main(["train", "--data", str(tmp_path / "nothing.npz"), "--output", str(out), "--set",
+                 "train.feature_grid=coarse"])
+    assert code != 0 and not out.exists()
+    assert "train.feature_grid 'coarse' is not one of native, input" in capsys.readouterr().err

@@ -95,7 +95,12 @@ def _guess_modality(stats: dict[str, Any]) -> str:
 
 
 def make_plan(fingerprint: dict[str, Any], cfg: DataConfig, max_size: int = 128) -> dict[str, Any]:
-    """Decide target spacing, target shape, normalisation and storage dtype; ``cfg`` overrides win."""
+    """Decide target spacing, target shape, normalisation and storage dtype; ``cfg`` overrides win.
+
+    A ``target_shape`` given without a ``target_spacing`` keeps the median field of view (the spacing
+    becomes extent / shape: the 64^3 MedMNIST release with ``target_shape=[28, 28, 28]`` is resized to
+    28^3, not cropped); with both, the volume is resampled to the spacing and center-cropped/padded.
+    """
     spacings = np.asarray(fingerprint["spacings"], dtype=float)
     shapes = np.asarray(fingerprint["shapes"], dtype=float)
     uniform = bool(np.all(shapes == shapes[0]) and np.allclose(spacings, spacings[0], rtol=1e-3)
@@ -106,6 +111,8 @@ def make_plan(fingerprint: dict[str, Any], cfg: DataConfig, max_size: int = 128)
         spacing = spacings[0].copy() if uniform else _target_spacing(spacings, shapes)
     if cfg.target_shape:
         shape = [int(v) for v in cfg.target_shape]
+        if not cfg.target_spacing:  # a shape alone keeps the (median) field of view: resize, do not crop
+            spacing = np.median(shapes * spacings, axis=0) / np.asarray(shape, dtype=float)
     elif uniform and np.allclose(spacing, spacings[0], rtol=1e-3):
         shape = [int(v) for v in shapes[0]]
     else:

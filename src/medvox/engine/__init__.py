@@ -62,6 +62,10 @@ def train(cfg: ExperimentConfig) -> dict:
 
     if cfg.train.threshold_rule not in THRESHOLD_RULES:
         raise TrainingError(f"train.threshold_rule {cfg.train.threshold_rule!r} is not one of {', '.join(THRESHOLD_RULES)}")
+    from medvox.evaluation.features import FEATURE_GRIDS
+
+    if cfg.train.feature_grid not in FEATURE_GRIDS:
+        raise TrainingError(f"train.feature_grid {cfg.train.feature_grid!r} is not one of {', '.join(FEATURE_GRIDS)}")
     if not 0 <= cfg.train.fold < cfg.data.folds:
         raise TrainingError(f"--fold {cfg.train.fold} is outside 0..{cfg.data.folds - 1} for --folds {cfg.data.folds}")
     fabric = make_fabric(cfg.train)

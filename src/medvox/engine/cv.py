@@ -29,8 +29,13 @@ def run_cv(cfg: ExperimentConfig, tta: bool = True) -> dict:
         train(fold_cfg)
         fold_dirs.append(run_dir / f"fold_{k}")
     prepared = prepare(cfg.data, progress=False)
+    features_from = None
+    if cfg.train.feature_fusion:
+        from medvox.evaluation.features import feature_data
+
+        features_from = feature_data(cfg.data, prepared, cfg.train.feature_grid)
     summary = summarize(run_dir, fold_dirs, prepared, tta=tta, threshold_rule=cfg.train.threshold_rule,
-                        feature_fusion=cfg.train.feature_fusion, seed=cfg.train.seed)
+                        feature_fusion=cfg.train.feature_fusion, seed=cfg.train.seed, features_from=features_from)
     table = format_table(summary)
     (run_dir / "cv_table.md").write_text(table + "\n", encoding="utf-8")
     log.info("cross-validation of %s over %d folds:\n%s", cfg.model.name, cfg.data.folds, table)

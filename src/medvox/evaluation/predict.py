@@ -50,9 +50,12 @@ def predict_cases(checkpoints: list[str], inputs: list[str], out: str | Path, *,
     over the ensemble members of the predicted class's probability), status, error.
 
     A single run folder fused with a feature model by ``medvox cv`` (``features/fusion.json``) predicts the
-    same mixture as its test ensemble (calibrated probabilities only; ``spread`` stays the CNN members').
+    same mixture as its test ensemble (calibrated probabilities only; ``spread`` stays the CNN members'); its
+    descriptors are computed on the grid they were fitted on (``features/plan.json`` when that is not the
+    CNN's).
     """
     from medvox.data import preprocess_case
+    from medvox.data.inspection import progress_bar
     from medvox.evaluation.features import fuse_probs, load_fusion
     from medvox.evaluation.inference import ensemble_predict, find_checkpoints, load_model
 
@@ -68,15 +71,20 @@ def predict_cases(checkpoints: list[str], inputs: list[str], out: str | Path, *,
     out.parent.mkdir(parents=True, exist_ok=True)
     failures: list[dict[str, str]] = []
     n_ok = 0
-    with open(out, "w", newline="", encoding="utf-8") as fh, _bar(progress, len(cases)) as bar:
+    feature_plan = fusion.get("plan") if fusion else None
+    with open(out, "w", newline="", encoding="utf-8") as fh, progress_bar(progress) as bar:
+        task = bar.add_task("predict", total=len(cases))
         writer = csv.writer(fh)
         writer.writerow(["case_id", "source", "label", *[f"prob_{c}" for c in classes], "predicted", "spread",
                          "status", "error"])
         for start in range(0, len(cases), batch_size):
-            chunk, arrays = [], []
+            chunk, arrays, feature_arrays = [], [], []
             for case in cases[start:start + batch_size]:
                 try:
-                    arrays.append(preprocess_case(case, plan))
+                    volume = preprocess_case(case, plan)
+                    if feature_plan is not None:
+                        feature_arrays.append(preprocess_case(case, feature_plan))
+                    arrays.append(volume)
                     chunk.append(case)
                 except Exception as exc:  # one bad input must not stop the others
                     reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
@@ -86,11 +94,11 @@ def predict_cases(checkpoints: list[str], inputs: list[str], out: str | Path, *,
                 volumes = np.stack(arrays)
                 mean, per = ensemble_predict(models, volumes, tta=tta, calibrated=calibrated, batch_size=batch_size)
                 if fusion is not None:
-                    mean = fuse_probs(fusion, mean, volumes)
+                    mean = fuse_probs(fusion, mean, np.stack(feature_arrays) if feature_plan is not None else volumes)
                 _write_rows(writer, chunk, classes, mean, per)
                 n_ok += len(chunk)
             fh.flush()
-            bar(len(cases[start:start + batch_size]))
+            bar.advance(task, len(cases[start:start + batch_size]))
     if failures:  # each one is in the result (and the CSV/JSON); `medvox predict` lists them once on stderr
         log.warning("could not predict %d input(s); see %s", len(failures), out.with_suffix(".json"))
     summary = {"predicted": n_ok, "failed": len(failures), "failures": failures, "output": str(out),
@@ -108,28 +116,3 @@ def _write_rows(writer, cases, classes: list[str], mean: np.ndarray, per: np.nda
         label = str(case.meta.get("label_text", "")) if case.label is not None else ""
         writer.writerow([case.id, case.file, label, *[f"{p:.8g}" for p in mean[i]], classes[pred[i]],
                          f"{spread[i]:.6f}", "ok", ""])
-
-
-class _bar:
-    """A rich progress bar over the inputs (silent when disabled)."""
-
-    def __init__(self, enabled: bool, total: int):
-        self.enabled, self.total, self._p = enabled, total, None
-
-    def __enter__(self):
-        if self.enabled:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-            self._p = Progress(TextColumn("predict"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-            self._p.start()
-            self._task = self._p.add_task("predict", total=self.total)
-        return self
-
-    def __call__(self, n: int) -> None:
-        if self._p is not None:
-            self._p.update(self._task, advance=n)
-
-    def __exit__(self, *exc):
-        if self._p is not None:
-            self._p.stop()
-        return False

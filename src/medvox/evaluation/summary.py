@@ -113,14 +113,15 @@ def write_oof(run_dir: Path, fold_dirs: list[Path]) -> tuple[dict, np.ndarray, n
 
 
 def fuse_oof(run_dir: Path, prepared, labels: np.ndarray, probs: np.ndarray, progress: bool = True,
-             seed: int = 0) -> dict[str, Any]:
+             seed: int = 0, features_from=None) -> dict[str, Any]:
     """:func:`~medvox.evaluation.features.fit_fusion` on the run's pooled OOF cases (ids and folds from
-    ``oof_predictions.csv``, whose rows it keeps as ``oof_rows``); ``labels``, ``probs``: the calibrated OOF."""
+    ``oof_predictions.csv``, whose rows it keeps as ``oof_rows``); ``labels``, ``probs``: the calibrated OOF;
+    ``features_from``: the dataset on the descriptors' grid (None: ``prepared``)."""
     from medvox.evaluation.features import fit_fusion
 
     rows, _ = read_predictions(run_dir / "oof_predictions.csv")
     fusion = fit_fusion(run_dir, prepared, [r["case_id"] for r in rows], np.array([int(r["fold"]) for r in rows]),
-                        labels, probs, progress=progress, seed=seed)
+                        labels, probs, progress=progress, seed=seed, features_from=features_from)
     return {**fusion, "oof_rows": rows}
 
 
@@ -138,7 +139,7 @@ def fuse_test(test: dict[str, Any], labels: np.ndarray, probs: np.ndarray, fusio
 def record_fusion(run_dir: Path, summary: dict[str, Any], fusion: dict[str, Any], labels: np.ndarray,
                   classes: list[str]) -> None:
     """``fusion`` and ``oof_fused`` in the summary, and ``oof_fused_predictions.csv``."""
-    summary["fusion"] = {k: fusion[k] for k in ("weight", "chosen_on", "model", "oof_auc", "n_features")}
+    summary["fusion"] = {k: fusion[k] for k in ("weight", "chosen_on", "model", "oof_auc", "n_features", "grid")}
     summary["oof_fused"] = compute_metrics(labels, fusion["oof"], class_names=classes)
     write_fused_oof(run_dir, fusion["oof_rows"], fusion["oof"], classes)
 
@@ -243,7 +244,7 @@ def _add_spread(path: Path, per_model: np.ndarray) -> None:
 
 def summarize(run_dir: Path, fold_dirs: list[Path], prepared=None, tta: bool = True,
               threshold_rule: str = "youden", feature_fusion: bool = False, seed: int = 0,
-              progress: bool = True) -> dict[str, Any]:
+              progress: bool = True, features_from=None) -> dict[str, Any]:
     """Write ``cv_summary.json`` (+ ``oof_predictions.csv``, ``test_predictions.csv``) for a finished CV.
 
     Binary tasks also get ``decision``: a threshold chosen by ``threshold_rule`` on the pooled, calibrated
@@ -252,7 +253,8 @@ def summarize(run_dir: Path, fold_dirs: list[Path], prepared=None, tta: bool = T
 
     ``feature_fusion`` (needs ``prepared``): a descriptor model on the same folds, mixed in at the weight
     with the best pooled OOF AUC (:mod:`medvox.evaluation.features`); the threshold, ``oof_fused`` and the
-    test variant ``fused`` then use the mixture, and ``fusion`` records the weight."""
+    test variant ``fused`` then use the mixture, and ``fusion`` records the weight; ``features_from``: the
+    same cases on the descriptors' grid (:func:`~medvox.evaluation.features.feature_data`; None: ``prepared``)."""
     folds = [json.loads((d / "metrics.json").read_text()) for d in fold_dirs]
     fold_val = [f["final"]["val"] for f in folds]
     oof_metrics, _, _, classes = write_oof(run_dir, fold_dirs)
@@ -260,7 +262,8 @@ def summarize(run_dir: Path, fold_dirs: list[Path], prepared=None, tta: bool = T
     oof_labels, oof_probs = calibrated_oof(run_dir, calibration)
     fusion = None
     if feature_fusion and prepared is not None:
-        fusion = fuse_oof(run_dir, prepared, oof_labels, oof_probs, progress=progress, seed=seed)
+        fusion = fuse_oof(run_dir, prepared, oof_labels, oof_probs, progress=progress, seed=seed,
+                          features_from=features_from)
         oof_probs = fusion["oof"]
     else:  # summarised again without fusion: a former fusion's files must not be read as this run's
         import shutil
