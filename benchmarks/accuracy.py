@@ -71,7 +71,7 @@ RECIPES: dict[str, dict] = {
     "r50": {"desc": "ResNet-50-3D from scratch, otherwise as r18", "args": ["--model", "resnet50", *_BASE]},
     "mil": {"desc": "gated-attention MIL over slices, otherwise as r18", "args": ["--model", "mil", *_BASE]},
     "swin": {"desc": "Swin UNETR encoder (input padded to 32^3), otherwise as r18",
-             "args": ["--model", "swin_unetr", *_BASE, "--target-shape", "32", "32", "32"]},
+             "args": ["--model", "swin_unetr", *_BASE, "--target-shape", "32", "32", "32", "--target-spacing", "1", "1", "1"]},
     "r18_64": {"desc": "r18 on the 64^3 release", "args": ["--model", "resnet18", *_BASE], "data": "64"},
     "r10s1_64": {"desc": "r10s1 on the 64^3 release", "args": ["--model", "resnet10", *_BASE, *_STEM1], "data": "64"},
     "original": {"desc": "the original pipeline's defaults from scratch: ResNet-50, Adam 2e-4, batch 6 x 2, LDAM, "
