@@ -83,6 +83,9 @@ RECIPES: dict[str, dict] = {
                        "`fuse --features-data`, the CNN of the r18 runs)",
                "args": ["--model", "resnet18", *_BASE, "--target-shape", "28", "28", "28", "--set",
                         "train.feature_fusion=true"], "data": "64"},
+    "auto_f64": {"desc": "auto's runs (CNN on the 28^3 release) re-fused with the descriptors of the 64^3 release "
+                         "(post hoc: `fuse --features-data`); the end-to-end form is auto64",
+                 "args": ["--recipe", "auto", "--amp", "--target-shape", "28", "28", "28"], "data": "64"},
     "auto64": {"desc": "`--recipe auto --amp` on the 64^3 release, CNN input 28^3: descriptors on the native 64^3 grid",
                "args": ["--recipe", "auto", "--amp", "--target-shape", "28", "28", "28"], "data": "64"},
 }
