@@ -348,8 +348,8 @@ def load_fusion(run_dir: Path) -> dict[str, Any] | None:
 
 
 def fuse_probs(fusion: dict[str, Any], cnn: np.ndarray, volumes: np.ndarray) -> np.ndarray:
-    """``(1 - w) * cnn + w * p_features``: the fold feature models' mean on ``volumes`` (N, C, D, H, W),
-    preprocessed with ``fusion["plan"]`` when there is one."""
+    """``(1 - w) * cnn + w * p_features``: the fold feature models' mean on ``volumes`` (N, C, D, H, W), which
+    the caller has preprocessed with ``fusion["plan"]`` when there is one (else with the CNN's plan)."""
     names, x = feature_matrix(volumes, progress=False)
     models = fusion["models"]
     if names != models[0]["features"]:
