@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 
 from medvox.cli import build_parser, config_from_args
-from medvox.recipe import auto_recipe, explicit_keys, fit_batch
+from medvox.recipe import CPU_INPUT_VOXELS, MIN_SIDE, auto_recipe, capped_shape, explicit_keys, fit_batch
+from tests.conftest import medmnist_subset
 
 
 def _plan(shape, n=1286, channels=1, imbalance=3.58):
@@ -82,3 +84,51 @@ def test_gpu_model_without_a_visible_gpu_keeps_the_voxel_rule(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     values, why = auto_recipe(_plan((64, 64, 64)), folds=5, pretrained=False, gpu_model="resnet50")
     assert (values["train.batch_size"], values["train.grad_accum"]) == (8, 2) and "voxels" in why[0]
+
+
+@pytest.mark.parametrize(("shape", "capped"), [
+    ((64, 64, 64), [28, 28, 28]),  # AdrenalMNIST3D's 64^3 release -> the 28^3 the accuracy study trains at
+    ((28, 28, 28), None), ((20, 20, 20), None),  # already within the cap: the plan's grid
+    ((160, 160, 20), [37, 37, 16]),  # a thin axis keeps MIN_SIDE slices, the others take the reduction
+    ((512, 512, 8), [52, 52, 8]),  # an axis under MIN_SIDE is never shrunk
+    ((96, 64, 48), [40, 26, 20]),  # one factor (0.42, floored): the proportions stay
+])
+def test_capped_shape_keeps_proportions_within_the_voxel_budget(shape, capped):
+    out = capped_shape(shape)
+    assert out == capped
+    if out is not None:
+        assert math.prod(out) <= CPU_INPUT_VOXELS
+        assert all(min(side, MIN_SIDE) <= o <= side for o, side in zip(out, shape, strict=True))
+
+
+def test_cpu_cap_sets_the_cnn_input_and_sizes_the_batch_for_it():
+    values, why = auto_recipe(_plan((64, 64, 64)), folds=5, pretrained=False, cpu_input_voxels=CPU_INPUT_VOXELS)
+    assert values["data.target_shape"] == [28, 28, 28]
+    assert (values["train.batch_size"], values["train.grad_accum"]) == (16, 1)  # 28^3: 16 x 1, not 64^3's 8 x 2
+    assert "64x64x64 volume resized to 28x28x28" in why[0] and "descriptors keep the native grid" in why[0]
+    small, why = auto_recipe(_plan((28, 28, 28)), folds=5, pretrained=False, cpu_input_voxels=CPU_INPUT_VOXELS)
+    assert "data.target_shape" not in small and not any("resized" in line for line in why)
+
+
+def test_cli_caps_the_cpu_input_unless_the_user_or_the_model_decides(medmnist_64, tmp_path, monkeypatch, capsys):
+    """`--recipe auto` on the 64^3 release without --gpu trains the CNN at 28^3 (the whole volume) and keeps the
+    descriptors at 64^3; a grid or a Swin UNETR given by the user, or --gpu, keeps the user's / plan's input."""
+    import torch
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    data = medmnist_subset(medmnist_64, {"train": 40, "val": 10, "test": 10}, tmp_path / "adrenal64_tiny.npz")
+
+    def cfg_for(*flags):
+        return config_from_args(build_parser().parse_args(["cv", "--data", str(data), "--recipe", "auto", *flags]))
+
+    cfg = cfg_for()
+    assert cfg.data.target_shape == [28, 28, 28] and cfg.data.target_spacing is None
+    assert cfg.train.feature_grid == "native" and cfg.train.batch_size == 16
+    assert "64x64x64 volume resized to 28x28x28" in capsys.readouterr().err
+    assert cfg == cfg_for("--target-shape", "28", "28", "28")  # the accuracy study's auto64 command, exactly
+    assert cfg_for("--target-shape", "40", "40", "40").data.target_shape == [40, 40, 40]
+    spaced = cfg_for("--target-spacing", "2", "2", "2").data
+    assert spaced.target_shape is None and spaced.target_spacing == [2.0, 2.0, 2.0]
+    assert cfg_for("--model", "swin_unetr").data.target_shape is None
+    assert cfg_for("--gpu").data.target_shape is None  # a GPU trains on the plan's grid

@@ -192,7 +192,7 @@ def _apply_auto_recipe(cfg: config_mod.ExperimentConfig, file_data: dict | None,
                        overrides: dict) -> config_mod.ExperimentConfig:
     """``--recipe auto``: the plan's recipe for every setting the user did not give."""
     from medvox.data import prepare
-    from medvox.recipe import auto_recipe, explicit_keys
+    from medvox.recipe import CPU_INPUT_VOXELS, FIXED_INPUT_MODELS, auto_recipe, explicit_keys
 
     if not cfg.data.path:
         return cfg  # train() reports the missing data with its fix
@@ -201,8 +201,12 @@ def _apply_auto_recipe(cfg: config_mod.ExperimentConfig, file_data: dict | None,
     gpu_model = None
     if cfg.train.gpu or cfg.train.multi_gpu:  # the micro-batch is fitted to the GPU's memory for the model trained
         gpu_model = cfg.model.name if "model.name" in given else "resnet18"
+    # on a CPU the CNN's input is made coarser, unless the user chose the grid or the model needs its own
+    cap_input = (gpu_model is None and not {"data.target_shape", "data.target_spacing"} & given
+                 and cfg.model.name not in FIXED_INPUT_MODELS)
     values, why = auto_recipe(prepared.plan, cfg.data.folds, pretrained=bool(cfg.model.pretrained_path),
-                              gpu_model=gpu_model, gpu_model_kwargs=cfg.model.kwargs if "model.kwargs" in given else None)
+                              gpu_model=gpu_model, gpu_model_kwargs=cfg.model.kwargs if "model.kwargs" in given else None,
+                              cpu_input_voxels=CPU_INPUT_VOXELS if cap_input else None)
     chosen = {k: v for k, v in values.items() if k not in given}
     print("medvox: --recipe auto: " + "; ".join(why), file=sys.stderr)
     kept = sorted(set(values) & given)

@@ -7,6 +7,11 @@ the cross-validation pool), and leaves every setting the user gave (flag, ``--se
 
 * model: ResNet-18-3D (MedicalNet layout), dropout 0.2; with ``--pretrained-path`` nothing changes
   (the original settings are the fine-tuning recipe);
+* input: the plan's grid on a GPU; on a CPU the CNN's input is resized (whole field of view, same
+  proportions) to at most 28^3 voxels (:data:`CPU_INPUT_VOXELS`, :func:`capped_shape`): the recipe's
+  ~41,600 training samples per fold take about 20 minutes at 28^3 on 2 cores, and each doubling of the
+  side costs ~8x. The descriptor model below keeps the native grid. A ``data.target_shape`` or
+  ``data.target_spacing`` the user gives (or a Swin UNETR, whose input must be a multiple of 32) wins;
 * batch: an effective batch of 16 for every input size: 16 x 1 up to 40^3 voxels per sample (times the
   channels), 8 x 2 up to 80^3, 4 x 4 above (memory); on a GPU the micro-batch is instead the largest
   power of two up to 16 whose measured training-step memory fits in 80 % of the free device memory
@@ -41,6 +46,39 @@ log = logging.getLogger("medvox")
 RECIPES = ("original", "auto")
 TARGET_STEPS = 2600
 EFFECTIVE_BATCH = 16
+CPU_INPUT_VOXELS = 28 ** 3  # 5 folds of the recipe in ~100 min on a 2-core CPU (benchmarks/accuracy.md)
+FIXED_INPUT_MODELS = ("swin_unetr",)  # inputs must be multiples of 32: the CPU cap leaves them alone
+MIN_SIDE = 16  # a capped axis keeps at least this many voxels (or all it has)
+
+
+def capped_shape(shape: list[int] | tuple[int, ...], max_voxels: int = CPU_INPUT_VOXELS) -> list[int] | None:
+    """``shape`` scaled by one factor (same proportions) to at most ``max_voxels``; ``None`` when it fits.
+
+    An axis is not shrunk below :data:`MIN_SIDE` (or its own size when smaller), so a thin stack of slices
+    keeps its slices; the other axes then take the rest of the reduction.
+
+    Example:
+        >>> capped_shape([64, 64, 64]), capped_shape([28, 28, 28]), capped_shape([160, 160, 20])
+        ([28, 28, 28], None, [37, 37, 16])
+    """
+    shape = [int(v) for v in shape]
+    if math.prod(shape) <= max_voxels:
+        return None
+    floors = [min(v, MIN_SIDE) for v in shape]
+    free = list(range(len(shape)))  # axes still scaled by the common factor
+    out = list(shape)
+    while free:
+        fixed = math.prod(out[i] for i in range(len(shape)) if i not in free)
+        factor = (max_voxels / fixed / math.prod(shape[i] for i in free)) ** (1 / len(free))
+        pinned = [i for i in free if shape[i] * factor < floors[i]]
+        if not pinned:
+            for i in free:
+                out[i] = max(floors[i], math.floor(shape[i] * factor + 1e-6))
+            break
+        for i in pinned:
+            out[i] = floors[i]
+            free.remove(i)
+    return out
 
 
 def fit_batch(per_sample_bytes: float, fixed_bytes: float, free_bytes: float, effective: int = EFFECTIVE_BATCH,
@@ -105,7 +143,8 @@ def gpu_batch(plan: dict[str, Any], model_name: str, model_kwargs: dict | None =
 
 
 def auto_recipe(plan: dict[str, Any], folds: int, pretrained: bool, gpu_model: str | None = None,
-                gpu_model_kwargs: dict | None = None) -> tuple[dict[str, Any], list[str]]:
+                gpu_model_kwargs: dict | None = None,
+                cpu_input_voxels: int | None = None) -> tuple[dict[str, Any], list[str]]:
     """Dotted config overrides for a plan, and one line of reasoning per choice.
 
     Args:
@@ -116,6 +155,8 @@ def auto_recipe(plan: dict[str, Any], folds: int, pretrained: bool, gpu_model: s
         gpu_model: training on a GPU: the micro-batch is fitted to its free memory, measured for this model
             (:func:`gpu_batch`); ``None`` or no visible GPU: the voxel rule.
         gpu_model_kwargs: that model's factory arguments.
+        cpu_input_voxels: training on a CPU: the CNN's input (``data.target_shape``) is resized to at most
+            this many voxels (:func:`capped_shape`); ``None``: the plan's grid.
 
     Example:
         >>> plan = {"target_shape": [28, 28, 28], "in_channels": 1, "n_cases": 1286, "imbalance_ratio": 3.5}
@@ -125,14 +166,16 @@ def auto_recipe(plan: dict[str, Any], folds: int, pretrained: bool, gpu_model: s
     """
     if pretrained:
         return {}, ["a pretrained checkpoint is given: the original fine-tuning settings are kept"]
-    voxels = math.prod(int(v) for v in plan["target_shape"]) * int(plan.get("in_channels", 1))
+    native = [int(v) for v in plan["target_shape"]]
+    shape = (capped_shape(native, cpu_input_voxels) if cpu_input_voxels else None) or native
+    voxels = math.prod(shape) * int(plan.get("in_channels", 1))
     if voxels <= 40 ** 3:
         batch, accum = 16, 1
     elif voxels <= 80 ** 3:
         batch, accum = 8, 2
     else:
         batch, accum = 4, 4
-    batch_why = (f"input {'x'.join(str(v) for v in plan['target_shape'])} x {plan.get('in_channels', 1)} channel(s) "
+    batch_why = (f"input {'x'.join(str(v) for v in shape)} x {plan.get('in_channels', 1)} channel(s) "
                  f"(~{round(voxels ** (1 / 3))}^3 voxels): batch {batch} x {accum} accumulation "
                  f"(effective {batch * accum})")
     fitted = gpu_batch(plan, gpu_model, gpu_model_kwargs) if gpu_model else None
@@ -152,7 +195,13 @@ def auto_recipe(plan: dict[str, Any], folds: int, pretrained: bool, gpu_model: s
         "loss.name": loss, "augment.flip_axes": [2], "train.threshold_rule": "youden",
         "train.feature_fusion": True,
     }
+    if shape != native:
+        values["data.target_shape"] = shape
     why = [
+        *([f"CPU: the CNN's input is the whole {'x'.join(map(str, native))} volume resized to "
+           f"{'x'.join(map(str, shape))} (at most {round(cpu_input_voxels ** (1 / 3))}^3 voxels; each doubling of "
+           f"the side costs ~8x the time); the descriptors keep the native grid; --target-shape or --gpu keep "
+           f"the plan's input"] if shape != native else []),
         batch_why,
         f"{n_train} training cases per fold -> {steps_per_epoch} optimizer steps per epoch -> {epochs} epochs "
         f"(~{TARGET_STEPS} steps), early stopping after 10 epochs",

@@ -166,7 +166,14 @@ def test_recipes_are_compared_with_the_reference_of_the_same_seed(tmp_path):
     load = lambda path: list(csv.DictReader(open(path)))  # noqa: E731
     ref, new = load(tmp_path / "kept" / "r18_s0" / "oof_predictions.csv"), load(other / "oof_predictions.csv")
     y = np.array([r["label"] == "1" for r in ref], dtype=int)
-    d = delong_test(y, np.array([float(r["prob_1"]) for r in ref]), np.array([float(r["prob_1"]) for r in new]))
+    temps = [c["temperature"] for c in json.loads((other / "cv_summary.json").read_text())["calibration"]]
+
+    def calibrated(rows):  # both runs are compared on their per-fold calibrated OOF, rescaled here by hand
+        p, t = (np.array([float(r[k]) for r in rows]) for k in ("prob_1", "fold"))
+        t = np.array(temps)[t.astype(int)]
+        return p ** (1 / t) / (p ** (1 / t) + (1 - p) ** (1 / t))
+
+    d = delong_test(y, calibrated(ref), calibrated(new))
     assert row["oof"]["diff"] == pytest.approx(-d["diff"]) and row["oof"]["diff"] > 0.05
     assert row["oof"]["p"] == pytest.approx(d["p_value"]) and row["oof"]["p"] < 0.01
     assert row["test"]["diff"] == pytest.approx(0.0)  # the test predictions were copied unchanged

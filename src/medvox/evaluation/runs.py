@@ -114,11 +114,30 @@ def load_run(path: Path) -> Run:
     run = Run(path=path, name=path.name, summary=summary, folds=folds, classes=classes, config=config, plan=plan,
               run_info=_first(fold_dirs, "run_info.json") or {}, splits=_first(fold_dirs, "splits.json") or {},
               fingerprint=find_fingerprint(config, plan, _first(fold_dirs, "run_info.json") or {}),
-              oof=(read_predictions_csv(path / "oof_fused_predictions.csv", classes or None)
-                   or read_predictions_csv(path / "oof_predictions.csv", classes or None)),
+              oof=read_final_oof(path, summary, classes or None),
               test=read_predictions_csv(path / "test_predictions.csv", classes or None))
     run.notes = _notes(run)
     return run
+
+
+def read_final_oof(path: Path, summary: dict[str, Any] | None, classes: list[str] | None = None) -> Predictions | None:
+    """The run's final pooled out-of-fold predictions, the ones its decision threshold rests on: the fused
+    ones (``oof_fused_predictions.csv``, already calibrated) or ``oof_predictions.csv`` with each fold
+    rescaled by its own temperature (``cv_summary.json``'s ``calibration``), so a plain run and a fused one
+    are compared on the same footing. Raw while the run holds no temperatures (not finished)."""
+    from medvox.evaluation.summary import rescale_folds
+
+    fused = read_predictions_csv(path / "oof_fused_predictions.csv", classes)
+    if fused is not None:
+        return fused
+    raw = read_predictions_csv(path / "oof_predictions.csv", classes)
+    calibration = (summary or {}).get("calibration") or []
+    if raw is None or not calibration or any("fold" not in r for r in raw.rows):
+        return raw
+    folds = np.array([int(r["fold"]) for r in raw.rows])
+    if folds.max() >= len(calibration):
+        return raw
+    return Predictions(raw.rows, raw.labels, rescale_folds(raw.probs, folds, calibration), raw.classes)
 
 
 def _first(dirs: list[Path], name: str) -> dict[str, Any] | None:

@@ -174,11 +174,15 @@ def calibrated_oof(run_dir: Path, calibration: list[dict]) -> tuple[np.ndarray, 
     """Pooled out-of-fold (labels, probabilities), each fold's rescaled by its own temperature, so that the
     folds' scores are on one scale (raw fold models are not: pooled raw OOF AUC is below the fold mean)."""
     labels, probs, _, rows = load_predictions(run_dir / "oof_predictions.csv")
-    folds = np.array([int(r["fold"]) for r in rows])
+    return labels, rescale_folds(probs, np.array([int(r["fold"]) for r in rows]), calibration)
+
+
+def rescale_folds(probs: np.ndarray, folds: np.ndarray, calibration: list[dict]) -> np.ndarray:
+    """``probs`` with the rows of fold ``k`` (``folds == k``) rescaled by ``calibration[k]``'s temperature."""
     out = probs.copy()
     for k, cal in enumerate(calibration):
         out[folds == k] = rescale(probs[folds == k], cal["temperature"])
-    return labels, out
+    return out
 
 
 def oof_decision(labels: np.ndarray, probs: np.ndarray, rule: str) -> dict[str, Any] | None:
