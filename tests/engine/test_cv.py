@@ -228,7 +228,7 @@ def test_summarised_again_without_fusion_the_run_forgets_it(fused_run, tmp_path)
 
     from medvox.evaluation.features import load_fusion
     from medvox.evaluation.runs import load_run
-    from medvox.evaluation.summary import summarize
+    from medvox.evaluation.summary import calibrated_oof, summarize
 
     src, prepared = fused_run
     run = tmp_path / "resnet10"
@@ -238,8 +238,35 @@ def test_summarised_again_without_fusion_the_run_forgets_it(fused_run, tmp_path)
     assert "fusion" not in summary and summary["test"]["final"] == "ensemble_tta_calibrated"
     assert not (run / "features").exists() and not (run / "oof_fused_predictions.csv").exists()
     assert load_fusion(run) is None
-    plain = _rows(run / "oof_predictions.csv")
-    assert [float(r["prob_1"]) for r in plain] == pytest.approx(list(load_run(run).oof.probs[:, 1]), abs=1e-7)
+    _, plain = calibrated_oof(run, summary["calibration"])  # the CNN's own OOF, per-fold calibrated, unmixed
+    assert list(plain[:, 1]) == pytest.approx(list(load_run(run).oof.probs[:, 1]), abs=1e-7)
+
+
+def test_accuracy_harness_fuse_matches_medvox_cv_fusion(cv_run, fused_run, tmp_path):
+    """`benchmarks/accuracy.py fuse` (a kept run, fused afterwards from its predictions alone) gives what
+    `medvox cv --set train.feature_fusion=true` gives at its end: weight, fused OOF, threshold, test mixture."""
+    import shutil
+
+    from benchmarks import accuracy
+
+    src = tmp_path / "src" / "kept" / "resnet10_s0"
+    shutil.copytree(cv_run, src)
+    (tmp_path / "src" / "timings.json").write_text(json.dumps(
+        {"resnet10_s0": {"name": "r10", "seed": 0, "rc": 0, "wall_seconds": 100.0, "cpu_seconds": 150.0}}))
+    accuracy.fuse_kept(src, tmp_path / "out", name="r10f")
+    got_dir, (want_dir, _) = tmp_path / "out" / "kept" / "r10f_s0", fused_run
+    got, want = (json.loads((d / "cv_summary.json").read_text()) for d in (got_dir, want_dir))
+    assert got["fusion"]["weight"] == want["fusion"]["weight"]
+    assert got["oof_fused"]["auc"] == pytest.approx(want["oof_fused"]["auc"], abs=1e-9)
+    assert got["decision"]["threshold"] == pytest.approx(want["decision"]["threshold"], abs=1e-6)
+    for name in ("oof_fused_predictions.csv", "test_predictions.csv"):
+        a, b = _rows(got_dir / name), _rows(want_dir / name)
+        assert [r["case_id"] for r in a] == [r["case_id"] for r in b]
+        assert [float(r["prob_1"]) for r in a] == pytest.approx([float(r["prob_1"]) for r in b], abs=1e-6)
+    assert got["test"]["fused"]["auc"] == pytest.approx(want["test"]["fused"]["auc"], abs=1e-9)
+    timing = json.loads((tmp_path / "out" / "timings.json").read_text())["r10f_s0"]
+    assert timing["name"] == "r10f" and timing["wall_seconds"] == pytest.approx(100.0 + timing["fusion_seconds"])
+    assert _rows(src / "test_predictions.csv") != _rows(got_dir / "test_predictions.csv") or got["fusion"]["weight"] == 0
 
 
 @pytest.fixture(scope="module")
