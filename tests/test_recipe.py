@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
+import os
+from pathlib import Path
 
 import pytest
 
 from medvox.cli import build_parser, config_from_args
+from medvox.data import plan_dataset, prepare
 from medvox.recipe import CPU_INPUT_VOXELS, MIN_SIDE, auto_recipe, capped_shape, explicit_keys, fit_batch
 from tests.conftest import medmnist_subset
 
@@ -127,6 +131,11 @@ def test_cli_caps_the_cpu_input_unless_the_user_or_the_model_decides(medmnist_64
     assert cfg.train.feature_grid == "native" and cfg.train.batch_size == 16
     assert "64x64x64 volume resized to 28x28x28" in capsys.readouterr().err
     assert cfg == cfg_for("--target-shape", "28", "28", "28")  # the accuracy study's auto64 command, exactly
+    cache_dir = Path(os.environ["MEDVOX_CACHE"])
+    assert not list(cache_dir.rglob("images.npy"))  # the recipe read the plan only: no volume preprocessed
+    native = dataclasses.replace(cfg.data, target_shape=None)
+    assert plan_dataset(native, progress=False) == prepare(native, progress=False).plan
+    assert len(list(cache_dir.rglob("images.npy"))) == 1
     assert cfg_for("--target-shape", "40", "40", "40").data.target_shape == [40, 40, 40]
     spaced = cfg_for("--target-spacing", "2", "2", "2").data
     assert spaced.target_shape is None and spaced.target_spacing == [2.0, 2.0, 2.0]

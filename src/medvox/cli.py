@@ -191,12 +191,12 @@ def config_from_args(args: argparse.Namespace, table: dict[str, str] | None = No
 def _apply_auto_recipe(cfg: config_mod.ExperimentConfig, file_data: dict | None,
                        overrides: dict) -> config_mod.ExperimentConfig:
     """``--recipe auto``: the plan's recipe for every setting the user did not give."""
-    from medvox.data import prepare
+    from medvox.data import plan_dataset
     from medvox.recipe import CPU_INPUT_VOXELS, FIXED_INPUT_MODELS, auto_recipe, explicit_keys
 
     if not cfg.data.path:
         return cfg  # train() reports the missing data with its fix
-    prepared = prepare(cfg.data)
+    plan = plan_dataset(cfg.data)  # no volume is preprocessed here: the recipe may change the input grid
     given = explicit_keys(file_data, overrides)
     gpu_model = None
     if cfg.train.gpu or cfg.train.multi_gpu:  # the micro-batch is fitted to the GPU's memory for the model trained
@@ -204,7 +204,7 @@ def _apply_auto_recipe(cfg: config_mod.ExperimentConfig, file_data: dict | None,
     # on a CPU the CNN's input is made coarser, unless the user chose the grid or the model needs its own
     cap_input = (gpu_model is None and not {"data.target_shape", "data.target_spacing"} & given
                  and cfg.model.name not in FIXED_INPUT_MODELS)
-    values, why = auto_recipe(prepared.plan, cfg.data.folds, pretrained=bool(cfg.model.pretrained_path),
+    values, why = auto_recipe(plan, cfg.data.folds, pretrained=bool(cfg.model.pretrained_path),
                               gpu_model=gpu_model, gpu_model_kwargs=cfg.model.kwargs if "model.kwargs" in given else None,
                               cpu_input_voxels=CPU_INPUT_VOXELS if cap_input else None)
     chosen = {k: v for k, v in values.items() if k not in given}

@@ -7,7 +7,7 @@ Example:
 """
 
 from medvox.data.check import check_data
-from medvox.data.prepare import Prepared, prepare
+from medvox.data.prepare import Prepared, plan_dataset, prepare
 from medvox.data.preprocess import preprocess_case
 from medvox.data.sources import Case, CaseSet, cases_from_paths, load_source
 from medvox.errors import DataError
@@ -20,6 +20,7 @@ __all__ = [
     "cases_from_paths",
     "check_data",
     "load_source",
+    "plan_dataset",
     "prepare",
     "preprocess_case",
 ]

@@ -132,25 +132,10 @@ def prepare(cfg: DataConfig, progress: bool = True) -> Prepared:
         # going on would wait forever for the lock its parent holds
         raise RuntimeError("prepare() was called while a worker process was starting: put the calling "
                            "script's top-level code under `if __name__ == '__main__':`")
-    try:
-        caseset = load_source(cfg)
-    except SourceError as exc:
-        raise DataError(CheckReport(str(cfg.path), list(exc.problems)).format()) from None
-    root = cache.cache_root(cfg)
-    data_hash, ident = cache.dataset_hash(cfg, caseset.kind, caseset.source)
+    caseset, root, data_hash, ident = _open(cfg)
     dataset_dir = root / data_hash
     with cache.locked(root / f"{data_hash}.lock"):
-        records_cache = cache.read_json(dataset_dir / "inspect.json", {})
-        known = set(records_cache)
-        report = check_data(cfg, cases=caseset, cache=records_cache, progress=progress)
-        kept, skipped = _kept_cases(report, caseset, cfg)
-        cases = [caseset.cases[i] for i in kept]
-        records = [report.inspections[i] for i in kept]
-        pool = [j for j, c in enumerate(cases) if c.subset != "test"]
-        fingerprint = make_fingerprint([cases[j] for j in pool], [records[j] for j in pool], caseset.classes)
-        plan = make_plan(fingerprint, cfg)
-        _write_if_changed(dataset_dir / "dataset.json", ident)
-        _save_records(dataset_dir, records_cache, known, cases)
+        cases, skipped, fingerprint, plan = _survey(cfg, caseset, dataset_dir, ident, progress)
         plan_dir, n_built = _ensure_store(dataset_dir, cases, plan, fingerprint, skipped, cfg, progress)
         splits = load_or_make_splits(dataset_dir, cases, caseset.classes, cfg.folds, cfg.split_seed)
         images = np.load(plan_dir / "images.npy", mmap_mode="r")  # opened under the lock: never mid-swap
@@ -159,6 +144,46 @@ def prepare(cfg: DataConfig, progress: bool = True) -> Prepared:
     return Prepared(classes=list(caseset.classes), cases=cases, images=images, labels=labels, plan=plan,
                     fingerprint=fingerprint, splits=splits, cache_dir=plan_dir, data_hash=data_hash,
                     cache_hit=n_built == 0, n_built=n_built, skipped=skipped, images_digest=images_digest)
+
+
+def plan_dataset(cfg: DataConfig, progress: bool = True) -> dict[str, Any]:
+    """The plan :func:`prepare` would make (check, fingerprint, plan), without preprocessing a volume: what
+    ``--recipe auto`` needs to choose its settings. The inspection records are cached, so the
+    ``prepare`` that follows decodes no header again.
+
+    Raises:
+        DataError: as :func:`prepare`.
+    """
+    caseset, root, data_hash, ident = _open(cfg)
+    with cache.locked(root / f"{data_hash}.lock"):
+        return _survey(cfg, caseset, root / data_hash, ident, progress)[3]
+
+
+def _open(cfg: DataConfig) -> tuple[CaseSet, Path, str, dict]:
+    """(case set, cache root, dataset folder name, what it stands for); a bad source raises its report."""
+    try:
+        caseset = load_source(cfg)
+    except SourceError as exc:
+        raise DataError(CheckReport(str(cfg.path), list(exc.problems)).format()) from None
+    root = cache.cache_root(cfg)
+    return (caseset, root, *cache.dataset_hash(cfg, caseset.kind, caseset.source))
+
+
+def _survey(cfg: DataConfig, caseset: CaseSet, dataset_dir: Path, ident: dict, progress: bool,
+            ) -> tuple[list[Case], list[dict], dict, dict]:
+    """(kept cases, skipped, fingerprint, plan): check (cached inspections), fingerprint of the pool, plan;
+    saves the inspection records. Called under the dataset's lock."""
+    records_cache = cache.read_json(dataset_dir / "inspect.json", {})
+    known = set(records_cache)
+    report = check_data(cfg, cases=caseset, cache=records_cache, progress=progress)
+    kept, skipped = _kept_cases(report, caseset, cfg)
+    cases = [caseset.cases[i] for i in kept]
+    records = [report.inspections[i] for i in kept]
+    pool = [j for j, c in enumerate(cases) if c.subset != "test"]
+    fingerprint = make_fingerprint([cases[j] for j in pool], [records[j] for j in pool], caseset.classes)
+    _write_if_changed(dataset_dir / "dataset.json", ident)
+    _save_records(dataset_dir, records_cache, known, cases)
+    return cases, skipped, fingerprint, make_plan(fingerprint, cfg)
 
 
 def _kept_cases(report: CheckReport, caseset: CaseSet, cfg: DataConfig) -> tuple[list[int], list[dict]]:
