@@ -200,7 +200,7 @@ def auto_recipe(plan: dict[str, Any], folds: int, pretrained: bool, gpu_model: s
     why = [
         *([f"CPU: the CNN's input is the whole {'x'.join(map(str, native))} volume resized to "
            f"{'x'.join(map(str, shape))} (at most {round(cpu_input_voxels ** (1 / 3))}^3 voxels; each doubling of "
-           f"the side costs ~8x the time); the descriptors keep the native grid; --target-shape or --gpu keep "
+           f"the side costs ~8x the time); medvox cv's descriptors keep the native grid; --target-shape or --gpu keep "
            f"the plan's input"] if shape != native else []),
         batch_why,
         f"{n_train} training cases per fold -> {steps_per_epoch} optimizer steps per epoch -> {epochs} epochs "
