@@ -117,3 +117,26 @@ def test_missing_and_truncated_files(tmp_path):
     path.write_bytes(path.read_bytes()[:50])
     with pytest.raises(CheckpointError, match="cannot load"):
         ckpt.load_checkpoint(path)
+
+
+def test_resume_with_another_config_is_refused_and_says_what_differs(tmp_path):
+    """--resume refuses a config that differs from the interrupted run's, names the keys, and for a
+    `--recipe auto` run whose machine-derived settings changed (CPU input cap, GPU batch) says which flags pin them."""
+    from medvox.config import apply_overrides, resolve, to_dict
+    from medvox.engine.setup import resume_state
+
+    run = resolve(overrides={"data.path": "x.csv", "train.recipe": "auto", "data.target_shape": [28, 28, 28],
+                             "train.batch_size": 16})
+    ckpt.atomic_save({"config": to_dict(run), "model": {"w": torch.zeros(2)}}, tmp_path / "last.pt")
+    again = apply_overrides(run, {"train.resume": True})
+    assert resume_state(again, tmp_path)["config"] == to_dict(run)  # the same settings (resume itself is free)
+    on_gpu = apply_overrides(again, {"data.target_shape": None, "train.batch_size": 8, "train.gpu": True})
+    with pytest.raises(TrainingError, match="differs from the interrupted run in") as err:
+        resume_state(on_gpu, tmp_path)
+    assert "data.target_shape" in str(err.value) and "train.batch_size" in str(err.value)
+    assert "--recipe auto chose data.target_shape, train.batch_size for the machine" in str(err.value)
+    assert "--target-shape" in str(err.value)
+    plain = apply_overrides(on_gpu, {"train.recipe": "original"})
+    with pytest.raises(TrainingError) as err:
+        resume_state(plain, tmp_path)
+    assert "train.recipe" in str(err.value) and "--recipe auto chose" not in str(err.value)

@@ -17,6 +17,9 @@ from medvox.errors import TrainingError
 
 log = logging.getLogger("medvox")
 
+# Settings --recipe auto derives from the machine as well as the data (input cap on a CPU, GPU batch fit).
+_MACHINE_RECIPE_KEYS = {"data.target_shape", "train.batch_size", "train.grad_accum", "train.epochs",
+                        "train.ema_decay"}
 # Keys that may differ between an interrupted run and its --resume without changing the result.
 _RESUME_FREE_KEYS = {"train.resume", "train.threads", "data.workers", "data.cache_dir", "train.plots",
                      "train.keep_last"}
@@ -136,8 +139,13 @@ def resume_state(cfg: ExperimentConfig, run_dir: Path) -> dict[str, Any] | None:
         previous = state["config"]
     differ = [k for k in _diff(previous, to_dict(cfg)) if k not in _RESUME_FREE_KEYS]
     if differ:
+        machine = sorted(set(differ) & _MACHINE_RECIPE_KEYS) if cfg.train.recipe == "auto" else []
+        hint = (f" --recipe auto chose {', '.join(machine)} for the machine it ran on (on a CPU the input is capped, on "
+                "a GPU the batch is fitted to its free memory): resume on the same kind of machine with the same "
+                "flags, or give those settings as flags (--target-shape, --batch_size, --gradient_accumulation_steps, "
+                "--epochs, --ema_decay) as config.json has them." if machine else "")
         raise TrainingError(
             f"--resume: the config differs from the interrupted run in {', '.join(differ)}; resume with the "
-            f"same settings (see {run_dir / 'config.json'}) or start a new run under another --output."
+            f"same settings (see {run_dir / 'config.json'}) or start a new run under another --output.{hint}"
         )
     return state
