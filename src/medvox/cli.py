@@ -94,7 +94,7 @@ def _add_data_args(p: argparse.ArgumentParser, positional: bool = False) -> None
                         "view, with --target-spacing it resamples to that spacing and crops/pads")
     p.add_argument("--target-spacing", "--target_spacing", dest="target_spacing", type=float, nargs=3,
                    metavar=("SZ", "SY", "SX"), help="voxel spacing in mm (default: from the fingerprint)")
-    p.add_argument("--normalization", choices=["ct", "zscore", "minmax", "none"])
+    p.add_argument("--normalization", choices=config_mod.CHOICES["data.normalization"])
     p.add_argument("--ct-window", "--ct_window", dest="ct_window", type=float, nargs=2, metavar=("LOW", "HIGH"),
                    help="CT intensity window in HU (default: from the fingerprint)")
     p.add_argument("--workers", type=int, help="preprocessing processes (default: auto)")
@@ -103,7 +103,7 @@ def _add_data_args(p: argparse.ArgumentParser, positional: bool = False) -> None
 def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="YAML/JSON experiment config (flags override it)")
     _add_data_args(p)
-    p.add_argument("--recipe", choices=["original", "auto"],
+    p.add_argument("--recipe", choices=config_mod.CHOICES["train.recipe"],
                    help="original (default): the original pipeline's settings (MedicalNet fine-tuning); auto: a "
                         "from-scratch recipe chosen from the dataset's plan (flags and config values still win)")
     p.add_argument("--model", help="registered model name (default resnet50); see `medvox models`")
@@ -116,9 +116,9 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dropout", type=float, help="dropout before the classifier (default 0.4)")
     p.add_argument("--lr", type=float, help="peak learning rate (default 2e-4)")
     p.add_argument("--weight-decay", "--weight_decay", dest="weight_decay", type=float)
-    p.add_argument("--optimizer", choices=["adam", "adamw", "sgd"], help="default adam")
-    p.add_argument("--scheduler", choices=["cosine", "step", "plateau", "none"], help="default cosine")
-    p.add_argument("--loss", choices=["CE", "weighted_CE", "focal", "LDAM"], help="default LDAM")
+    p.add_argument("--optimizer", choices=config_mod.CHOICES["optim.optimizer"], help="default adam")
+    p.add_argument("--scheduler", choices=config_mod.CHOICES["optim.scheduler"], help="default cosine")
+    p.add_argument("--loss", choices=config_mod.CHOICES["loss.name"], help="default LDAM")
     p.add_argument("--label-smoothing", "--label_smoothing", dest="label_smoothing", type=float)
     p.add_argument("--drw-start", "--drw_start", dest="drw_start", type=float,
                    help="fraction of epochs after which LDAM's deferred re-weighting starts (default 0.8)")
@@ -131,8 +131,8 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ema_decay", "--ema-decay", dest="ema_decay", type=float, help="0 disables EMA (default 0.999)")
     p.add_argument("--early_stopping", "--early-stopping", dest="early_stopping", type=int,
                    help="patience in epochs, 0 disables (default 7)")
-    p.add_argument("--monitor", help="validation metric for best checkpoints (default auc)")
-    p.add_argument("--precision", choices=["auto", "bf16", "fp16", "fp32"])
+    p.add_argument("--monitor", choices=config_mod.CHOICES["train.monitor"], help="validation metric for best checkpoints (default auc)")
+    p.add_argument("--precision", choices=config_mod.CHOICES["train.precision"])
     p.add_argument("--amp", action="store_const", const=True, help="mixed precision (bf16 where supported, else fp16)")
     p.add_argument("--gpu", action="store_const", const=True, help="train on a GPU")
     p.add_argument("--multi_gpu", "--multi-gpu", dest="multi_gpu", action="store_const", const=True,
@@ -143,7 +143,7 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", action="store_const", const=True, help="continue from last.pt")
     p.add_argument("--output", help="results root (default results/)")
     p.add_argument("--run-name", "--run_name", dest="run_name", help="sub-folder under --output (default: model)")
-    p.add_argument("--plots", choices=["all", "best_last", "final"],
+    p.add_argument("--plots", choices=config_mod.CHOICES["train.plots"],
                    help="per-epoch confusion/ROC images to keep (final: none; curves drawn once at the end)")
     p.add_argument("--compile", action="store_const", const=True, help="torch.compile the model")
     p.add_argument("--threads", type=int, help="CPU threads (default: all cores)")

@@ -151,7 +151,160 @@ class ExperimentConfig:
 
 
 class ConfigError(ValueError):
-    """An unknown key or a value that does not parse to the field's type."""
+    """An unknown key, a value that does not parse to the field's type, or one outside its valid range."""
+
+
+# The enumerated settings, one place for all: the CLI's ``choices=`` and every module that branches on one of
+# these values read them from here, and :func:`validate` refuses anything else before any data is read.
+CHOICES: dict[str, tuple[str, ...]] = {
+    "data.normalization": ("ct", "zscore", "minmax", "none"),
+    "optim.optimizer": ("adam", "adamw", "sgd"),
+    "optim.scheduler": ("cosine", "step", "plateau", "none"),
+    "loss.name": ("CE", "weighted_CE", "focal", "LDAM"),
+    "train.recipe": ("original", "auto"),
+    "train.monitor": ("auc", "accuracy", "balanced_accuracy", "f1", "sensitivity", "specificity", "precision",
+                      "loss"),
+    "train.threshold_rule": ("youden", "f1", "balanced_accuracy", "accuracy"),
+    "train.feature_grid": ("native", "input"),
+    "train.precision": ("auto", "bf16", "fp16", "fp32"),
+    "train.plots": ("all", "best_last", "final"),
+}
+
+# (low, high, low_open, high_open): the range of each numeric setting; None = unbounded on that side.
+_RANGES: dict[str, tuple[float | None, float | None, bool, bool]] = {
+    "data.folds": (2, None, False, False),
+    "data.workers": (1, None, False, False),
+    "model.dropout": (0, 1, False, True),
+    "model.head_lr_mult": (0, None, True, False),
+    "optim.lr": (0, None, True, False),
+    "optim.weight_decay": (0, None, False, False),
+    "optim.eps": (0, None, True, False),
+    "optim.momentum": (0, 1, False, True),
+    "optim.warmup_frac": (0, 1, False, False),
+    "optim.warmup_min_epochs": (0, None, False, False),
+    "optim.min_lr": (0, None, False, False),
+    "optim.step_size": (1, None, False, False),
+    "optim.gamma": (0, 1, True, False),
+    "optim.plateau_patience": (0, None, False, False),
+    "loss.label_smoothing": (0, 1, False, True),
+    "loss.focal_gamma": (0, None, False, False),
+    "loss.ldam_max_margin": (0, None, True, False),
+    "loss.ldam_scale": (0, None, True, False),
+    "loss.drw_start": (0, 1, False, False),
+    "loss.drw_beta": (0, 1, False, True),
+    "augment.prob": (0, 1, False, False),
+    "augment.rotate_deg": (0, 180, False, False),
+    "augment.zoom": (0, 1, False, True),
+    "augment.translate": (0, 1, False, False),
+    "augment.flip_prob": (0, 1, False, False),
+    "augment.intensity_prob": (0, 1, False, False),
+    "augment.gamma": (0, 1, False, True),
+    "augment.contrast": (0, 1, False, True),
+    "augment.noise_std": (0, None, False, False),
+    "augment.mixup": (0, None, False, False),
+    "train.fold": (0, None, False, False),
+    "train.epochs": (1, None, False, False),
+    "train.batch_size": (1, None, False, False),
+    "train.grad_accum": (1, None, False, False),
+    "train.grad_clip": (0, None, False, False),
+    "train.ema_decay": (0, 1, False, True),
+    "train.early_stopping": (0, None, False, False),
+    "train.devices": (1, None, False, False),
+    "train.threads": (1, None, False, False),
+}
+
+
+def _range_text(low: float | None, high: float | None, low_open: bool, high_open: bool) -> str:
+    if high is None:
+        return f"{'>' if low_open else '>='} {low}"
+    return f"in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+
+
+def config_problems(cfg: ExperimentConfig) -> list[str]:
+    """Every setting of ``cfg`` outside its choices or range, one line each naming the key and the fix.
+
+    Example:
+        >>> config_problems(ExperimentConfig())
+        []
+        >>> bad = ExperimentConfig()
+        >>> bad.train.plots = "best"
+        >>> bad.augment.prob = 1.5
+        >>> for line in config_problems(bad):
+        ...     print(line)
+        augment.prob = 1.5: must be in [0, 1]
+        train.plots = 'best': not one of all, best_last, final (did you mean 'best_last'?)
+    """
+    import difflib
+
+    values = _flatten(cfg)
+    problems = []
+    for key in sorted(set(CHOICES) | set(_RANGES)):
+        value = values[key]
+        if value is None:  # optional settings: None means "from the plan" / "auto"
+            continue
+        if key in CHOICES:
+            if value not in CHOICES[key]:
+                close = difflib.get_close_matches(str(value), CHOICES[key], n=1, cutoff=0.5)
+                close = close or [c for c in CHOICES[key] if c.lower() == str(value).lower()]
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                problems.append(f"{key} = {value!r}: not one of {', '.join(CHOICES[key])}{hint}")
+            continue
+        low, high, low_open, high_open = _RANGES[key]
+        below = low is not None and (value <= low if low_open else value < low)
+        above = high is not None and (value >= high if high_open else value > high)
+        if below or above or value != value:  # value != value: NaN
+            problems.append(f"{key} = {value!r}: must be {_range_text(low, high, low_open, high_open)}")
+    d = cfg.data
+    if d.folds >= 2 and not 0 <= cfg.train.fold < d.folds:
+        problems.append(f"train.fold = {cfg.train.fold}: must be in 0..{d.folds - 1} for data.folds = {d.folds}")
+    for key, vec, kind in (("data.target_shape", d.target_shape, int), ("data.target_spacing", d.target_spacing, float)):
+        if vec is not None and (len(vec) != 3 or any(not v > 0 for v in vec)):
+            problems.append(f"{key} = {vec}: give three positive {kind.__name__}s (D H W)")
+    if d.ct_window is not None and (len(d.ct_window) != 2 or not d.ct_window[0] < d.ct_window[1]):
+        problems.append(f"data.ct_window = {d.ct_window}: give [low, high] in HU with low < high")
+    if len(cfg.optim.betas) != 2 or any(not 0 <= b < 1 for b in cfg.optim.betas):
+        problems.append(f"optim.betas = {cfg.optim.betas}: give two values in [0, 1)")
+    axes = cfg.augment.flip_axes
+    if len(set(axes)) != len(axes) or any(a not in (0, 1, 2) for a in axes):
+        problems.append(f"augment.flip_axes = {axes}: distinct spatial axes among 0, 1, 2 (0=D, 1=H, 2=W)")
+    return problems
+
+
+def _canonical_choices(cfg: ExperimentConfig) -> ExperimentConfig:
+    """Spell an enumerated setting given in another case the canonical way (``Adam`` -> ``adam``,
+    ``ldam`` -> ``LDAM``), in place: config files written for the modules' old case-insensitive reading
+    keep working, and ``config.json`` holds one spelling."""
+    for key, choices in CHOICES.items():
+        section, name = key.split(".")
+        node = getattr(cfg, section)
+        value = getattr(node, name)
+        if isinstance(value, str) and value not in choices:
+            same = [c for c in choices if c.lower() == value.lower()]
+            if len(same) == 1:
+                setattr(node, name, same[0])
+    return cfg
+
+
+def validate(cfg: ExperimentConfig) -> ExperimentConfig:
+    """Return ``cfg`` unchanged, or raise :class:`ConfigError` listing every setting outside its choices or
+    range (see :func:`config_problems`). Called by :func:`resolve` / :func:`apply_overrides` and at the start
+    of training, so a typo fails before any data is read."""
+    problems = config_problems(cfg)
+    if problems:
+        n = len(problems)
+        raise ConfigError(f"{n} invalid setting{'s' if n > 1 else ''}:\n  " + "\n  ".join(problems))
+    return cfg
+
+
+def _flatten(cfg: Any, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            out.update(_flatten(value, f"{prefix}{f.name}."))
+        else:
+            out[f"{prefix}{f.name}"] = value
+    return out
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
@@ -253,7 +406,7 @@ def apply_overrides(cfg: ExperimentConfig, overrides: dict[str, Any]) -> Experim
         if parts[-1] not in node:
             raise ConfigError(f"unknown config key {key!r}")
         node[parts[-1]] = value
-    return from_dict(data)
+    return validate(_canonical_choices(from_dict(data)))
 
 
 def load_file(path: str | Path) -> dict[str, Any]:
@@ -289,8 +442,7 @@ def resolve(config_file: str | Path | None = None, overrides: dict[str, Any] | N
     data = to_dict(ExperimentConfig())
     if config_file:
         data = merge_dict(data, load_file(config_file))
-    cfg = from_dict(data)
-    return apply_overrides(cfg, overrides or {})
+    return apply_overrides(from_dict(data), overrides or {})
 
 
 def save(cfg: ExperimentConfig, path: str | Path) -> None:

@@ -34,9 +34,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from medvox.config import LossConfig
+from medvox.config import CHOICES, LossConfig
 
-LOSS_NAMES = ("CE", "weighted_CE", "focal", "LDAM")
+LOSS_NAMES = CHOICES["loss.name"]
 
 
 def inverse_frequency_weights(class_counts: Sequence[int]) -> torch.Tensor:

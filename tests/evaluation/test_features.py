@@ -135,4 +135,4 @@ def test_feature_grid_is_the_cnns_input_unless_the_user_made_the_input_coarser(t
     code = main(["train", "--data", str(tmp_path / "nothing.npz"), "--output", str(out), "--set",
                  "train.feature_grid=coarse"])
     assert code != 0 and not out.exists()
-    assert "train.feature_grid 'coarse' is not one of native, input" in capsys.readouterr().err
+    assert "train.feature_grid = 'coarse': not one of native, input" in capsys.readouterr().err

@@ -7,8 +7,8 @@ import logging
 import sys
 from pathlib import Path
 
-from medvox.config import ExperimentConfig
-from medvox.errors import DataError, TrainingError
+from medvox.config import ExperimentConfig, validate
+from medvox.errors import DataError
 
 log = logging.getLogger("medvox")
 
@@ -58,16 +58,7 @@ def train(cfg: ExperimentConfig) -> dict:
         raise DataError("no data given: pass --data (a manifest .csv/.tsv, a MedMNIST .npz or a folder-per-class), "
                         "set data.path in ./medvox.yaml or --config, or set MEDVOX_DATA "
                         "(try `medvox make-demo-data demo_data` and --data demo_data/manifest.csv)")
-    from medvox.evaluation.metrics import THRESHOLD_RULES
-
-    if cfg.train.threshold_rule not in THRESHOLD_RULES:
-        raise TrainingError(f"train.threshold_rule {cfg.train.threshold_rule!r} is not one of {', '.join(THRESHOLD_RULES)}")
-    from medvox.evaluation.features import FEATURE_GRIDS
-
-    if cfg.train.feature_grid not in FEATURE_GRIDS:
-        raise TrainingError(f"train.feature_grid {cfg.train.feature_grid!r} is not one of {', '.join(FEATURE_GRIDS)}")
-    if not 0 <= cfg.train.fold < cfg.data.folds:
-        raise TrainingError(f"--fold {cfg.train.fold} is outside 0..{cfg.data.folds - 1} for --folds {cfg.data.folds}")
+    validate(cfg)  # a config built in code skipped resolve()'s check: every choice and range, before any data
     fabric = make_fabric(cfg.train)
     fabric.launch()
     seed_everything(cfg.train.seed, cfg.train.deterministic, cfg.train.threads)

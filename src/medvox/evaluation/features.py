@@ -34,6 +34,8 @@ the test ensemble. The fitted models are written as JSON (scaler and coefficient
 
 Example:
     >>> import numpy as np
+
+from medvox.config import CHOICES
     >>> cube = np.zeros((1, 12, 12, 12), np.float32); cube[0, 2:8, 2:8, 2:8] = 1
     >>> f = dict(zip(*volume_features(cube)))
     >>> round(float(np.exp(f["c0_fg_log_voxels"]))), float(f["c0_fg_components"]), float(f["c0_fg_solidity"])
@@ -48,6 +50,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from medvox.config import CHOICES
 
 log = logging.getLogger("medvox")
 
@@ -225,7 +229,7 @@ def choose_weight(labels: np.ndarray, cnn: np.ndarray, features: np.ndarray) -> 
     return best["weight"], curve
 
 
-FEATURE_GRIDS = ("native", "input")
+FEATURE_GRIDS = CHOICES["train.feature_grid"]
 
 
 def feature_data(cfg, prepared, grid: str = "native", progress: bool = True):

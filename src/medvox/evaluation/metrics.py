@@ -26,6 +26,8 @@ from typing import Any
 
 import numpy as np
 
+from medvox.config import CHOICES
+
 
 def _skm():
     """scikit-learn's metrics, imported on first use: its ~0.6 s import would otherwise delay the first
@@ -35,7 +37,7 @@ def _skm():
     return metrics
 
 
-THRESHOLD_RULES = ("youden", "f1", "balanced_accuracy", "accuracy")
+THRESHOLD_RULES = CHOICES["train.threshold_rule"]
 
 
 def compute_metrics(
