@@ -161,13 +161,16 @@ def write_fused_oof(run_dir: Path, rows: list[dict], probs: np.ndarray, classes:
 
 def final_oof(run_dir: Path, summary: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
     """The pooled OOF (labels, probabilities) the decision threshold rests on: per-fold calibrated, and mixed
-    with the feature model where the run was fused."""
-    labels, probs = calibrated_oof(run_dir, summary["calibration"])
-    fusion = summary.get("fusion")
-    if fusion and fusion.get("weight"):
-        _, feat, _, _ = load_predictions(run_dir / "features" / "oof_predictions.csv")
-        probs = (1 - fusion["weight"]) * probs + fusion["weight"] * feat
-    return labels, probs
+    with the feature model where the run was fused; read the way ``medvox compare`` reads them
+    (:func:`~medvox.evaluation.runs.read_final_oof`)."""
+    from medvox.evaluation.runs import read_final_oof
+
+    if not summary.get("calibration"):
+        raise ValueError(f"{run_dir}: cv_summary.json has no calibration (an unfinished cross-validation)")
+    oof = read_final_oof(run_dir, summary, summary.get("classes"))
+    if oof is None:
+        raise FileNotFoundError(f"{run_dir}: no oof_predictions.csv")
+    return oof.labels, oof.probs
 
 
 def calibrated_oof(run_dir: Path, calibration: list[dict]) -> tuple[np.ndarray, np.ndarray]:
