@@ -22,6 +22,7 @@ out-of-fold predictions (never on test); the rule is the recipe's (``youden`` by
 from __future__ import annotations
 
 import argparse
+import csv
 import dataclasses
 import json
 import os
@@ -226,6 +227,18 @@ def run_jobs(jobs: list[tuple[str, int]], out: Path, parallel: int, gpu: bool, t
     timing_path.write_text(json.dumps(timings, indent=1) + "\n", encoding="utf-8")
 
 
+def _append_column(path: Path, name: str, values: list[str]) -> None:
+    with open(path, newline="", encoding="utf-8") as fh:
+        rows = list(csv.reader(fh))
+    if len(rows) - 1 != len(values):
+        raise ValueError(f"{path}: {len(rows) - 1} rows, {len(values)} values for column {name!r}")
+    rows[0].append(name)
+    for row, value in zip(rows[1:], values, strict=True):
+        row.append(value)
+    with open(path, "w", newline="", encoding="utf-8") as fh:
+        csv.writer(fh).writerows(rows)
+
+
 def fuse_kept(src: Path, out: Path, rule: str = "youden", name: str = "r18f", features_data: Path | None = None) -> str:
     """Fuse a finished run's kept predictions with the descriptor model, as ``medvox cv --set
     train.feature_fusion=true`` does at its end (:func:`medvox.evaluation.summary.summarize`), into
@@ -275,6 +288,8 @@ def fuse_kept(src: Path, out: Path, rule: str = "youden", name: str = "r18f", fe
     record_fusion(dest, summary, fusion, y, classes)
     write_predictions(dest / "test_predictions.csv", [r["case_id"] for r in trows], [r["patient_id"] for r in trows],
                       yt, fused, classes)
+    if all(r.get("spread") for r in trows):  # the CNN members' spread, as medvox cv's fused test CSV keeps it
+        _append_column(dest / "test_predictions.csv", "spread", [r["spread"] for r in trows])
     write_json(summary, dest / "cv_summary.json")
     (dest / "cv_table.md").write_text(format_table(summary) + "\n", encoding="utf-8")
     seconds = time.time() - t0

@@ -263,6 +263,8 @@ def test_accuracy_harness_fuse_matches_medvox_cv_fusion(cv_run, fused_run, tmp_p
         a, b = _rows(got_dir / name), _rows(want_dir / name)
         assert [r["case_id"] for r in a] == [r["case_id"] for r in b]
         assert [float(r["prob_1"]) for r in a] == pytest.approx([float(r["prob_1"]) for r in b], abs=1e-6)
+    spread = [r["spread"] for r in _rows(got_dir / "test_predictions.csv")]  # the CNN members', as medvox cv keeps
+    assert spread == [r["spread"] for r in _rows(want_dir / "test_predictions.csv")] and len(set(spread)) > 1
     assert got["test"]["fused"]["auc"] == pytest.approx(want["test"]["fused"]["auc"], abs=1e-9)
     timing = json.loads((tmp_path / "out" / "timings.json").read_text())["r10f_s0"]
     assert timing["name"] == "r10f" and timing["wall_seconds"] == pytest.approx(100.0 + timing["fusion_seconds"])
