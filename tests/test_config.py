@@ -138,3 +138,18 @@ def test_checkpoint_config_json_round_trips_through_validation(tmp_path):
     again = resolve(tmp_path / "config.json")
     assert config_mod.to_dict(again) == config_mod.to_dict(cfg)
     assert json.loads((tmp_path / "config.json").read_text())["loss"]["name"] == "CE"
+
+
+@pytest.mark.parametrize(("flags", "code", "expected"), [
+    (["--model", "resnet5O"], 2, "unknown model 'resnet5O' (did you mean 'resnet50'?)"),
+    (["--model", "resnet18", "--set", 'model.kwargs={"depth": 18}'], 2, "model 'resnet18' got unknown argument(s) depth"),
+    (["--pretrained-path", "pretrained/nowhere.pth"], 1, "--pretrained-path pretrained/nowhere.pth: no such file"),
+])
+def test_model_and_weights_are_checked_before_the_data(tmp_path, capsys, flags, code, expected):
+    """A mistyped model, a model argument it does not take or a missing weights file fails at once, before the
+    data source is read (a first preprocessing of a large dataset takes minutes)."""
+    out = tmp_path / "runs"
+    got = main(["train", "--data", str(tmp_path / "missing.npz"), "--output", str(out), *flags])
+    err = capsys.readouterr().err
+    assert got == code and expected in err and "missing.npz" not in err
+    assert not out.exists()

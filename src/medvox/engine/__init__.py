@@ -7,8 +7,8 @@ import logging
 import sys
 from pathlib import Path
 
-from medvox.config import ExperimentConfig, validate
-from medvox.errors import DataError
+from medvox.config import ConfigError, ExperimentConfig, validate
+from medvox.errors import CheckpointError, DataError
 
 log = logging.getLogger("medvox")
 
@@ -41,6 +41,23 @@ def _finished(run_dir: Path) -> dict | None:
     return doc if "final" in doc else None
 
 
+def _check_model_and_weights(cfg: ExperimentConfig) -> None:
+    """The model name, its arguments and the pretrained file, checked before the data is read (a first
+    ``prepare`` of a large dataset takes minutes; a typo should not wait for it)."""
+    from medvox.models import check_model
+
+    mc = cfg.model
+    try:  # the arguments FoldTrainer passes (cosine_head is always given there), on a stand-in shape
+        check_model(mc.name, {"in_channels": 1, "num_classes": 2, "dropout": mc.dropout, "cosine_head": True,
+                              **mc.kwargs})
+    except ValueError as exc:
+        raise ConfigError(f"{exc}; see `medvox models`") from None
+    if mc.pretrained_path and not Path(mc.pretrained_path).is_file():
+        raise CheckpointError(f"--pretrained-path {mc.pretrained_path}: no such file. Weights are never downloaded: "
+                              "give the local MedicalNet .pth (e.g. pretrained/medicalnet_resnet50_3d.pth), or leave "
+                              "the flag out to train from scratch")
+
+
 def train(cfg: ExperimentConfig) -> dict:
     """Train fold ``cfg.train.fold`` and write its run folder; returns the final ``metrics.json`` content.
 
@@ -59,6 +76,7 @@ def train(cfg: ExperimentConfig) -> dict:
                         "set data.path in ./medvox.yaml or --config, or set MEDVOX_DATA "
                         "(try `medvox make-demo-data demo_data` and --data demo_data/manifest.csv)")
     validate(cfg)  # a config built in code skipped resolve()'s check: every choice and range, before any data
+    _check_model_and_weights(cfg)
     fabric = make_fabric(cfg.train)
     fabric.launch()
     seed_everything(cfg.train.seed, cfg.train.deterministic, cfg.train.threads)

@@ -17,7 +17,13 @@ from medvox.models.base import ClassifierBase, NormedLinear
 from medvox.models.densenet import DenseNet3D
 from medvox.models.mil import MILClassifier
 from medvox.models.pretrained import LoadReport, inflate_input_conv, load_pretrained, read_state_dict
-from medvox.models.registry import create_model, create_model_from_config, list_models, register_model
+from medvox.models.registry import (
+    check_model,
+    create_model,
+    create_model_from_config,
+    list_models,
+    register_model,
+)
 from medvox.models.resnet import MedResNet3D
 from medvox.models.swin import SwinClassifier
 
@@ -29,6 +35,7 @@ __all__ = [
     "MedResNet3D",
     "NormedLinear",
     "SwinClassifier",
+    "check_model",
     "create_model",
     "create_model_from_config",
     "inflate_input_conv",

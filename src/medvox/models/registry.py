@@ -70,15 +70,10 @@ def create_model(name: str, in_channels: int = 1, num_classes: int = 2, dropout:
         ValueError: unknown name, unknown argument, or an argument out of range.
         CheckpointError: the checkpoint is unreadable, unsafe, or does not fit.
     """
-    if name not in _MODELS:
-        close = difflib.get_close_matches(str(name), list(_MODELS), n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise ValueError(f"unknown model {name!r}{hint}; known models: {', '.join(list_models())}")
-    factory = _MODELS[name]
     args = {"in_channels": in_channels, "num_classes": num_classes, "dropout": dropout, **kwargs}
     args = {k: v for k, v in args.items() if v is not None}
-    _check_arguments(name, factory, args)
-    model = factory(**args)
+    check_model(name, args)
+    model = _MODELS[name](**args)
     if pretrained is not None:
         from medvox.models.pretrained import load_pretrained
 
@@ -106,8 +101,18 @@ def create_model_from_config(cfg: Any, in_channels: int, num_classes: int, *,
     )
 
 
-def _check_arguments(name: str, factory: Callable[..., nn.Module], args: dict[str, Any]) -> None:
-    params = inspect.signature(factory).parameters
+def check_model(name: str, args: dict[str, Any]) -> None:
+    """Refuse an unknown model name or a factory argument the model does not take, without building it
+    (``medvox train`` calls it before reading any data).
+
+    Raises:
+        ValueError: unknown name (with the closest known one) or unknown argument(s) (with those accepted).
+    """
+    if name not in _MODELS:
+        close = difflib.get_close_matches(str(name), list(_MODELS), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ValueError(f"unknown model {name!r}{hint}; known models: {', '.join(list_models())}")
+    params = inspect.signature(_MODELS[name]).parameters
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
         return
     accepted = [p for p, v in params.items() if v.kind is not inspect.Parameter.VAR_POSITIONAL]
