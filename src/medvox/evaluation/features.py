@@ -34,8 +34,6 @@ the test ensemble. The fitted models are written as JSON (scaler and coefficient
 
 Example:
     >>> import numpy as np
-
-from medvox.config import CHOICES
     >>> cube = np.zeros((1, 12, 12, 12), np.float32); cube[0, 2:8, 2:8, 2:8] = 1
     >>> f = dict(zip(*volume_features(cube)))
     >>> round(float(np.exp(f["c0_fg_log_voxels"]))), float(f["c0_fg_components"]), float(f["c0_fg_solidity"])
