@@ -26,8 +26,8 @@ the cross-validation pool), and leaves every setting the user gave (flag, ``--se
   close to mirror-symmetric, the other axes are not);
 * decision: the threshold that maximises Youden's J on validation / out-of-fold predictions;
 * fusion (``medvox cv``): a logistic regression on shape and intensity descriptors, fitted on the same
-  folds, mixed into the fold ensemble at the weight with the best pooled out-of-fold AUC
-  (:mod:`medvox.evaluation.features`; weight 0 keeps the CNN alone). The descriptors are computed on the
+  folds, mixed into the fold ensemble at the weight with the best pooled out-of-fold AUC (the lowest
+  log-loss for more than two classes; :mod:`medvox.evaluation.features`; weight 0 keeps the CNN alone). The descriptors are computed on the
   plan's native grid (``train.feature_grid = "native"``) even when the CNN's input is made coarser with
   ``data.target_shape`` to save compute: they cost milliseconds per case and see thickness and surface
   better on the finer grid.
@@ -210,7 +210,7 @@ def auto_recipe(plan: dict[str, Any], folds: int, pretrained: bool, gpu_model: s
         "from scratch: ResNet-18-3D, dropout 0.2, AdamW lr 1e-3, weight decay 0.05, left-right flips, "
         "Youden threshold on validation",
         "medvox cv: a logistic regression on shape and intensity descriptors beside the fold ensemble, mixed in "
-        "at the weight with the best out-of-fold AUC (0 keeps the CNN alone)",
+        "at the weight with the best out-of-fold AUC (log-loss for more than two classes; 0 keeps the CNN alone)",
     ]
     return values, why
 

@@ -136,3 +136,27 @@ def test_feature_grid_is_the_cnns_input_unless_the_user_made_the_input_coarser(t
                  "train.feature_grid=coarse"])
     assert code != 0 and not out.exists()
     assert "train.feature_grid = 'coarse': not one of native, input" in capsys.readouterr().err
+
+
+def test_fusion_weight_criterion_is_auc_for_two_classes_and_log_loss_for_more():
+    """A CNN that has learnt nothing (constant output) beside a good descriptor model: any w > 0 already has
+    the descriptors' ranking, so AUC takes the smallest such w; with three classes no threshold repairs that
+    mixture's argmax (the CNN's share, the class prior, dominates it: the majority class everywhere), so there
+    the log-loss chooses, and takes the descriptors."""
+    from medvox.evaluation.features import weight_criterion
+    from medvox.evaluation.metrics import compute_metrics
+
+    rng = np.random.default_rng(1)
+    for k in (2, 3):
+        y = rng.choice(k, 600, p=[0.6, 0.4] if k == 2 else [0.6, 0.25, 0.15])  # imbalanced, as in grading
+        logits = 2.5 * np.eye(k)[y] + rng.normal(0, 1, (600, k))
+        feats = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+        flat = np.tile(np.bincount(y, minlength=k) / len(y), (len(y), 1))
+        w, curve = choose_weight(y, flat, feats)
+        assert weight_criterion(k) == ("auc" if k == 2 else "log_loss")
+        if k == 2:
+            assert w == 0.05  # the first weight with the descriptors' AUC
+        else:
+            assert w == 1.0 and curve[-1]["log_loss"] == min(c["log_loss"] for c in curve)
+            acc_auc_choice = compute_metrics(y, 0.95 * flat + 0.05 * feats)["accuracy"]
+            assert compute_metrics(y, feats)["accuracy"] > acc_auc_choice + 0.2

@@ -139,7 +139,8 @@ def fuse_test(test: dict[str, Any], labels: np.ndarray, probs: np.ndarray, fusio
 def record_fusion(run_dir: Path, summary: dict[str, Any], fusion: dict[str, Any], labels: np.ndarray,
                   classes: list[str]) -> None:
     """``fusion`` and ``oof_fused`` in the summary, and ``oof_fused_predictions.csv``."""
-    summary["fusion"] = {k: fusion[k] for k in ("weight", "chosen_on", "model", "oof_auc", "n_features", "grid")}
+    summary["fusion"] = {k: fusion[k] for k in ("weight", "criterion", "chosen_on", "model", "oof_auc", "oof_log_loss",
+                                                "n_features", "grid")}
     summary["oof_fused"] = compute_metrics(labels, fusion["oof"], class_names=classes)
     write_fused_oof(run_dir, fusion["oof_rows"], fusion["oof"], classes)
 
@@ -259,7 +260,7 @@ def summarize(run_dir: Path, fold_dirs: list[Path], prepared=None, tta: bool = T
     imbalanced task's models often predict the majority class only.
 
     ``feature_fusion`` (needs ``prepared``): a descriptor model on the same folds, mixed in at the weight
-    with the best pooled OOF AUC (:mod:`medvox.evaluation.features`); the threshold, ``oof_fused`` and the
+    with the best pooled OOF AUC, or log-loss for more than two classes (:mod:`medvox.evaluation.features`); the threshold, ``oof_fused`` and the
     test variant ``fused`` then use the mixture, and ``fusion`` records the weight; ``features_from``: the
     same cases on the descriptors' grid (:func:`~medvox.evaluation.features.feature_data`; None: ``prepared``)."""
     folds = [json.loads((d / "metrics.json").read_text()) for d in fold_dirs]
@@ -315,8 +316,9 @@ def format_table(summary: dict) -> str:
                      "depend on it); the folds column is at the argmax.")
     fusion = summary.get("fusion")
     if fusion:
+        from medvox.evaluation.features import fusion_scores
+
         lines.append(f"\nOOF and test ensemble include the descriptor model at weight {fusion['weight']:.2f} (chosen on "
-                     f"the pooled OOF AUC: CNN {fusion['oof_auc']['cnn']:.3f}, descriptors "
-                     f"{fusion['oof_auc']['features']:.3f}, fused {fusion['oof_auc']['fused']:.3f}); the folds column is "
+                     f"the pooled OOF {fusion_scores(fusion).replace('features', 'descriptors')}); the folds column is "
                      "the CNN's.")
     return "\n".join(lines)
