@@ -73,7 +73,7 @@ def test_three_grades_are_trained_fused_and_summarised(graded_run, graded_npz):
     probs = np.array([[float(r[f"prob_{g}"]) for g in GRADES] for r in oof])
     assert np.allclose(probs.sum(1), 1, atol=1e-6)  # a mixture of two distributions is one
     table = (graded_run / "cv_table.md").read_text()
-    assert "| auc |" in table
+    assert "| auc |" in table and "(chosen on the pooled OOF log-loss: CNN " in table
 
 
 def test_report_and_predict_handle_three_grades(graded_run, graded_npz, tmp_path):

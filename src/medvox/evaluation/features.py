@@ -251,11 +251,19 @@ def choose_weight(labels: np.ndarray, cnn: np.ndarray, features: np.ndarray) -> 
 
 
 def fusion_scores(fusion: dict[str, Any]) -> str:
-    """``"AUC: CNN 0.856, features 0.850, fused 0.878"``: the pooled OOF scores of a fusion record, the chosen
-    criterion's first (a record from before log-loss was a criterion has AUC only)."""
+    """The pooled OOF scores of a fusion record, the chosen criterion's first (a record from before log-loss
+    was a criterion has AUC only).
+
+    Example:
+        >>> fusion_scores({"oof_auc": {"cnn": 0.856, "features": 0.85, "fused": 0.878}})
+        'AUC: CNN 0.856, features 0.850, fused 0.878'
+        >>> fusion_scores({"criterion": "log_loss", "oof_auc": {"cnn": 0.6, "features": 0.9, "fused": 0.9},
+        ...                "oof_log_loss": {"cnn": 1.05, "features": 0.4, "fused": 0.35}})
+        'log-loss: CNN 1.050, features 0.400, fused 0.350; AUC: CNN 0.600, features 0.900, fused 0.900'
+    """
     def part(name: str, scores: dict) -> str:
-        return f"{name}: " + ", ".join(f"{k} {float('nan') if scores.get(k) is None else scores[k]:.3f}"
-                                       for k in ("cnn", "features", "fused"))
+        return f"{name}: " + ", ".join(f"{label} {float('nan') if scores.get(k) is None else scores[k]:.3f}"
+                                       for k, label in (("cnn", "CNN"), ("features", "features"), ("fused", "fused")))
 
     auc = part("AUC", fusion["oof_auc"])
     if fusion.get("criterion") == "log_loss":
