@@ -154,8 +154,9 @@ class ConfigError(ValueError):
     """An unknown key, a value that does not parse to the field's type, or one outside its valid range."""
 
 
-# The enumerated settings, one place for all: the CLI's ``choices=`` and every module that branches on one of
-# these values read them from here, and :func:`validate` refuses anything else before any data is read.
+# The enumerated settings, one place for all: the CLI's ``choices=`` and the modules' own membership checks
+# (threshold rules, feature grids, losses, schedulers, precisions) read them from here, and :func:`validate`
+# refuses anything else before any data is read.
 CHOICES: dict[str, tuple[str, ...]] = {
     "data.normalization": ("ct", "zscore", "minmax", "none"),
     "optim.optimizer": ("adam", "adamw", "sgd"),
@@ -245,7 +246,7 @@ def config_problems(cfg: ExperimentConfig) -> list[str]:
         if key in CHOICES:
             if value not in CHOICES[key]:
                 close = difflib.get_close_matches(str(value), CHOICES[key], n=1, cutoff=0.5)
-                close = close or [c for c in CHOICES[key] if c.lower() == str(value).lower()]
+                close = close or _same_but_case(str(value), CHOICES[key])
                 hint = f" (did you mean {close[0]!r}?)" if close else ""
                 problems.append(f"{key} = {value!r}: not one of {', '.join(CHOICES[key])}{hint}")
             continue
@@ -270,6 +271,10 @@ def config_problems(cfg: ExperimentConfig) -> list[str]:
     return problems
 
 
+def _same_but_case(value: str, choices: tuple[str, ...]) -> list[str]:
+    return [c for c in choices if c.lower() == value.lower()]
+
+
 def _canonical_choices(cfg: ExperimentConfig) -> ExperimentConfig:
     """Spell an enumerated setting given in another case the canonical way (``Adam`` -> ``adam``,
     ``ldam`` -> ``LDAM``), in place: config files written for the modules' old case-insensitive reading
@@ -279,7 +284,7 @@ def _canonical_choices(cfg: ExperimentConfig) -> ExperimentConfig:
         node = getattr(cfg, section)
         value = getattr(node, name)
         if isinstance(value, str) and value not in choices:
-            same = [c for c in choices if c.lower() == value.lower()]
+            same = _same_but_case(value, choices)
             if len(same) == 1:
                 setattr(node, name, same[0])
     return cfg

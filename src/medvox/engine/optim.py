@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from torch.optim import lr_scheduler
 
-from medvox.config import OptimConfig
+from medvox.config import CHOICES, OptimConfig
 
 
 def param_groups(model: nn.Module, cfg: OptimConfig, head_names: set[str] | None = None,
@@ -86,7 +86,7 @@ class Schedule:
 
     def __init__(self, optimizer: torch.optim.Optimizer, cfg: OptimConfig, epochs: int, steps_per_epoch: int):
         self.kind = cfg.scheduler.lower()
-        if self.kind not in ("cosine", "step", "plateau", "none"):
+        if self.kind not in CHOICES["optim.scheduler"]:
             raise ValueError(f"unknown scheduler {cfg.scheduler!r}; choose cosine, step, plateau or none")
         total = max(1, epochs * steps_per_epoch)
         self.warmup = 0 if self.kind == "none" else warmup_steps(cfg, epochs, steps_per_epoch)

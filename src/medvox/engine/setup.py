@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from medvox.config import ExperimentConfig, TrainConfig, from_dict, to_dict
+from medvox.config import CHOICES, ExperimentConfig, TrainConfig, from_dict, to_dict
 from medvox.engine.checkpoint import load_checkpoint
 from medvox.errors import TrainingError
 
@@ -31,7 +31,7 @@ def resolve_precision(tc: TrainConfig, accelerator: str) -> str:
     ``auto`` means mixed precision on a GPU or with ``--amp``, fp32 otherwise.
     """
     choice = tc.precision.lower()
-    if choice not in ("auto", "bf16", "fp16", "fp32"):
+    if choice not in CHOICES["train.precision"]:
         raise ValueError(f"unknown precision {tc.precision!r}; choose auto, bf16, fp16 or fp32")
     if choice == "auto":
         if not (tc.amp or accelerator == "cuda"):

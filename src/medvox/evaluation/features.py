@@ -250,9 +250,9 @@ def choose_weight(labels: np.ndarray, cnn: np.ndarray, features: np.ndarray) -> 
     return best["weight"], curve
 
 
-def fusion_scores(fusion: dict[str, Any]) -> str:
+def fusion_scores(fusion: dict[str, Any], features: str = "features") -> str:
     """The pooled OOF scores of a fusion record, the chosen criterion's first (a record from before log-loss
-    was a criterion has AUC only).
+    was a criterion has AUC only); ``features`` names the descriptor model.
 
     Example:
         >>> fusion_scores({"oof_auc": {"cnn": 0.856, "features": 0.85, "fused": 0.878}})
@@ -263,7 +263,7 @@ def fusion_scores(fusion: dict[str, Any]) -> str:
     """
     def part(name: str, scores: dict) -> str:
         return f"{name}: " + ", ".join(f"{label} {float('nan') if scores.get(k) is None else scores[k]:.3f}"
-                                       for k, label in (("cnn", "CNN"), ("features", "features"), ("fused", "fused")))
+                                       for k, label in (("cnn", "CNN"), ("features", features), ("fused", "fused")))
 
     auc = part("AUC", fusion["oof_auc"])
     if fusion.get("criterion") == "log_loss":
@@ -313,7 +313,6 @@ def fit_fusion(run_dir: Path, prepared, oof_ids: list[str], oof_folds: np.ndarra
         "test_features": (M, K) or None, "test_ids"}``.
     """
     from medvox.engine.artifacts import write_json, write_predictions
-    from medvox.evaluation.metrics import compute_metrics
 
     out_dir = Path(run_dir) / "features"
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -351,11 +350,11 @@ def fit_fusion(run_dir: Path, prepared, oof_ids: list[str], oof_folds: np.ndarra
                           prepared.labels[test_rows], p_test, classes)
     weight, curve = choose_weight(oof_labels, oof_cnn, p_oof)
     fused = (1 - weight) * oof_cnn + weight * p_oof
-    auc = {"cnn": compute_metrics(oof_labels, oof_cnn)["auc"], "features": compute_metrics(oof_labels, p_oof)["auc"],
-           "fused": compute_metrics(oof_labels, fused)["auc"]}
     criterion = weight_criterion(k)
-    chosen = next(c for c in curve if c["weight"] == weight)
-    log_loss = {"cnn": curve[0]["log_loss"], "features": curve[-1]["log_loss"], "fused": chosen["log_loss"]}
+    # the curve holds both scores of the CNN alone (w = 0), the descriptors alone (w = 1) and the chosen mixture
+    ends = {"cnn": curve[0], "features": curve[-1], "fused": next(c for c in curve if c["weight"] == weight)}
+    auc = {name: c["auc"] for name, c in ends.items()}
+    log_loss = {name: c["log_loss"] for name, c in ends.items()}
     doc = {"weight": weight, "criterion": criterion, "oof_log_loss": log_loss,
            "chosen_on": "pooled out-of-fold predictions (CNN per-fold calibrated), "
                         + {"auc": "best AUC", "log_loss": "lowest log-loss"}[criterion],

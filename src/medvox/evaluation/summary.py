@@ -319,6 +319,6 @@ def format_table(summary: dict) -> str:
         from medvox.evaluation.features import fusion_scores
 
         lines.append(f"\nOOF and test ensemble include the descriptor model at weight {fusion['weight']:.2f} (chosen on "
-                     f"the pooled OOF {fusion_scores(fusion).replace('features', 'descriptors')}); the folds column is "
+                     f"the pooled OOF {fusion_scores(fusion, features='descriptors')}); the folds column is "
                      "the CNN's.")
     return "\n".join(lines)
