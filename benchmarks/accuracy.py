@@ -283,11 +283,11 @@ def fuse_kept(src: Path, out: Path, rule: str = "youden", name: str = "r18f", fe
     test = summary["test"]
     fused = fuse_test(test, yt, pt, fusion, classes)
     summary["decision"] = oof_decision(y, fusion["oof"], rule=rule)
-    test["final_at_threshold"] = compute_metrics(yt, fused, threshold=summary["decision"]["threshold"],
-                                                 class_names=classes)
-    record_fusion(dest, summary, fusion, y, classes)
+    threshold = summary["decision"]["threshold"]
+    test["final_at_threshold"] = compute_metrics(yt, fused, threshold=threshold, class_names=classes)
+    record_fusion(dest, summary, fusion, y, classes, threshold)
     write_predictions(dest / "test_predictions.csv", [r["case_id"] for r in trows], [r["patient_id"] for r in trows],
-                      yt, fused, classes)
+                      yt, fused, classes, threshold=threshold)
     if all(r.get("spread") for r in trows):  # the CNN members' spread, as medvox cv's fused test CSV keeps it
         _append_column(dest / "test_predictions.csv", "spread", [r["spread"] for r in trows])
     write_json(summary, dest / "cv_summary.json")

@@ -261,7 +261,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     from medvox.evaluation.predict import predict_cases
 
     result = predict_cases(args.run, args.inputs, args.out, tta=args.tta, calibrated=not args.uncalibrated,
-                           batch_size=args.batch_size)
+                           batch_size=args.batch_size, argmax=args.argmax)
     print(f"predicted {result['predicted']} case(s) -> {result['output']}")
     if result["failed"]:
         print(f"{result['failed']} input(s) could not be read (status 'error' in the CSV):", file=sys.stderr)
@@ -365,6 +365,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="predictions.csv", help="output CSV (default predictions.csv)")
     p.add_argument("--tta", action="store_true", help="test-time augmentation (flips, small affines)")
     p.add_argument("--uncalibrated", action="store_true", help="ignore the fitted temperatures")
+    p.add_argument("--argmax", action="store_true",
+                   help="predict the most probable class instead of the run's own decision threshold")
     p.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int, default=8)
     p.set_defaults(func=_cmd_predict)
 

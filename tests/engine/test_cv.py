@@ -104,6 +104,12 @@ def test_cv_decision_threshold_is_chosen_on_calibrated_oof(cv_run):
     expected = compute_metrics(y, p, threshold=decision["threshold"])
     for name in ("accuracy", "balanced_accuracy", "sensitivity", "specificity"):
         assert test["final_at_threshold"][name] == pytest.approx(expected[name])
+    # the CSV's labels are the run's decisions: p1 >= the OOF threshold, not the argmax
+    at_threshold = [classes[int(v >= decision["threshold"])] for v in p[:, 1]]
+    assert [r["predicted"] for r in rows] == at_threshold
+    fold_val = _rows(cv_run / "fold_0" / "val_predictions.csv")  # a fold's own: at its validation threshold
+    fold_t = json.loads((cv_run / "fold_0" / "metrics.json").read_text())["final"]["val"]["at_val_threshold"]["threshold"]
+    assert [r["predicted"] for r in fold_val] == [classes[int(float(r["prob_1"]) >= fold_t)] for r in fold_val]
     table = (cv_run / "cv_table.md").read_text()
     assert f"{decision['threshold']:.3f}" in table and "youden" in table
 
@@ -138,6 +144,14 @@ def test_predict_from_the_run_folder_matches_validation(cv_run, tiny_medmnist, t
         for c in ("prob_0", "prob_1"):
             assert float(got[r["case_id"]][c]) == pytest.approx(float(r[c]), abs=1e-4)
         assert got[r["case_id"]]["status"] == "ok"
+    doc = json.loads(out.with_suffix(".json").read_text())
+    assert doc["decision"]["threshold"] is None and "checkpoint files" in doc["decision"]["from"]
+    # the fold folder, calibrated: the fold's validation threshold moved through its temperature, so the
+    # labels are those of its val_predictions.csv (at the threshold on the raw probabilities)
+    assert main(["predict", "--run", str(fold), str(folder), "--out", str(out)]) == 0
+    got, doc = {r["case_id"]: r for r in _rows(out)}, json.loads(out.with_suffix(".json").read_text())
+    assert "metrics.json" in doc["decision"]["from"] and 0.0 < doc["decision"]["threshold"] < 1.0
+    assert [got[r["case_id"]]["predicted"] for r in val] == [r["predicted"] for r in val]
 
 
 @pytest.fixture(scope="module")
@@ -214,6 +228,32 @@ def test_predict_from_a_fused_run_folder_reproduces_its_test_predictions(fused_r
     got = {r["case_id"]: r for r in _rows(out)}
     for r in rows:
         assert float(got[r["case_id"]]["prob_1"]) == pytest.approx(float(r["prob_1"]), abs=1e-4)
+    # the labels are the run's own decisions, at the threshold its reported metrics are at
+    decision = json.loads((run / "cv_summary.json").read_text())["decision"]
+    assert json.loads(out.with_suffix(".json").read_text())["decision"]["threshold"] == decision["threshold"]
+    assert [got[r["case_id"]]["predicted"] for r in rows] == [r["predicted"] for r in rows]
+    probs = {r["case_id"]: float(r["prob_1"]) for r in rows}
+    # a run whose threshold sits between these cases' probabilities: predict follows it, not the argmax
+    import shutil
+
+    moved = tmp_path / "moved"
+    shutil.copytree(run, moved)
+    summary = json.loads((moved / "cv_summary.json").read_text())
+    v = np.sort(list(probs.values()))
+    gap = int(np.argmax(np.diff(v)))  # the widest gap: the recomputed probabilities cannot cross it
+    summary["decision"]["threshold"] = cut = float((v[gap] + v[gap + 1]) / 2)
+    (moved / "cv_summary.json").write_text(json.dumps(summary))
+    assert main(["predict", "--run", str(moved), str(folder), "--out", str(out), "--tta"]) == 0
+    labels = {r["case_id"]: r["predicted"] for r in _rows(out)}
+    assert labels == {c: "1" if v >= cut else "0" for c, v in probs.items()}
+    assert len(set(labels.values())) == 2
+    for flag, rule in (("--argmax", "--argmax"), ("--uncalibrated", "--uncalibrated")):
+        assert main(["predict", "--run", str(run), str(folder), "--out", str(out), flag]) == 0
+        doc = json.loads(out.with_suffix(".json").read_text())
+        assert doc["decision"]["rule"] == "argmax" and rule in doc["decision"]["from"]
+        if flag == "--argmax":  # the same probabilities, labelled by the most probable class
+            assert [r["predicted"] for r in _rows(out)] == [
+                "1" if probs[r["case_id"]] > 0.5 else "0" for r in _rows(out)]
     if weight > 0:
         folds = [str(run / f"fold_{k}") for k in range(3)]
         assert main(["predict", *sum((["--run", f] for f in folds), []), str(folder), "--out", str(out), "--tta"]) == 0
@@ -322,3 +362,23 @@ def test_descriptors_stay_on_the_native_grid_when_the_cnn_input_is_coarser(nativ
     got = {r["case_id"]: float(r["prob_1"]) for r in _rows(out)}
     for r in test_rows:
         assert got[r["case_id"]] == pytest.approx(float(r["prob_1"]), abs=1e-4)
+
+
+def test_prediction_csvs_label_cases_at_the_decision_threshold(tmp_path):
+    """test_predictions.csv and oof_fused_predictions.csv name the class the run decides on: p1 >= its
+    threshold (a low one, as an imbalanced task's OOF gives), not the argmax; without one, the argmax."""
+    from medvox.engine.artifacts import write_predictions
+    from medvox.evaluation.summary import write_fused_oof
+
+    probs = np.array([[0.9, 0.1], [0.75, 0.25], [0.6, 0.4], [0.2, 0.8]])
+    ids, labels, classes = ["a", "b", "c", "d"], np.array([0, 1, 1, 1]), ["benign", "malignant"]
+    write_predictions(tmp_path / "t.csv", ids, ids, labels, probs, classes, threshold=0.22)
+    assert [r["predicted"] for r in _rows(tmp_path / "t.csv")] == ["benign", "malignant", "malignant", "malignant"]
+    write_predictions(tmp_path / "a.csv", ids, ids, labels, probs, classes)
+    assert [r["predicted"] for r in _rows(tmp_path / "a.csv")] == ["benign", "benign", "benign", "malignant"]
+    rows = [{"case_id": c, "label": classes[y], "prob_benign": "", "prob_malignant": "", "predicted": "", "fold": "0"}
+            for c, y in zip(ids, labels, strict=True)]
+    path = write_fused_oof(tmp_path, rows, probs, classes, threshold=0.5)
+    assert [r["predicted"] for r in _rows(path)] == ["benign", "benign", "benign", "malignant"]
+    path = write_fused_oof(tmp_path, rows, probs, classes, threshold=0.3)
+    assert [r["predicted"] for r in _rows(path)] == ["benign", "benign", "malignant", "malignant"]

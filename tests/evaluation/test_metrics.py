@@ -161,3 +161,37 @@ def test_to_jsonable():
 def test_bad_inputs(y, probs, match):
     with pytest.raises(ValueError, match=match):
         compute_metrics(y, probs)
+
+
+def test_decide_applies_a_binary_threshold_and_otherwise_the_argmax():
+    from medvox.evaluation.metrics import decide
+
+    probs = np.array([[0.9, 0.1], [0.7, 0.3], [0.45, 0.55], [0.2, 0.8]])
+    assert decide(probs).tolist() == [0, 0, 1, 1]
+    assert decide(probs, threshold=0.25).tolist() == [0, 1, 1, 1]  # p1 >= t, the boundary included
+    assert decide(probs, threshold=0.3).tolist() == [0, 1, 1, 1]
+    assert decide(probs[:, 1], threshold=0.6).tolist() == [0, 0, 0, 1]  # (N,) = p1
+    assert decide(np.eye(3)[[2, 0, 1]]).tolist() == [2, 0, 1]
+    with pytest.raises(ValueError, match="binary"):
+        decide(np.eye(3), threshold=0.5)
+    # compute_metrics counts the same decisions
+    y = np.array([0, 1, 1, 1])
+    assert compute_metrics(y, probs, threshold=0.25)["accuracy"] == 1.0
+
+
+def test_a_threshold_moved_through_the_temperature_makes_the_same_decisions():
+    """`medvox predict` on a fold folder: the fold's threshold was chosen on raw probabilities; on the
+    same model's calibrated ones (temperature T) the moved threshold cuts between the same cases."""
+    from medvox.evaluation.metrics import decide
+    from medvox.evaluation.predict import _through_temperature
+    from medvox.evaluation.summary import rescale
+
+    rng = np.random.default_rng(3)
+    logits = rng.normal(0, 2, (400, 2))
+    raw = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    for t_raw in (0.12, 0.3, 0.5, 0.81):
+        for temperature in (0.4, 1.0, 2.5):
+            moved = _through_temperature(t_raw, temperature)
+            assert decide(rescale(raw, temperature), moved).tolist() == decide(raw, t_raw).tolist()
+            if temperature != 1.0:  # T > 1 flattens the probabilities towards 1/2, T < 1 sharpens them
+                assert (abs(moved - 0.5) < abs(t_raw - 0.5)) == (temperature > 1.0) or t_raw == 0.5

@@ -91,6 +91,26 @@ def test_report_escapes_case_ids_and_class_names(tmp_path, rng):
     assert "No held-out test set" in page
 
 
+def test_report_counts_errors_at_the_runs_decision_threshold(tmp_path):
+    """A binary run with an OOF threshold: its confusion matrix and error list are at that threshold (the
+    decisions its tables and `medvox predict` give), not at the argmax."""
+    p1 = np.r_[np.linspace(0.05, 0.45, 40), np.linspace(0.15, 0.9, 20)]  # positives mostly below 0.5
+    labels = [0] * 40 + [1] * 20
+    run = write_synthetic_run(tmp_path / "run", [f"c{i}" for i in range(60)], labels, np.c_[1 - p1, p1],
+                              classes=("benign", "malignant"))
+    page = write_report(run).read_text(encoding="utf-8")
+    argmax_errors = sum((v >= 0.5) != y for v, y in zip(p1, labels, strict=True))
+    assert "Confusion matrix (argmax)" in page and f"of {argmax_errors}</summary>" in page
+    summary = json.loads((run / "cv_summary.json").read_text())
+    summary["decision"] = {"rule": "youden", "threshold": 0.3}
+    (run / "cv_summary.json").write_text(json.dumps(summary))
+    page = write_report(run).read_text(encoding="utf-8")
+    errors = sum((v >= 0.3) != y for v, y in zip(p1, labels, strict=True))
+    assert errors != argmax_errors
+    assert "Confusion matrix (at the OOF threshold p(malignant) &gt;= 0.300)" in page
+    assert f"of {errors}</summary>" in page and "(argmax)" not in page
+
+
 def test_report_of_a_three_class_run_with_a_test_set(tmp_path, rng):
     ids, labels = [f"c{i}" for i in range(60)], [i % 3 for i in range(60)]
     test_ids, test_labels = [f"t{i}" for i in range(30)], [i % 3 for i in range(30)]

@@ -86,9 +86,14 @@ class EpochLogger:
 
 
 def write_predictions(path: Path, case_ids: list[str], groups: list[str], labels: np.ndarray,
-                      probs: np.ndarray, classes: list[str], extra: dict[str, Any] | None = None) -> None:
-    """A CSV with one row per case: id, patient, label, per-class probabilities, predicted class."""
+                      probs: np.ndarray, classes: list[str], extra: dict[str, Any] | None = None,
+                      threshold: float | None = None) -> None:
+    """A CSV with one row per case: id, patient, label, per-class probabilities, predicted class (at
+    ``threshold`` for two classes when one is given, else the argmax: :func:`~medvox.evaluation.metrics.decide`)."""
+    from medvox.evaluation.metrics import decide
+
     extra = extra or {}
+    pred = decide(probs, threshold)
     with open(path, "w", newline="", encoding="utf-8") as fh:
         writer = csv.writer(fh)
         writer.writerow(["case_id", "patient_id", "label", *[f"prob_{c}" for c in classes], "predicted",
@@ -96,7 +101,7 @@ def write_predictions(path: Path, case_ids: list[str], groups: list[str], labels
         for i, cid in enumerate(case_ids):
             label = classes[int(labels[i])] if labels[i] >= 0 else ""
             writer.writerow([cid, groups[i], label, *[f"{p:.8g}" for p in probs[i]],
-                             classes[int(np.argmax(probs[i]))], *extra.values()])
+                             classes[int(pred[i])], *extra.values()])
 
 
 def epoch_plots(run_dir: Path, tag: str, labels: np.ndarray, probs: np.ndarray, metrics: dict,
@@ -106,7 +111,8 @@ def epoch_plots(run_dir: Path, tag: str, labels: np.ndarray, probs: np.ndarray, 
 
     cm_path = run_dir / f"confusion_matrix_{tag}.png"
     roc_path = run_dir / f"roc_curve_{tag}.png"
-    plots.plot_confusion_matrix(metrics["confusion_matrix"], classes, cm_path, title=f"Confusion matrix ({tag})")
+    at = f", p({classes[1]}) >= {metrics['threshold']:.3f}" if metrics.get("threshold") is not None else ""
+    plots.plot_confusion_matrix(metrics["confusion_matrix"], classes, cm_path, title=f"Confusion matrix ({tag}{at})")
     if len(np.unique(labels)) > 1:
         plots.plot_roc(labels, probs, classes, roc_path, title=f"ROC ({tag})")
         return [cm_path, roc_path]

@@ -345,11 +345,13 @@ class FoldTrainer:
         elif split == "test" and getattr(self, "threshold", None) is not None:
             metrics["at_val_threshold"] = compute_metrics(labels, probs, threshold=self.threshold,
                                                           class_names=self.classes)
-        if self.fabric.is_global_zero:
+        if self.fabric.is_global_zero:  # the fold's decision: its validation threshold (binary), else the argmax
             cases = [self.data.cases[i] for i in idx]
+            threshold = metrics.get("at_val_threshold", {}).get("threshold")
             artifacts.write_predictions(self.run_dir / f"{split}_predictions.csv", [c.id for c in cases],
-                                        [c.group for c in cases], labels, probs, self.classes)
-            artifacts.epoch_plots(self.run_dir, f"{split}_final", labels, probs, metrics, self.classes)
+                                        [c.group for c in cases], labels, probs, self.classes, threshold=threshold)
+            artifacts.epoch_plots(self.run_dir, f"{split}_final", labels, probs, metrics.get("at_val_threshold", metrics),
+                                  self.classes)
         return metrics
 
 

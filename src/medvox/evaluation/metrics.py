@@ -64,7 +64,7 @@ def compute_metrics(
         raise ValueError(f"threshold applies to binary problems only; got {k} classes")
     if threshold is not None and not 0.0 <= threshold <= 1.0:
         raise ValueError(f"threshold must be in [0, 1], got {threshold}")
-    pred = (p[:, 1] >= threshold).astype(int) if threshold is not None else p.argmax(axis=1)
+    pred = decide(p, threshold)
     labels = list(range(k))
     cm = _skm().confusion_matrix(y, pred, labels=labels)
     per = _per_class(cm)
@@ -88,6 +88,27 @@ def compute_metrics(
         },
     }
     return to_jsonable(out)
+
+
+def decide(probs: Any, threshold: float | None = None) -> np.ndarray:
+    """Predicted class indices ``(N,)``: ``p1 >= threshold`` (binary) or, without a threshold, the argmax.
+
+    The one rule by which every predicted label medvox writes or counts is made (metrics, prediction
+    CSVs, ``medvox predict``, the report), so a run's decision threshold is applied the same way
+    everywhere.
+
+    Example:
+        >>> decide([[0.8, 0.2], [0.6, 0.4]]).tolist(), decide([[0.8, 0.2], [0.6, 0.4]], threshold=0.3).tolist()
+        ([0, 0], [0, 1])
+    """
+    p = np.asarray(_as_numpy(probs), dtype=np.float64)
+    if p.ndim == 1:
+        p = np.stack([1.0 - p, p], axis=1)
+    if threshold is None:
+        return p.argmax(axis=1)
+    if p.shape[1] != 2:
+        raise ValueError(f"threshold applies to binary problems only; got {p.shape[1]} classes")
+    return (p[:, 1] >= threshold).astype(np.int64)
 
 
 def best_threshold(y_true: Any, probs: Any, rule: str = "youden") -> float:

@@ -41,13 +41,72 @@ def _check_plans(models) -> dict[str, Any]:
     return plan
 
 
+def run_decision(checkpoints: list[str], models, calibrated: bool = True) -> dict[str, Any]:
+    """The decision rule the run itself reported, to apply to its predictions: ``{"rule", "threshold", "from"}``
+    (``threshold`` None: the argmax).
+
+    * a ``medvox cv`` run folder: the threshold chosen on its pooled, calibrated out-of-fold predictions
+      (``cv_summary.json``'s ``decision``), the one its test metrics are given at;
+    * one fold folder (``medvox train``): the threshold chosen on its validation set (``metrics.json``), moved
+      through the fold's temperature when the probabilities are calibrated (the same cut on the same model);
+    * otherwise (checkpoint files, several folders, more than two classes, or a cv threshold with
+      ``--uncalibrated``, whose probabilities it was not chosen on): the argmax, with the reason in ``from``.
+    """
+    from medvox.evaluation.runs import read_json
+
+    def argmax(why: str) -> dict[str, Any]:
+        return {"rule": "argmax", "threshold": None, "from": why}
+
+    if len(models[0].classes) != 2:
+        return argmax(f"{len(models[0].classes)} classes: the most probable one")
+    folder = Path(checkpoints[0])
+    if len(checkpoints) != 1 or not folder.is_dir():
+        return argmax("checkpoint files or several runs: no decision threshold recorded for them")
+    summary = read_json(folder / "cv_summary.json")
+    if summary is not None:
+        decision = summary.get("decision")
+        if not decision:
+            return argmax(f"{folder / 'cv_summary.json'} has no decision threshold")
+        if not calibrated:
+            return argmax("--uncalibrated: the run's threshold was chosen on calibrated probabilities")
+        return {"rule": decision["rule"], "threshold": float(decision["threshold"]),
+                "from": f"{folder / 'cv_summary.json'} (pooled out-of-fold predictions, per-fold calibrated)"}
+    metrics = read_json(folder / "metrics.json") or {}
+    threshold = (((metrics.get("final") or {}).get("val") or {}).get("at_val_threshold") or {}).get("threshold")
+    if threshold is None or len(models) != 1:
+        return argmax(f"{folder} records no validation threshold")
+    temperature = models[0].temperature if calibrated else 1.0
+    return {"rule": (read_json(folder / "config.json") or {}).get("train", {}).get("threshold_rule", "youden"),
+            "threshold": _through_temperature(float(threshold), temperature),
+            "from": f"{folder / 'metrics.json'} (the fold's validation set)"
+                    + (f", temperature {temperature:.3g}" if temperature != 1.0 else "")}
+
+
+def _through_temperature(threshold: float, temperature: float) -> float:
+    """The cut ``p1 >= threshold`` on raw probabilities, on the same model's probabilities at ``temperature``.
+
+    Example:
+        >>> _through_temperature(0.3, 1.0), round(_through_temperature(0.3, 2.0), 4)
+        (0.3, 0.3956)
+    """
+    if temperature == 1.0 or threshold in (0.0, 1.0):
+        return threshold
+    a, b = threshold ** (1 / temperature), (1 - threshold) ** (1 / temperature)
+    return float(a / (a + b))
+
+
 def predict_cases(checkpoints: list[str], inputs: list[str], out: str | Path, *, tta: bool = False,
                   calibrated: bool = True, batch_size: int = 8, data_cfg: DataConfig | None = None,
-                  progress: bool = True) -> dict[str, Any]:
+                  progress: bool = True, argmax: bool = False) -> dict[str, Any]:
     """Predict every input; write ``out`` (CSV) and return counts and the failures.
 
     Columns: case_id, source, label (when known), prob_<class>..., predicted, spread (standard deviation
     over the ensemble members of the predicted class's probability), status, error.
+
+    ``predicted`` follows the run's own decision (:func:`run_decision`): for a two-class ``medvox cv`` run, the
+    threshold chosen on its out-of-fold predictions, the one its reported metrics are at (the argmax of an
+    imbalanced task's models often names the majority class for every case). ``argmax=True`` ignores it.
+    The returned summary (and the ``.json`` beside ``out``) records the decision used.
 
     A single run folder fused with a feature model by ``medvox cv`` (``features/fusion.json``) predicts the
     same mixture as its test ensemble (calibrated probabilities only; ``spread`` stays the CNN members'); its
@@ -64,6 +123,11 @@ def predict_cases(checkpoints: list[str], inputs: list[str], out: str | Path, *,
     fusion = None
     if calibrated and len(checkpoints) == 1 and Path(checkpoints[0]).is_dir():
         fusion = load_fusion(Path(checkpoints[0]))
+    decision = {"rule": "argmax", "threshold": None, "from": "--argmax"} if argmax else \
+        run_decision(checkpoints, models, calibrated)
+    if decision["threshold"] is not None:
+        log.info("predicted %s when p(%s) >= %.4g: the %s threshold of %s", classes[1], classes[1],
+                 decision["threshold"], decision["rule"], decision["from"])
     cases = _cases(inputs, data_cfg)
     if not cases:
         raise DataError(f"no input images found in {', '.join(inputs)} (NIfTI .nii/.nii.gz, DICOM folders, .npy)")
@@ -95,7 +159,7 @@ def predict_cases(checkpoints: list[str], inputs: list[str], out: str | Path, *,
                 mean, per = ensemble_predict(models, volumes, tta=tta, calibrated=calibrated, batch_size=batch_size)
                 if fusion is not None:
                     mean = fuse_probs(fusion, mean, np.stack(feature_arrays) if feature_plan is not None else volumes)
-                _write_rows(writer, chunk, classes, mean, per)
+                _write_rows(writer, chunk, classes, mean, per, decision["threshold"])
                 n_ok += len(chunk)
             fh.flush()
             bar.advance(task, len(cases[start:start + batch_size]))
@@ -103,13 +167,16 @@ def predict_cases(checkpoints: list[str], inputs: list[str], out: str | Path, *,
         log.warning("could not predict %d input(s); see %s", len(failures), out.with_suffix(".json"))
     summary = {"predicted": n_ok, "failed": len(failures), "failures": failures, "output": str(out),
                "models": [str(m.path) for m in models], "tta": tta, "calibrated": calibrated,
-               "feature_fusion_weight": fusion["weight"] if fusion else None}
+               "feature_fusion_weight": fusion["weight"] if fusion else None, "decision": decision}
     (out.with_suffix(".json")).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     return summary
 
 
-def _write_rows(writer, cases, classes: list[str], mean: np.ndarray, per: np.ndarray) -> None:
-    pred = mean.argmax(1)
+def _write_rows(writer, cases, classes: list[str], mean: np.ndarray, per: np.ndarray,
+                threshold: float | None) -> None:
+    from medvox.evaluation.metrics import decide
+
+    pred = decide(mean, threshold)
     spread = per[:, np.arange(len(pred)), pred].std(0)
     for i, case in enumerate(cases):
         # the label index refers to the input manifest's classes; its text is what names the model's class

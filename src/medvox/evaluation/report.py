@@ -169,11 +169,20 @@ def _predictions_section(run: Run, which: str, tmp: Path) -> Html:
         html.figure_of(plots.plot_pr(preds.labels, preds.probs, run.classes, tmp / f"{which}_pr.png",
                                      title=f"Precision-recall, {what}"), f"Precision-recall, {what}"),
     ]
-    metrics = compute_metrics(preds.labels, preds.probs, class_names=run.classes)
+    threshold = _threshold(run)
+    metrics = compute_metrics(preds.labels, preds.probs, threshold=threshold, class_names=run.classes)
+    at = "argmax" if threshold is None else f"at the OOF threshold p({run.classes[1]}) >= {threshold:.3f}"
     figs.append(html.figure_of(plots.plot_confusion_matrix(metrics["confusion_matrix"], run.classes,
                                                            tmp / f"{which}_cm.png", title=f"Confusion matrix, {what}"),
-                               f"Confusion matrix (argmax), {what}"))
-    return Html(_consistency(run, which, metrics.get("auc")) + html.grid(figs) + _errors_table(preds, run.classes, which))
+                               f"Confusion matrix ({at}), {what}"))
+    return Html(_consistency(run, which, metrics.get("auc")) + html.grid(figs)
+                + _errors_table(preds, run.classes, which, threshold))
+
+
+def _threshold(run: Run) -> float | None:
+    """The run's decision threshold (binary, chosen on its pooled OOF predictions); None: the argmax."""
+    decision = (run.summary or {}).get("decision") or {}
+    return decision.get("threshold") if len(run.classes) == 2 else None
 
 
 def _consistency(run: Run, which: str, csv_auc: float | None) -> str:
@@ -191,9 +200,11 @@ def _consistency(run: Run, which: str, csv_auc: float | None) -> str:
                      "extreme temperature) become ties. The tables hold the exact values.", warn=True)
 
 
-def _errors_table(preds, classes: list[str], which: str, k: int = 10) -> str:
-    """The most confident wrong predictions: the cases worth a second look."""
-    pred = preds.probs.argmax(1)
+def _errors_table(preds, classes: list[str], which: str, threshold: float | None = None, k: int = 10) -> str:
+    """The most confident wrong predictions (at the run's decision ``threshold``): the cases worth a second look."""
+    from medvox.evaluation.metrics import decide
+
+    pred = decide(preds.probs, threshold)
     wrong = np.flatnonzero(pred != preds.labels)
     if len(wrong) == 0:
         return html.para("No misclassified case.")

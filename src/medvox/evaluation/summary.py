@@ -137,21 +137,26 @@ def fuse_test(test: dict[str, Any], labels: np.ndarray, probs: np.ndarray, fusio
 
 
 def record_fusion(run_dir: Path, summary: dict[str, Any], fusion: dict[str, Any], labels: np.ndarray,
-                  classes: list[str]) -> None:
-    """``fusion`` and ``oof_fused`` in the summary, and ``oof_fused_predictions.csv``."""
+                  classes: list[str], threshold: float | None = None) -> None:
+    """``fusion`` and ``oof_fused`` in the summary, and ``oof_fused_predictions.csv`` (its ``predicted`` at the
+    run's OOF-chosen ``threshold`` when there is one)."""
     summary["fusion"] = {k: fusion[k] for k in ("weight", "criterion", "chosen_on", "model", "oof_auc", "oof_log_loss",
                                                 "n_features", "grid")}
     summary["oof_fused"] = compute_metrics(labels, fusion["oof"], class_names=classes)
-    write_fused_oof(run_dir, fusion["oof_rows"], fusion["oof"], classes)
+    write_fused_oof(run_dir, fusion["oof_rows"], fusion["oof"], classes, threshold)
 
 
-def write_fused_oof(run_dir: Path, rows: list[dict], probs: np.ndarray, classes: list[str]) -> Path:
+def write_fused_oof(run_dir: Path, rows: list[dict], probs: np.ndarray, classes: list[str],
+                    threshold: float | None = None) -> Path:
     """``oof_fused_predictions.csv``: the rows of ``oof_predictions.csv`` with the final (calibrated, fused)
-    probabilities, which ``medvox compare`` and ``medvox report`` then use for the run."""
+    probabilities, which ``medvox compare`` and ``medvox report`` then use for the run, and ``predicted`` at
+    ``threshold`` (binary; None: the argmax)."""
+    from medvox.evaluation.metrics import decide
+
     rows = [dict(r) for r in rows]
-    for r, p in zip(rows, probs, strict=True):
+    for r, p, k in zip(rows, probs, decide(probs, threshold), strict=True):
         r.update({f"prob_{c}": f"{v:.8g}" for c, v in zip(classes, p, strict=True)})
-        r["predicted"] = classes[int(np.argmax(p))]
+        r["predicted"] = classes[int(k)]
     path = run_dir / "oof_fused_predictions.csv"
     with open(path, "w", newline="", encoding="utf-8") as fh:
         writer = csv.DictWriter(fh, fieldnames=list(rows[0].keys()))
@@ -231,7 +236,7 @@ def test_ensemble(run_dir: Path, fold_dirs: list[Path], prepared, tta: bool,
     out["per_fold"] = [compute_metrics(labels, p, class_names=prepared.classes) for p in best_per]
     cases = [prepared.cases[i] for i in order]
     write_predictions(run_dir / "test_predictions.csv", [c.id for c in cases], [c.group for c in cases], labels,
-                      best, prepared.classes)
+                      best, prepared.classes, threshold=threshold)
     _add_spread(run_dir / "test_predictions.csv", best_per)
     return out
 
@@ -287,7 +292,7 @@ def summarize(run_dir: Path, fold_dirs: list[Path], prepared=None, tta: bool = T
         "test": test_ensemble(run_dir, fold_dirs, prepared, tta, threshold, fusion) if prepared is not None else None,
     }
     if fusion is not None:
-        record_fusion(run_dir, summary, fusion, oof_labels, classes)
+        record_fusion(run_dir, summary, fusion, oof_labels, classes, threshold)
     write_json(summary, run_dir / "cv_summary.json")
     return to_jsonable(summary)
 
