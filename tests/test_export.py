@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -117,3 +118,32 @@ def test_export_of_real_runs(cv_runs, tmp_path):
         np.testing.assert_allclose(expected, direct, atol=1e-6)
         for out_probs in _exported_outputs(out, x).values():
             np.testing.assert_allclose(out_probs, direct, atol=1e-4)
+        if fold is None:  # uncalibrated: the run's threshold was chosen on calibrated probabilities
+            assert info["decision"]["threshold"] is None and "--uncalibrated" in info["decision"]["from"]
+        else:  # the fold's own validation threshold, on its raw probabilities
+            metrics = json.loads((run / "fold_0" / "metrics.json").read_text())
+            assert info["decision"]["threshold"] == metrics["final"]["val"]["at_val_threshold"]["threshold"]
+
+
+@pytest.mark.slow
+def test_export_records_the_runs_decision_or_the_fusion_it_leaves_out(cv_runs, tmp_path, caplog, capsys):
+    """The whole calibrated run: the threshold chosen on its OOF predictions (what `medvox predict` applies to
+    these probabilities). A fused run: no threshold (it was chosen on the mixture), the fusion named, a warning."""
+    run = cv_runs["resnet10"]
+    info = export_model(run, tmp_path / "plain", formats=())
+    decision = json.loads((run / "cv_summary.json").read_text())["decision"]
+    assert info["decision"]["threshold"] == decision["threshold"] and info["fusion"] is None
+    assert json.loads((tmp_path / "plain" / "export.json").read_text())["decision"]["rule"] == decision["rule"]
+    from medvox.cli import main
+
+    assert main(["export", str(run), "--out", str(tmp_path / "cli"), "--format", "torchscript"]) == 0
+    assert f"decision: 1 when probabilities[:, 1] >= {decision['threshold']:.6g} (youden" in capsys.readouterr().out
+    fused = Path(shutil.copytree(run, tmp_path / "fused", ignore=shutil.ignore_patterns("tensorboard")))
+    (fused / "features").mkdir(exist_ok=True)
+    (fused / "features" / "fusion.json").write_text(json.dumps({"weight": 0.6}))
+    (fused / "features" / "fold_0.json").write_text("{}")
+    with caplog.at_level("WARNING", logger="medvox"):
+        info = export_model(fused, tmp_path / "fused_export", formats=())
+    assert info["decision"]["threshold"] is None and "fused" in info["decision"]["from"]
+    assert info["fusion"]["weight"] == 0.6 and "medvox predict --run" in info["fusion"]["note"]
+    assert "descriptor model" in caplog.text

@@ -307,6 +307,12 @@ def _cmd_export(args: argparse.Namespace) -> int:
         print(f"{name}: {item}")
     for fmt, check in (info.get("checks") or {}).items():
         print(f"{fmt}: max |p - p_torch| = {check}")
+    decision = info["decision"]
+    if decision["threshold"] is not None:
+        print(f"decision: {info['classes'][1]} when probabilities[:, 1] >= {decision['threshold']:.6g} "
+              f"({decision['rule']}, from {decision['from']})")
+    else:
+        print(f"decision: the most probable class ({decision['from']})")
     return 0
 
 

@@ -13,8 +13,16 @@ Files written to ``out_dir``:
 * ``model.safetensors``: weights only (no pickle); one member: the model's own state-dict keys, so
   ``create_model(**export["create_model"]).load_state_dict(load_file(...))`` works; several: keys
   ``members.<k>.<key>`` (:func:`load_exported` rebuilds either);
-* ``export.json``: input shape, classes, temperatures, preprocessing plan, config, and the measured
-  agreement of each exported file with the PyTorch model on random inputs.
+* ``export.json``: input shape, classes, temperatures, preprocessing plan, config, the measured
+  agreement of each exported file with the PyTorch model on random inputs, and ``decision``: the run's own
+  decision threshold on ``probabilities[:, 1]`` (the one ``medvox predict`` applies; None: the argmax, with
+  the reason).
+
+A run that ``medvox cv`` fused with its descriptor model (``--recipe auto``) reported the mixture: the
+export holds the CNN part only (the descriptors are NumPy/SciPy code, not a graph), so its probabilities are
+not the run's final ones, and the run's threshold, chosen on the mixture, is not given for them:
+``export.json``'s ``fusion`` says so (with the weight) and the export logs a warning; ``medvox predict`` on
+the run folder gives the fused predictions.
 
 Example:
     >>> info = export_model(Path("results/resnet50"), Path("exported"))
@@ -97,6 +105,7 @@ def export_model(checkpoint_or_run: Path, out_dir: Path, formats: tuple[str, ...
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     doc = _describe(loaded, temps, calibrated)
+    doc["decision"], doc["fusion"] = _decision(Path(checkpoint_or_run), fold, loaded, calibrated)
     shape = doc["input_shape"][1:]
     files = {"safetensors": _save_safetensors(wrapper, out_dir / "model.safetensors", doc)}
     example = torch.zeros(1, *shape)
@@ -138,6 +147,25 @@ def _check_members(loaded) -> None:
                 raise CheckpointError(f"{ref.path} and {m.path} have different {what}: export them one at a time")
         if type(m.model) is not type(ref.model):
             raise CheckpointError(f"{ref.path} and {m.path} are different models: export them one at a time")
+
+
+def _decision(source: Path, fold: int | None, loaded, calibrated: bool) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """(the decision rule for the exported probabilities, the fusion the export leaves out or None)."""
+    from medvox.evaluation.features import load_fusion
+    from medvox.evaluation.predict import run_decision
+
+    folder = source / f"fold_{fold}" if fold is not None and source.is_dir() and (source / f"fold_{fold}").is_dir() \
+        else source
+    fusion = load_fusion(folder) if folder.is_dir() else None
+    if fusion is None:
+        return run_decision([str(folder)], loaded, calibrated), None
+    note = (f"{folder} mixes a descriptor model into its final probabilities (weight {fusion['weight']:g}); this "
+            "export is the CNN fold ensemble alone, whose probabilities are not the run's final ones. `medvox "
+            f"predict --run {folder}` gives the fused predictions.")
+    log.warning("%s", note)
+    return ({"rule": "argmax", "threshold": None,
+             "from": "the run's threshold was chosen on the fused probabilities, not on these"},
+            {"weight": fusion["weight"], "note": note})
 
 
 def _describe(loaded, temps: list[float], calibrated: bool) -> dict[str, Any]:

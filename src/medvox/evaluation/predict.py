@@ -74,7 +74,7 @@ def run_decision(checkpoints: list[str], models, calibrated: bool = True) -> dic
     metrics = read_json(folder / "metrics.json") or {}
     threshold = (((metrics.get("final") or {}).get("val") or {}).get("at_val_threshold") or {}).get("threshold")
     if threshold is None or len(models) != 1:
-        return argmax(f"{folder} records no validation threshold")
+        return argmax(f"{folder} records no decision threshold (no cv_summary.json, no validation threshold)")
     temperature = models[0].temperature if calibrated else 1.0
     return {"rule": (read_json(folder / "config.json") or {}).get("train", {}).get("threshold_rule", "youden"),
             "threshold": _through_temperature(float(threshold), temperature),
