@@ -322,7 +322,9 @@ def _cmd_explain(args: argparse.Namespace) -> int:
     target = int(args.target_class) if args.target_class and args.target_class.isdigit() else args.target_class
     results = explain(Path(args.run), args.inputs, Path(args.out), fold=args.fold, target_class=target)
     for r in results:
-        print(f"{r.get('case_id')}: {r.get('cam_png')}" + (f"  (warning: {r['warning']})" if r.get("warning") else ""))
+        shows = f"Grad-CAM of class {r['target_class']}" if r.get("target_class") is not None else "attention"
+        print(f"{r.get('case_id')}: predicted {r.get('predicted')}, {shows}: {r.get('cam_png')}"
+              + (f"  (warning: {r['warning']})" if r.get("warning") else ""))
     return 0
 
 

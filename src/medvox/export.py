@@ -152,10 +152,9 @@ def _check_members(loaded) -> None:
 def _decision(source: Path, fold: int | None, loaded, calibrated: bool) -> tuple[dict[str, Any], dict[str, Any] | None]:
     """(the decision rule for the exported probabilities, the fusion the export leaves out or None)."""
     from medvox.evaluation.features import load_fusion
-    from medvox.evaluation.predict import run_decision
+    from medvox.evaluation.predict import run_decision, run_source
 
-    folder = source / f"fold_{fold}" if fold is not None and source.is_dir() and (source / f"fold_{fold}").is_dir() \
-        else source
+    folder = run_source(source, fold)
     fusion = load_fusion(folder) if folder.is_dir() else None
     if fusion is None:
         return run_decision([str(folder)], loaded, calibrated), None

@@ -206,3 +206,35 @@ def test_explain_real_runs(cv_runs, tmp_path):
         assert Path(result["cam_png"]).stat().st_size > 10_000
     assert len(result["attention"]) == 13 and sum(result["attention"]) == pytest.approx(1.0, abs=1e-5)
     assert_png_shows_an_overlay(Path(result["cam_png"]))
+
+
+@pytest.mark.slow
+def test_explain_decides_as_predict_does(cv_runs, tmp_path, capsys):
+    """The predicted class (and so the default Grad-CAM target) is the run's decision: the same probabilities
+    and label as `medvox predict` on the run folder, and with a threshold on either side of the case's
+    probability, either class."""
+    import csv
+    import json
+    import shutil
+
+    from medvox.cli import main
+
+    blob = write_blob(tmp_path / "blob.nii.gz")
+    run = cv_runs["resnet10"]
+    result = explain(run, [blob], tmp_path / "out")[0]
+    assert main(["predict", "--run", str(run), str(blob), "--out", str(tmp_path / "pred.csv")]) == 0
+    with open(tmp_path / "pred.csv", newline="") as fh:
+        row = next(csv.DictReader(fh))
+    assert result["predicted"] == row["predicted"] and result["decision"]["threshold"] is not None
+    assert result["probabilities"]["1"] == pytest.approx(float(row["prob_1"]), abs=1e-6)
+    capsys.readouterr()
+    assert main(["explain", "--run", str(run), str(blob), "--out", str(tmp_path / "cli")]) == 0
+    assert f"predicted {row['predicted']}, Grad-CAM of class {row['predicted']}: " in capsys.readouterr().out
+    p1 = result["probabilities"]["1"]
+    moved = Path(shutil.copytree(run, tmp_path / "moved", ignore=shutil.ignore_patterns("tensorboard")))
+    summary = json.loads((moved / "cv_summary.json").read_text())
+    for threshold, expected in ((p1 * 0.9, "1"), (min(1.0, p1 * 1.1 + 1e-6), "0")):
+        summary["decision"]["threshold"] = threshold
+        (moved / "cv_summary.json").write_text(json.dumps(summary))
+        got = explain(moved, [blob], tmp_path / f"out_{expected}")[0]
+        assert got["predicted"] == got["target_class"] == expected

@@ -51,38 +51,53 @@ def explain(checkpoint_or_run: Path, inputs: list[Path | str], out_dir: Path, *,
         inputs: NIfTI / DICOM series folders / ``.npy`` files, or folders of them.
         out_dir: output folder (created).
         fold: with a run folder, use only ``fold_<fold>``.
-        target_class: class index or name for Grad-CAM (default: the predicted class).
+        target_class: class index or name for Grad-CAM (default: the predicted class, decided as `medvox
+            predict` decides: the run's threshold for two classes, with its descriptor model when fused).
 
     Returns:
         One dict per input: ``case_id``, ``source``, ``method`` (``"gradcam"``/``"attention"``),
-        ``target_class``, ``probabilities``, ``cam_nifti``, ``cam_png``, ``peak_voxel`` (index into the
+        ``target_class``, ``predicted``, ``decision`` (:func:`~medvox.evaluation.predict.run_decision`),
+        ``probabilities`` (the run's final ones), ``cam_nifti``, ``cam_png``, ``peak_voxel`` (index into the
         NIfTI's data array), ``peak_world_mm`` (RAS), ``attention`` (MIL: the instance weights, mean over
         members), ``cam_resolution`` (Grad-CAM: the target layer's spatial size), ``warning`` (e.g. a
         1 x 1 x 1 feature map that cannot localise), ``approximation``, and for ``.npy`` inputs ``cam_npy``
         (the map in the input array's own ``(D, H, W)`` order; the NIfTI holds it as ``(W, H, D)``).
     """
     from medvox.data import cases_from_paths
+    from medvox.evaluation.features import load_fusion
     from medvox.evaluation.inference import load_model
+    from medvox.evaluation.predict import run_decision, run_source
     from medvox.evaluation.runs import resolve_checkpoints
 
     members = [load_model(p) for p in resolve_checkpoints(Path(checkpoint_or_run), fold)]
+    source = run_source(Path(checkpoint_or_run), fold)
+    fusion = load_fusion(source) if source.is_dir() else None
+    decision = run_decision([str(source)], members, calibrated=True)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    results = [_explain_case(members, case, out_dir, target_class) for case in cases_from_paths([str(p) for p in inputs])]
+    results = [_explain_case(members, case, out_dir, target_class, decision, fusion)
+               for case in cases_from_paths([str(p) for p in inputs])]
     (out_dir / "explain.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
     return results
 
 
-def _explain_case(members, case, out_dir: Path, target_class: int | str | None) -> dict[str, Any]:
+def _explain_case(members, case, out_dir: Path, target_class: int | str | None, decision: dict[str, Any],
+                  fusion: dict[str, Any] | None) -> dict[str, Any]:
     from medvox.data.preprocess import preprocess_volume, read_case
+    from medvox.evaluation.features import fuse_probs
     from medvox.evaluation.inference import ensemble_predict
+    from medvox.evaluation.metrics import decide
 
     plan, classes = members[0].plan, members[0].classes
     array, meta = read_case(case)
     spacing = meta.get("spacing", [1.0, 1.0, 1.0])
     x = preprocess_volume(array, meta, plan)
     probs = ensemble_predict(members, x[None])[0][0]
-    target = _class_index(target_class, classes, int(probs.argmax()))
+    if fusion is not None:  # the run's final probabilities, as `medvox predict` gives them
+        features = preprocess_volume(array, meta, fusion["plan"]) if fusion.get("plan") else x
+        probs = fuse_probs(fusion, probs[None], features[None])[0]
+    predicted = int(decide(probs[None], decision["threshold"])[0])
+    target = _class_index(target_class, classes, predicted)
     explained = _ensemble_map(members, torch.from_numpy(x)[None], target)
     method = explained["method"]
     original = to_input_grid(explained["map"], array.shape[-3:], spacing, plan)
@@ -98,7 +113,7 @@ def _explain_case(members, case, out_dir: Path, target_class: int | str | None) 
                        value_range=_attention_range(explained["attention"]))
     return {"case_id": case.id, "source": case.file, "method": method,
             "target_class": classes[target] if method == "gradcam" else None,
-            "predicted": classes[int(probs.argmax())],
+            "predicted": classes[predicted], "decision": decision,
             "probabilities": {c: float(p) for c, p in zip(classes, probs, strict=True)},
             "cam_nifti": str(nifti), "cam_png": str(png), "peak_voxel": peak, "peak_world_mm": world,
             "attention": explained["attention"], "cam_resolution": explained["cam_resolution"],

@@ -82,6 +82,15 @@ def run_decision(checkpoints: list[str], models, calibrated: bool = True) -> dic
                     + (f", temperature {temperature:.3g}" if temperature != 1.0 else "")}
 
 
+def run_source(source: Path, fold: int | None = None) -> Path:
+    """The folder (or file) whose models ``medvox export`` / ``explain`` use: ``<run>/fold_<fold>`` when a fold
+    of a run folder is asked for, else ``source``."""
+    source = Path(source)
+    if fold is not None and source.is_dir() and (source / f"fold_{fold}").is_dir():
+        return source / f"fold_{fold}"
+    return source
+
+
 def _through_temperature(threshold: float, temperature: float) -> float:
     """The cut ``p1 >= threshold`` on raw probabilities, on the same model's probabilities at ``temperature``.
 
