@@ -411,7 +411,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("inputs", nargs="+", help="NIfTI/DICOM/.npy files or folders")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--fold", type=int, help="one fold instead of the fold average")
-    p.add_argument("--class", dest="target_class", help="class name or index to explain (default: the predicted class, at the run's decision threshold)")
+    p.add_argument("--class", dest="target_class",
+                   help="class name or index to explain (default: the predicted class, at the run's decision threshold)")
     p.set_defaults(func=_cmd_explain)
 
     p = sub.add_parser("models", help="list the registered models")
