@@ -33,7 +33,7 @@ def test_medmnist_plan_keeps_the_native_grid(medmnist_28):
     assert fp["modality"] == ["other"] and fp["n_cases"] == 1286
     assert plan["target_shape"] == [28, 28, 28] and plan["target_spacing"] == [1.0, 1.0, 1.0]
     assert plan["normalization"] == [{"scheme": "minmax", "min": 0.0, "max": 255.0}]
-    assert plan["storage_dtype"] == "float16" and plan["in_channels"] == 1
+    assert plan["storage_dtype"] == "float16" and plan["in_channels"] == 1 and plan["antialias"] is True
     with np.load(medmnist_28) as npz:
         positives = int(npz["train_labels"].sum() + npz["val_labels"].sum())
     assert plan["class_counts"] == [1286 - positives, positives]

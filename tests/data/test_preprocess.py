@@ -73,3 +73,36 @@ def test_channel_count_must_match_the_plan():
     with pytest.raises(ValueError, match="plan has 2 channel"):
         preprocess_volume(np.zeros((4, 4, 4)), {}, {"target_spacing": [1, 1, 1], "target_shape": [4, 4, 4],
                                                     "normalization": [{"scheme": "none"}] * 2})
+
+
+def test_downsampling_is_antialiased_when_the_plan_says_so():
+    """A structure a few voxels thick keeps (nearly) its thickness wherever it sits between the coarse grid's
+    voxel centres, and a pattern finer than the coarse grid becomes its mean instead of a false pattern."""
+    from medvox.data.cache import plan_hash
+
+    base = {"target_spacing": [1.0, 1.0, 64 / 28], "target_shape": [4, 4, 28], "normalization": [{"scheme": "none"}]}
+    new = {**base, "antialias": True}
+    slab = np.zeros((4, 4, 64), np.float32)
+    slab[..., 21:24] = 1  # 3 voxels thick
+    thickness = {name: [preprocess_volume(np.roll(slab, k, axis=2), {}, plan)[0, 0, 0].sum() * 64 / 28
+                        for k in range(8)] for name, plan in (("plain", base), ("antialias", new))}
+    assert max(thickness["plain"]) - min(thickness["plain"]) > 1.5  # 2.3 to 3.9 voxels: aliasing
+    assert max(thickness["antialias"]) - min(thickness["antialias"]) < 0.6
+    assert np.mean(thickness["antialias"]) == pytest.approx(3.0, abs=0.1)
+    stripes = np.zeros((4, 4, 64), np.float32)
+    stripes[..., ::2] = 1  # a period of 2 input voxels: finer than the 2.3-voxel output grid
+    plain, smooth = (preprocess_volume(stripes, {}, plan)[0, 0, 0, 2:-2] for plan in (base, new))
+    assert plain.std() > 0.25 and plain.min() < 0.1 and plain.max() > 0.9  # a false pattern at full contrast
+    assert smooth.std() < 0.1 and smooth.mean() == pytest.approx(0.5, abs=0.02)  # mostly the mean
+    # an axis made finer (or kept) is not filtered; a smooth marker stays where it was
+    up = {"target_spacing": [0.5, 1.0, 1.0], "target_shape": [16, 8, 8], "normalization": [{"scheme": "none"}]}
+    blob = _blob((8, 8, 8), (3, 4, 5))
+    np.testing.assert_array_equal(preprocess_volume(blob, {}, {**up, "antialias": True}), preprocess_volume(blob, {}, up))
+    down = {"target_spacing": [2.0, 2.0, 2.0], "target_shape": [10, 10, 10], "normalization": [{"scheme": "none"}]}
+    big = _blob((20, 20, 20), (8, 11, 9), sigma=2.5)
+    assert _com(preprocess_volume(big, {}, {**down, "antialias": True})[0]) == pytest.approx(
+        _com(preprocess_volume(big, {}, down)[0]), abs=0.05)
+    # a plan from before the rule keeps its cache store (and plain interpolation); a new one gets its own
+    stored = {**base, "storage_dtype": "float16"}
+    assert plan_hash(stored) != plan_hash({**stored, "antialias": True})
+    assert plan_hash(stored) == plan_hash({**stored, "antialias": False})

@@ -92,7 +92,9 @@ def dataset_hash(cfg: DataConfig, kind: str, source: Path) -> tuple[str, dict[st
 def plan_hash(plan: dict[str, Any]) -> str:
     """Hash of the plan entries that change the preprocessed arrays, and nothing else."""
     keys = ("target_spacing", "target_shape", "normalization", "storage_dtype")
-    return stable_hash({"version": CACHE_VERSION, **{k: plan[k] for k in keys}})
+    # "antialias" only when set: a plan from before it keeps its hash (and its store, made without it)
+    extra = {"antialias": True} if plan.get("antialias") else {}
+    return stable_hash({"version": CACHE_VERSION, **{k: plan[k] for k in keys}, **extra})
 
 
 def case_key(plan_id: str, signature: str) -> str:

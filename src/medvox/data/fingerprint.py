@@ -133,6 +133,7 @@ def make_plan(fingerprint: dict[str, Any], cfg: DataConfig, max_size: int = 128)
         "n_cases": int(fingerprint["n_cases"]),
         "imbalance_ratio": round(max(nonzero) / min(nonzero), 4) if nonzero else 1.0,
         "axes": AXES,
+        "antialias": True,  # downsampling low-pass filters first (preprocess.resample); absent in older plans
     }
 
 
