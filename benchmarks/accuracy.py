@@ -89,6 +89,11 @@ RECIPES: dict[str, dict] = {
                  "args": ["--recipe", "auto", "--amp", "--target-shape", "28", "28", "28"], "data": "64"},
     "auto64": {"desc": "`--recipe auto --amp` on the 64^3 release, CNN input 28^3: descriptors on the native 64^3 grid",
                "args": ["--recipe", "auto", "--amp", "--target-shape", "28", "28", "28"], "data": "64"},
+    # the same command since the plan anti-aliases downsampling (2026-11-26, eighth session): the auto64 rows
+    # above were made before, with plain linear interpolation from 64^3 to the CNN's 28^3
+    "auto64aa": {"desc": "auto64 with anti-aliased downsampling to the CNN's 28^3 (the plan's default since the "
+                         "eighth session; auto64's runs predate it)",
+                 "args": ["--recipe", "auto", "--amp", "--target-shape", "28", "28", "28"], "data": "64"},
 }
 BASELINES = {"monai_ce": "CE", "monai_wce": "weighted_CE"}
 PUBLISHED = [  # MedMNIST v2 (Yang et al., Scientific Data 2023), AdrenalMNIST3D, official test split, 28^3
