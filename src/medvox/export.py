@@ -152,7 +152,8 @@ def _check_members(loaded) -> None:
 def _decision(source: Path, fold: int | None, loaded, calibrated: bool) -> tuple[dict[str, Any], dict[str, Any] | None]:
     """(the decision rule for the exported probabilities, the fusion the export leaves out or None)."""
     from medvox.evaluation.features import load_fusion
-    from medvox.evaluation.predict import run_decision, run_source
+    from medvox.evaluation.predict import run_decision
+    from medvox.evaluation.runs import run_source
 
     folder = run_source(source, fold)
     fusion = load_fusion(folder) if folder.is_dir() else None

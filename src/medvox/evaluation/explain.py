@@ -66,8 +66,8 @@ def explain(checkpoint_or_run: Path, inputs: list[Path | str], out_dir: Path, *,
     from medvox.data import cases_from_paths
     from medvox.evaluation.features import load_fusion
     from medvox.evaluation.inference import load_model
-    from medvox.evaluation.predict import run_decision, run_source
-    from medvox.evaluation.runs import resolve_checkpoints
+    from medvox.evaluation.predict import run_decision
+    from medvox.evaluation.runs import resolve_checkpoints, run_source
 
     members = [load_model(p) for p in resolve_checkpoints(Path(checkpoint_or_run), fold)]
     source = run_source(Path(checkpoint_or_run), fold)

@@ -60,8 +60,6 @@ def compute_metrics(
     y, p = _validate(y_true, probs)
     k = p.shape[1]
     names = _class_names(class_names, k)
-    if threshold is not None and k != 2:
-        raise ValueError(f"threshold applies to binary problems only; got {k} classes")
     if threshold is not None and not 0.0 <= threshold <= 1.0:
         raise ValueError(f"threshold must be in [0, 1], got {threshold}")
     pred = decide(p, threshold)

@@ -82,15 +82,6 @@ def run_decision(checkpoints: list[str], models, calibrated: bool = True) -> dic
                     + (f", temperature {temperature:.3g}" if temperature != 1.0 else "")}
 
 
-def run_source(source: Path, fold: int | None = None) -> Path:
-    """The folder (or file) whose models ``medvox export`` / ``explain`` use: ``<run>/fold_<fold>`` when a fold
-    of a run folder is asked for, else ``source``."""
-    source = Path(source)
-    if fold is not None and source.is_dir() and (source / f"fold_{fold}").is_dir():
-        return source / f"fold_{fold}"
-    return source
-
-
 def _through_temperature(threshold: float, temperature: float) -> float:
     """The cut ``p1 >= threshold`` on raw probabilities, on the same model's probabilities at ``temperature``.
 
@@ -98,10 +89,11 @@ def _through_temperature(threshold: float, temperature: float) -> float:
         >>> _through_temperature(0.3, 1.0), round(_through_temperature(0.3, 2.0), 4)
         (0.3, 0.3956)
     """
+    from medvox.evaluation.summary import rescale
+
     if temperature == 1.0 or threshold in (0.0, 1.0):
         return threshold
-    a, b = threshold ** (1 / temperature), (1 - threshold) ** (1 / temperature)
-    return float(a / (a + b))
+    return float(rescale(np.array([[1.0 - threshold, threshold]]), temperature)[0, 1])
 
 
 def predict_cases(checkpoints: list[str], inputs: list[str], out: str | Path, *, tta: bool = False,

@@ -192,6 +192,15 @@ def _notes(run: Run) -> list[str]:
     return notes
 
 
+def run_source(source: Path, fold: int | None = None) -> Path:
+    """The folder (or file) whose models a command uses: ``<run>/fold_<fold>`` when a fold of a run folder is
+    asked for, else ``source``."""
+    source = Path(source)
+    if fold is not None and source.is_dir() and (source / f"fold_{fold}").is_dir():
+        return source / f"fold_{fold}"
+    return source
+
+
 def resolve_checkpoints(source: Path, fold: int | None = None) -> list[Path]:
     """The checkpoints a command works with: a ``.pt`` file, a fold folder's final checkpoint, a run folder's
     (every fold's), or with ``fold`` only ``<run>/fold_<fold>``'s.
@@ -202,10 +211,8 @@ def resolve_checkpoints(source: Path, fold: int | None = None) -> list[Path]:
     from medvox.errors import CheckpointError
     from medvox.evaluation.inference import final_checkpoint, find_checkpoints
 
-    source = Path(source)
-    if fold is not None and source.is_dir() and (source / f"fold_{fold}").is_dir():
-        source = source / f"fold_{fold}"
-    elif fold is not None and not re.fullmatch(rf"fold_{fold}", source.name):
+    source = run_source(source, fold)
+    if fold is not None and not re.fullmatch(rf"fold_{fold}", source.name):
         raise CheckpointError(f"{source} has no fold_{fold} folder")
     if source.is_dir() and not any(source.glob("fold_*")):  # a fold folder, with or without metrics.json
         checkpoint = final_checkpoint(source)
