@@ -90,6 +90,41 @@ def test_gpu_model_without_a_visible_gpu_keeps_the_voxel_rule(monkeypatch):
     assert (values["train.batch_size"], values["train.grad_accum"]) == (8, 2) and "voxels" in why[0]
 
 
+def test_the_gpu_memory_probe_trains_where_the_deepest_map_is_one_voxel():
+    """ResNet-18 on 28^3 (AdrenalMNIST3D) ends in a 1-voxel map, where BatchNorm cannot train on one sample:
+    the probe of `--recipe auto --gpu` used batch 1 and crashed every fold on an H100 (2026-11-26). Its
+    steps run on any device, so the CPU checks them here."""
+    import torch
+
+    from medvox.models import create_model
+    from medvox.recipe import PROBE_BATCHES, probe_step
+
+    torch.manual_seed(0)
+    model = create_model("resnet18", in_channels=1, num_classes=2)
+    opt = torch.optim.AdamW(model.parameters())
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        probe_step(model, opt, 1, 1, [28, 28, 28], 2, "cpu")  # the old probe's first step
+    before = [p.detach().clone() for p in model.parameters()]
+    for batch in PROBE_BATCHES:
+        probe_step(model, opt, batch, 1, [28, 28, 28], 2, "cpu")
+    assert min(PROBE_BATCHES) >= 2 and any(not torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+
+
+def test_step_memory_splits_the_peaks_into_per_sample_and_fixed(monkeypatch):
+    import torch
+
+    from medvox import recipe
+
+    mib = 2**20
+    batches = []
+    monkeypatch.setattr(recipe, "probe_step", lambda model, opt, batch, *a: batches.append(batch))
+    for name in ("synchronize", "reset_peak_memory_stats", "empty_cache"):
+        monkeypatch.setattr(torch.cuda, name, lambda *a: None)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda *a: 700 * mib + batches[-1] * 90 * mib)
+    per_sample, fixed = recipe.measure_step_memory("resnet10", [16, 16, 16], 1, 2, "cpu")
+    assert batches == list(recipe.PROBE_BATCHES) and (per_sample, fixed) == (90 * mib, 700 * mib)
+
+
 @pytest.mark.parametrize(("shape", "capped"), [
     ((64, 64, 64), [28, 28, 28]),  # AdrenalMNIST3D's 64^3 release -> the 28^3 the accuracy study trains at
     ((28, 28, 28), None), ((20, 20, 20), None),  # already within the cap: the plan's grid

@@ -261,7 +261,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     from medvox.evaluation.predict import predict_cases
 
     result = predict_cases(args.run, args.inputs, args.out, tta=args.tta, calibrated=not args.uncalibrated,
-                           batch_size=args.batch_size, argmax=args.argmax)
+                           batch_size=args.batch_size, argmax=args.argmax, gpu=args.gpu)
     print(f"predicted {result['predicted']} case(s) -> {result['output']}")
     if result["failed"]:
         print(f"{result['failed']} input(s) could not be read (status 'error' in the CSV):", file=sys.stderr)
@@ -376,6 +376,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--argmax", action="store_true",
                    help="predict the most probable class instead of the run's own decision threshold")
     p.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int, default=8)
+    p.add_argument("--gpu", action="store_true", help="predict on the first visible GPU (the CPU when there is none)")
     p.set_defaults(func=_cmd_predict)
 
     p = sub.add_parser("demo", help="the main job on the embedded demo data: make it, cross-validate, report")

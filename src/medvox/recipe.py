@@ -96,11 +96,31 @@ def fit_batch(per_sample_bytes: float, fixed_bytes: float, free_bytes: float, ef
     return batch, max(1, math.ceil(effective / batch))
 
 
+# Two batch sizes whose peak memories give the per-sample and the fixed part. Not 1: a network whose deepest
+# feature map is one voxel (ResNet-18 on 28^3) has one value per channel at batch 1, and BatchNorm cannot
+# train on that ("Expected more than 1 value per channel"): the probe crashed `--recipe auto --gpu` there.
+PROBE_BATCHES = (2, 4)
+
+
+def probe_step(model, optimizer, batch: int, channels: int, shape: list[int], num_classes: int, device) -> None:
+    """One bf16 training step of ``model`` on a random batch (the step :func:`measure_step_memory` measures)."""
+    import torch
+
+    device = torch.device(device)
+    x = torch.randn(batch, channels, *shape, device=device)
+    y = torch.arange(batch, device=device) % max(2, num_classes)
+    with torch.autocast(device.type, dtype=torch.bfloat16):
+        loss = torch.nn.functional.cross_entropy(model(x).float(), y)
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
 def measure_step_memory(model_name: str, shape: list[int], channels: int, num_classes: int, device,
                         model_kwargs: dict | None = None) -> tuple[float, float]:
     """(bytes per sample, fixed bytes) of one bf16 training step on a CUDA ``device``, from the peak
-    allocated memory of steps with batch 1 and 2 (weights, gradients, Adam state and workspace are the
-    fixed part; activations grow with the batch)."""
+    allocated memory of steps with the :data:`PROBE_BATCHES` (weights, gradients, Adam state and workspace
+    are the fixed part; activations grow with the batch)."""
     import torch
 
     from medvox.models import create_model
@@ -108,22 +128,17 @@ def measure_step_memory(model_name: str, shape: list[int], channels: int, num_cl
     model = create_model(model_name, in_channels=channels, num_classes=num_classes, **(model_kwargs or {})).to(device)
     opt = torch.optim.AdamW(model.parameters())
     peaks = []
-    for batch in (1, 2):
+    for batch in PROBE_BATCHES:
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
-        x = torch.randn(batch, channels, *shape, device=device)
-        y = torch.zeros(batch, dtype=torch.long, device=device)
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = torch.nn.functional.cross_entropy(model(x).float(), y)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        probe_step(model, opt, batch, channels, shape, num_classes, device)
         torch.cuda.synchronize(device)
         peaks.append(torch.cuda.max_memory_allocated(device))
     del model, opt
     torch.cuda.empty_cache()
-    per_sample = max(peaks[1] - peaks[0], 1)
-    return float(per_sample), float(max(peaks[0] - per_sample, 0))
+    small, large = PROBE_BATCHES
+    per_sample = max((peaks[1] - peaks[0]) / (large - small), 1.0)
+    return float(per_sample), float(max(peaks[0] - small * per_sample, 0))
 
 
 def gpu_batch(plan: dict[str, Any], model_name: str, model_kwargs: dict | None = None) -> tuple[int, int, str] | None:

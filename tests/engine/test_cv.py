@@ -131,6 +131,42 @@ def test_cv_skips_finished_folds(cv_run, tiny_medmnist, capsys):
     assert before == {k: (cv_run / f"fold_{k}" / "best.pt").stat().st_mtime_ns for k in range(3)}
 
 
+def test_cv_runs_its_test_ensemble_on_the_device_it_trained_on(cv_run, tiny_medmnist, tmp_path, monkeypatch):
+    """`medvox cv --gpu` used to predict its test ensemble (with TTA) on the CPU: on an H100 the summaries of a
+    64^3 ResNet-18 and a Swin UNETR run sat at 0 % GPU for over 3 minutes. The members now go to the GPU it
+    trained on. No GPU here: CUDA is reported present to the device choice (:func:`inference_device`) and the
+    device each member is asked for is recorded (then loaded on the CPU)."""
+    import shutil
+
+    import torch
+
+    from medvox.evaluation import inference
+
+    shutil.copytree(cv_run, tmp_path / "resnet10")
+    asked, real_load, real_device = [], inference.load_model, inference.inference_device
+    monkeypatch.setattr(inference, "load_model", lambda path, device="cpu": asked.append(device) or real_load(path))
+    with monkeypatch.context() as m:  # what inference_device answers on a machine with a GPU
+        m.setattr(torch.cuda, "is_available", lambda: True)
+        m.setattr(torch.cuda, "current_device", lambda: 0)
+        cuda = real_device(True)
+    assert cuda == torch.device("cuda", 0) and real_device(False) == torch.device("cpu")
+    monkeypatch.setattr(inference, "inference_device", lambda gpu: cuda if gpu else real_device(gpu))
+    assert main(["cv", "--data", str(tiny_medmnist), "--output", str(tmp_path), *CV_ARGS, "--gpu"]) == 0
+    assert asked == [cuda] * 3
+    summary = json.loads((tmp_path / "resnet10" / "cv_summary.json").read_text())
+    assert summary["test"] == json.loads((cv_run / "cv_summary.json").read_text())["test"] | {
+        "members": summary["test"]["members"]}  # the same numbers (the members' paths are the copy's)
+
+
+def test_predict_gpu_flag_without_a_gpu_predicts_on_the_cpu(cv_run, tiny_medmnist, tmp_path, caplog):
+    val = _rows(cv_run / "fold_0" / "val_predictions.csv")[:2]
+    folder = _as_nifti(tiny_medmnist, [r["case_id"] for r in val], tmp_path / "nifti")
+    outs = [tmp_path / "cpu.csv", tmp_path / "gpu.csv"]
+    assert main(["predict", "--run", str(cv_run), str(folder), "--out", str(outs[0])]) == 0
+    assert main(["predict", "--run", str(cv_run), str(folder), "--out", str(outs[1]), "--gpu"]) == 0
+    assert _rows(outs[0]) == _rows(outs[1]) and "no CUDA device is visible: predicting on the CPU" in caplog.text
+
+
 def test_predict_from_the_run_folder_matches_validation(cv_run, tiny_medmnist, tmp_path):
     fold = cv_run / "fold_0"
     val = _rows(fold / "val_predictions.csv")[:6]

@@ -19,6 +19,7 @@ def run_cv(cfg: ExperimentConfig, tta: bool = True) -> dict:
     """
     from medvox.data import prepare
     from medvox.engine import train
+    from medvox.evaluation.inference import inference_device
     from medvox.evaluation.summary import format_table, summarize
 
     run_dir = Path(cfg.train.output) / (cfg.train.run_name or cfg.model.name)
@@ -35,7 +36,8 @@ def run_cv(cfg: ExperimentConfig, tta: bool = True) -> dict:
 
         features_from = feature_data(cfg.data, prepared, cfg.train.feature_grid)
     summary = summarize(run_dir, fold_dirs, prepared, tta=tta, threshold_rule=cfg.train.threshold_rule,
-                        feature_fusion=cfg.train.feature_fusion, seed=cfg.train.seed, features_from=features_from)
+                        feature_fusion=cfg.train.feature_fusion, seed=cfg.train.seed, features_from=features_from,
+                        device=inference_device(cfg.train.gpu or cfg.train.multi_gpu))
     table = format_table(summary)
     (run_dir / "cv_table.md").write_text(table + "\n", encoding="utf-8")
     log.info("cross-validation of %s over %d folds:\n%s", cfg.model.name, cfg.data.folds, table)

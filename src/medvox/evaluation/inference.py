@@ -7,6 +7,7 @@ is enough to predict (as nnU-Net's predictor does).
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,8 @@ from torch import nn
 from medvox.config import ExperimentConfig, from_dict
 from medvox.engine.checkpoint import load_checkpoint
 from medvox.errors import CheckpointError
+
+log = logging.getLogger("medvox")
 
 
 @dataclass
@@ -62,6 +65,16 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> LoadedMo
                        {"epoch": ckpt.get("epoch"), "kind": ckpt.get("kind")})
 
 
+def inference_device(gpu: bool) -> torch.device:
+    """Where inference runs: the first visible GPU when ``gpu`` and one is there, else the CPU (with a warning
+    when a GPU was asked for: the original command line always carries ``--gpu``)."""
+    if gpu and torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    if gpu:
+        log.warning("--gpu was given but no CUDA device is visible: predicting on the CPU")
+    return torch.device("cpu")
+
+
 def final_checkpoint(fold_dir: Path) -> Path | None:
     """The checkpoint a fold's final evaluation used (from metrics.json), else best_ema.pt, else best.pt."""
     metrics = fold_dir / "metrics.json"
@@ -96,13 +109,17 @@ def find_checkpoints(paths: list[str | Path]) -> list[Path]:
 
 @torch.inference_mode()
 def predict_logits(model: nn.Module, images, batch_size: int = 16, tta: bool = False,
-                   device: str | torch.device = "cpu") -> np.ndarray:
+                   device: str | torch.device | None = None) -> np.ndarray:
     """Logits (N, K) for ``images`` (N, C, D, H, W), optionally averaged over test-time augmented views.
 
-    With TTA, the mean of the views' log-probabilities is returned (a valid logit vector).
+    With TTA, the mean of the views' log-probabilities is returned (a valid logit vector). The batches go
+    to ``device``, by default the model's own (fp32 on either: the numbers do not depend on the device
+    beyond rounding).
     """
     from medvox.transforms.tta import tta_views
 
+    if device is None:
+        device = next(model.parameters()).device
     out = []
     for start in range(0, len(images), batch_size):
         x = torch.as_tensor(np.asarray(images[start:start + batch_size]), device=device).float()

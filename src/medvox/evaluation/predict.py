@@ -98,8 +98,8 @@ def _through_temperature(threshold: float, temperature: float) -> float:
 
 def predict_cases(checkpoints: list[str], inputs: list[str], out: str | Path, *, tta: bool = False,
                   calibrated: bool = True, batch_size: int = 8, data_cfg: DataConfig | None = None,
-                  progress: bool = True, argmax: bool = False) -> dict[str, Any]:
-    """Predict every input; write ``out`` (CSV) and return counts and the failures.
+                  progress: bool = True, argmax: bool = False, gpu: bool = False) -> dict[str, Any]:
+    """Predict every input; write ``out`` (CSV) and return counts and the failures (on the GPU with ``gpu``).
 
     Columns: case_id, source, label (when known), prob_<class>..., predicted, spread (standard deviation
     over the ensemble members of the predicted class's probability), status, error.
@@ -117,9 +117,10 @@ def predict_cases(checkpoints: list[str], inputs: list[str], out: str | Path, *,
     from medvox.data import preprocess_case
     from medvox.data.inspection import progress_bar
     from medvox.evaluation.features import fuse_probs, load_fusion
-    from medvox.evaluation.inference import ensemble_predict, find_checkpoints, load_model
+    from medvox.evaluation.inference import ensemble_predict, find_checkpoints, inference_device, load_model
 
-    models = [load_model(p) for p in find_checkpoints(checkpoints)]
+    device = inference_device(gpu)
+    models = [load_model(p, device) for p in find_checkpoints(checkpoints)]
     plan, classes = _check_plans(models), models[0].classes
     fusion = None
     if calibrated and len(checkpoints) == 1 and Path(checkpoints[0]).is_dir():

@@ -206,8 +206,9 @@ def oof_decision(labels: np.ndarray, probs: np.ndarray, rule: str) -> dict[str, 
 
 
 def test_ensemble(run_dir: Path, fold_dirs: list[Path], prepared, tta: bool,
-                  threshold: float | None = None, fusion: dict[str, Any] | None = None) -> dict[str, Any] | None:
-    """Average the fold models' (calibrated) probabilities on the held-out test set.
+                  threshold: float | None = None, fusion: dict[str, Any] | None = None,
+                  device: str | Any = "cpu") -> dict[str, Any] | None:
+    """Average the fold models' (calibrated) probabilities on the held-out test set (the models on ``device``).
 
     ``threshold`` (chosen on OOF data) adds ``final_at_threshold``: the final variant's metrics at it.
     ``fusion`` (from :func:`~medvox.evaluation.features.fit_fusion`) adds the variant ``fused``: the
@@ -217,7 +218,7 @@ def test_ensemble(run_dir: Path, fold_dirs: list[Path], prepared, tta: bool,
     test_idx = prepared.test_idx
     if len(test_idx) == 0:
         return None
-    models = [load_model(final_checkpoint(d)) for d in fold_dirs]
+    models = [load_model(final_checkpoint(d), device) for d in fold_dirs]
     images = prepared.images[np.sort(test_idx)]
     order = np.sort(test_idx)
     labels = prepared.labels[order]
@@ -257,7 +258,7 @@ def _add_spread(path: Path, per_model: np.ndarray) -> None:
 
 def summarize(run_dir: Path, fold_dirs: list[Path], prepared=None, tta: bool = True,
               threshold_rule: str = "youden", feature_fusion: bool = False, seed: int = 0,
-              progress: bool = True, features_from=None) -> dict[str, Any]:
+              progress: bool = True, features_from=None, device: str | Any = "cpu") -> dict[str, Any]:
     """Write ``cv_summary.json`` (+ ``oof_predictions.csv``, ``test_predictions.csv``) for a finished CV.
 
     Binary tasks also get ``decision``: a threshold chosen by ``threshold_rule`` on the pooled, calibrated
@@ -267,7 +268,8 @@ def summarize(run_dir: Path, fold_dirs: list[Path], prepared=None, tta: bool = T
     ``feature_fusion`` (needs ``prepared``): a descriptor model on the same folds, mixed in at the weight
     with the best pooled OOF AUC, or log-loss for more than two classes (:mod:`medvox.evaluation.features`); the threshold, ``oof_fused`` and the
     test variant ``fused`` then use the mixture, and ``fusion`` records the weight; ``features_from``: the
-    same cases on the descriptors' grid (:func:`~medvox.evaluation.features.feature_data`; None: ``prepared``)."""
+    same cases on the descriptors' grid (:func:`~medvox.evaluation.features.feature_data`; None: ``prepared``);
+    ``device``: where the test ensemble runs (``medvox cv --gpu``: the GPU it trained on)."""
     folds = [json.loads((d / "metrics.json").read_text()) for d in fold_dirs]
     fold_val = [f["final"]["val"] for f in folds]
     oof_metrics, _, _, classes = write_oof(run_dir, fold_dirs)
@@ -289,7 +291,7 @@ def summarize(run_dir: Path, fold_dirs: list[Path], prepared=None, tta: bool = T
         "model": folds[0]["model"], "folds": len(folds), "classes": classes, "monitor": folds[0]["monitor"],
         "fold_final_weights": [f["final"]["weights"] for f in folds],
         "cv": fold_table(fold_val), "oof": oof_metrics, "calibration": calibration, "decision": decision,
-        "test": test_ensemble(run_dir, fold_dirs, prepared, tta, threshold, fusion) if prepared is not None else None,
+        "test": test_ensemble(run_dir, fold_dirs, prepared, tta, threshold, fusion, device) if prepared is not None else None,
     }
     if fusion is not None:
         record_fusion(run_dir, summary, fusion, oof_labels, classes, threshold)
