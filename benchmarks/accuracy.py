@@ -170,32 +170,89 @@ def preflight(jobs: list[tuple[str, int]], python: str = sys.executable) -> str 
             f"e.g. `.venv/bin/python benchmarks/accuracy.py run ...` after `make install`")
 
 
+def fold_commands(name: str, seed: int, out: Path, gpu: bool, threads: int | None, smoke: bool = False,
+                  extra: list[str] | None = None) -> list[list[str]]:
+    """The folds of a medvox job as separate ``medvox train --fold K --resume`` commands: the same flags as the
+    job's ``medvox cv`` (which sets ``fold`` and ``resume`` the same way for each fold), so the configs they
+    save are the ones ``cv`` would write. ``cv`` itself, run after them, finds every fold finished and only
+    summarises (OOF, calibration, fusion, test ensemble). Used with ``--fold-parallel`` on a GPU, where one
+    small model leaves the device mostly idle and the folds can share it."""
+    cmd, _ = job_command(name, seed, out, gpu, threads, smoke, extra)
+    folds = 2 if smoke else 5
+    at = cmd.index("cv")
+    return [[*cmd[:at], "train", *cmd[at + 1:], "--fold", str(k), "--resume"] for k in range(folds)]
+
+
+@dataclasses.dataclass
+class _Task:
+    key: str  # the log's name: <job> or <job>_fold<K>
+    job: str  # <name>_s<seed>: the timings' key
+    cmd: list[str]
+    after: tuple[str, ...] = ()  # task keys that must have finished with exit status 0
+
+
+def _tasks(jobs: list[tuple[str, int]], out: Path, gpu: bool, threads: int | None, smoke: bool,
+           extra: list[str] | None, fold_parallel: bool) -> tuple[list[_Task], dict[str, tuple]]:
+    """The processes to run, in order, and per job (name, seed, result folder)."""
+    tasks, meta = [], {}
+    for name, seed in jobs:
+        job = f"{name}_s{seed}"
+        cmd, result = job_command(name, seed, out, gpu, threads, smoke, extra)
+        meta[job] = (name, seed, result)
+        if fold_parallel and name not in BASELINES:
+            folds = [_Task(f"{job}_fold{k}", job, c) for k, c in
+                     enumerate(fold_commands(name, seed, out, gpu, threads, smoke, extra))]
+            tasks += [*folds, _Task(job, job, cmd, tuple(t.key for t in folds))]
+        else:
+            tasks.append(_Task(job, job, cmd))
+    return tasks, meta
+
+
 def run_jobs(jobs: list[tuple[str, int]], out: Path, parallel: int, gpu: bool, threads: int | None,
              deadline: float | None, drop_checkpoints: bool, smoke: bool = False,
-             hard_deadline: float | None = None, extra: list[str] | None = None) -> None:
-    """Run ``jobs`` (recipe/baseline name, seed), ``parallel`` at a time; record time and CPU time of each."""
+             hard_deadline: float | None = None, extra: list[str] | None = None, fold_parallel: bool = False) -> None:
+    """Run ``jobs`` (recipe/baseline name, seed), ``parallel`` processes at a time; record the time and CPU
+    time of each job. ``fold_parallel``: each medvox job's folds are processes of their own
+    (:func:`fold_commands`), then its ``medvox cv`` summarises; a job's time runs from its first fold's
+    start to the summary's end, its CPU time is the sum over its processes."""
     out = out.resolve()  # the jobs run with `out` as their working folder: a relative path would nest
     out.mkdir(parents=True, exist_ok=True)
     (out / "logs").mkdir(exist_ok=True)
     env = _job_env()
-    pending, running, timings = list(jobs), {}, {}
     timing_path = out / "timings.json"
-    if timing_path.is_file():
-        timings = json.loads(timing_path.read_text())
+    timings = json.loads(timing_path.read_text()) if timing_path.is_file() else {}
+    tasks, meta = _tasks(jobs, out, gpu, threads, smoke, extra, fold_parallel)
+    pending = [t for t in tasks if timings.get(t.job, {}).get("rc") != 0]
+    running, exits, first_start, cpu = {}, {}, {}, {}
+    device = ("cuda" if gpu else "cpu") + (", folds in parallel" if fold_parallel else "")
     start = time.time()
+
+    def record(job: str, rc: int | None, **more) -> None:
+        name, seed, _ = meta[job]
+        timings[job] = {"name": name, "seed": seed, "rc": rc, "wall_seconds": time.time() - first_start[job],
+                        "cpu_seconds": cpu.get(job), "device": device, "parallel": parallel, **more}
+        timing_path.write_text(json.dumps(timings, indent=1) + "\n", encoding="utf-8")
+
     while pending or running:
-        while pending and len(running) < parallel and (deadline is None or time.time() < deadline):
-            name, seed = pending.pop(0)
-            key = f"{name}_s{seed}"
-            if timings.get(key, {}).get("rc") == 0:
+        if deadline is not None and time.time() >= deadline:  # no new work; a job's summary whose folds all
+            started = set(exits) | {t.key for t, _, _ in running.values()}  # started still runs (it is short)
+            pending = [t for t in pending if t.after and all(k in started for k in t.after)]
+        for task in list(pending):
+            if len(running) >= parallel:
+                break
+            failed = [k for k in task.after if k in exits and exits[k] != 0]
+            if failed:  # a fold failed: the job's summary would train it again, on its own; not started
+                pending.remove(task)
+                record(task.job, exits[failed[0]], failed=f"{failed[0]} exited with {exits[failed[0]]}")
                 continue
-            cmd, result = job_command(name, seed, out, gpu, threads, smoke, extra)
-            log = open(out / "logs" / f"{key}.log", "w", encoding="utf-8")  # noqa: SIM115 (closed below)
-            proc = subprocess.Popen(cmd, cwd=out, env=env, stdout=log, stderr=subprocess.STDOUT)
-            running[proc.pid] = (key, name, seed, result, proc, log, time.time())
-            print(f"[{time.time() - start:6.0f} s] start {key}", file=sys.stderr, flush=True)
-        if deadline is not None and time.time() >= deadline:
-            pending.clear()
+            if any(k not in exits for k in task.after):
+                continue
+            pending.remove(task)
+            log = open(out / "logs" / f"{task.key}.log", "w", encoding="utf-8")  # noqa: SIM115 (closed below)
+            proc = subprocess.Popen(task.cmd, cwd=out, env=env, stdout=log, stderr=subprocess.STDOUT)
+            running[proc.pid] = (task, proc, log)
+            first_start.setdefault(task.job, time.time())
+            print(f"[{time.time() - start:6.0f} s] start {task.key}", file=sys.stderr, flush=True)
         if not running:
             break
         if hard_deadline is not None and time.time() >= hard_deadline:
@@ -206,29 +263,29 @@ def run_jobs(jobs: list[tuple[str, int]], out: Path, parallel: int, gpu: bool, t
             continue
         if pid not in running:
             continue
-        key, name, seed, result, proc, log, t0 = running.pop(pid)
-        proc.returncode = os.waitstatus_to_exitcode(status)
+        task, proc, log = running.pop(pid)
+        proc.returncode = exits[task.key] = os.waitstatus_to_exitcode(status)
         log.close()
-        timings[key] = {"name": name, "seed": seed, "rc": proc.returncode, "wall_seconds": time.time() - t0,
-                        "cpu_seconds": usage.ru_utime + usage.ru_stime, "device": "cuda" if gpu else "cpu",
-                        "parallel": parallel}
-        timing_path.write_text(json.dumps(timings, indent=1) + "\n", encoding="utf-8")
-        print(f"[{time.time() - start:6.0f} s] done  {key}: exit {proc.returncode}, "
-              f"{timings[key]['wall_seconds']:.0f} s", file=sys.stderr, flush=True)
+        cpu[task.job] = cpu.get(task.job, 0.0) + usage.ru_utime + usage.ru_stime
+        print(f"[{time.time() - start:6.0f} s] done  {task.key}: exit {proc.returncode}, "
+              f"{time.time() - first_start[task.job]:.0f} s since the job started", file=sys.stderr, flush=True)
+        if task.key != task.job:  # a fold: its job's summary records the job
+            continue
+        record(task.job, proc.returncode)
+        name, _, result = meta[task.job]
         if name not in BASELINES and result.is_dir():
-            _keep_small(result, out / "kept" / key)
-            if drop_checkpoints:
+            _keep_small(result, out / "kept" / task.job)
+            if drop_checkpoints and proc.returncode == 0:  # a failed summary keeps its folds' models to rerun it
                 for pattern in ("*.pt", "*.safetensors"):
                     for path in result.rglob(pattern):
                         path.unlink(missing_ok=True)
-    # jobs cut by the hard deadline: stopped, recorded as unfinished
-    for key, name, seed, _result, proc, log, t0 in running.values():
+    # processes cut by the hard deadline: stopped, their jobs recorded as unfinished
+    for task, proc, log in running.values():
         proc.kill()
         proc.wait()
         log.close()
-        timings[key] = {"name": name, "seed": seed, "rc": None, "wall_seconds": time.time() - t0,
-                        "unfinished": "stopped at the time limit", "device": "cuda" if gpu else "cpu"}
-        print(f"stopped {key} at the time limit", file=sys.stderr, flush=True)
+        record(task.job, None, unfinished="stopped at the time limit")
+        print(f"stopped {task.key} at the time limit", file=sys.stderr, flush=True)
     timing_path.write_text(json.dumps(timings, indent=1) + "\n", encoding="utf-8")
 
 
@@ -500,6 +557,9 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--minutes", type=float, help="start no job after this many minutes")
     r.add_argument("--hard-minutes", type=float, help="kill the jobs still running after this many minutes")
     r.add_argument("--drop-checkpoints", action="store_true", help="delete each finished run's checkpoints")
+    r.add_argument("--fold-parallel", action="store_true",
+                   help="each medvox job's folds as processes of their own (`medvox train --fold K`), then its "
+                        "`medvox cv` summarises; --parallel counts processes (for a GPU that one small model leaves idle)")
     r.add_argument("--smoke", action="store_true", help="1 epoch (medvox: 2 folds): checks the harness only")
     r.add_argument("--extra", nargs=argparse.REMAINDER, default=[],
                    help="further `medvox cv` flags for every medvox job (last on the command line, e.g. --epochs 20)")
@@ -530,7 +590,7 @@ def main(argv: list[str] | None = None) -> int:
         deadline = now + 60 * args.minutes if args.minutes else None
         hard = now + 60 * args.hard_minutes if args.hard_minutes else None
         run_jobs(jobs, args.out, args.parallel, args.gpu, args.threads, deadline, args.drop_checkpoints, args.smoke,
-                 hard, args.extra)
+                 hard, args.extra, args.fold_parallel)
         return 0
     if args.cmd == "fuse":
         for kept in args.kept:

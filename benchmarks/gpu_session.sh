@@ -5,6 +5,8 @@
 #   2. the accuracy sweep (issue 8): `benchmarks/accuracy.py run` of many recipes in parallel on the one GPU,
 #      stopped at the session's time limit; the small files of every finished run -> acc.tar.gz
 # Usage (repository root, on the GPU machine): OUT=/some/dir BUDGET_S=540 bash benchmarks/gpu_session.sh
+# Knobs: BENCH=0 skips 1, MFU_SWEEP=0 skips 1b, JOBS="..." and PARALLEL=N choose the sweep, FOLD_PARALLEL=1
+# runs each fold as its own process (`accuracy.py run --fold-parallel`), MPS=1 tries CUDA MPS (off if it fails).
 # Needs the MedMNIST files in .gpu/data/ and, where the machine lacks them, wheels of MONAI, nibabel and
 # pydicom in .whl/ (see benchmarks/NOTES.md).
 set -u
@@ -18,15 +20,34 @@ if compgen -G ".whl/*.whl" > /dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
   export PYTHONPATH=/tmp/site
 fi
-export PYTHONPATH="${PYTHONPATH:-}:$PWD/src:$PWD" MEDVOX_MEDMNIST_DIR="$PWD/.gpu/data" MEDVOX_CACHE=/tmp/mvcache \
+export PYTHONPATH="${PYTHONPATH:-}:$PWD/src:$PWD" MEDVOX_MEDMNIST_DIR="$PWD/.gpu/data" \
   PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
 python3 -c "import torch, monai, medvox; from medvox.engine.setup import fabric_module as f; print('torch', torch.__version__,
 'monai', monai.__version__, 'lightning', f().__version__, torch.cuda.get_device_name(0), 'cpus', __import__('os').cpu_count())" || exit 1
-echo "[$(elapsed) s] GPU benchmark"
-timeout 200 python3 benchmarks/run.py --gpu --npz .gpu/data/adrenalmnist3d_64.npz --out "$OUT/GPU_RESULTS.md" \
-  --json "$OUT/gpu_results.json" > "$OUT/bench.log" 2>&1
-echo "[$(elapsed) s] benchmark exit $?"; tail -n 25 "$OUT/bench.log"
+# the runs and the cache on tmpfs where it has room: every fold writes its best checkpoints (with their
+# .safetensors twins, ~0.5 GB for a ResNet-18) at each improving epoch, a dozen folds at a time
+SCRATCH=/tmp
+if [ "$(df -k --output=avail /dev/shm 2>/dev/null | tail -n 1)" -gt 40000000 ] 2>/dev/null; then SCRATCH=/dev/shm; fi
+export MEDVOX_CACHE=$SCRATCH/mvcache
+echo "scratch: $SCRATCH"
+if [ "${MPS:-0}" = 1 ] && command -v nvidia-cuda-mps-control > /dev/null; then
+  # CUDA MPS: the kernels of many small training processes run side by side instead of in turns
+  export CUDA_MPS_PIPE_DIRECTORY=/tmp/mps-pipe CUDA_MPS_LOG_DIRECTORY=/tmp/mps-log
+  mkdir -p "$CUDA_MPS_PIPE_DIRECTORY" "$CUDA_MPS_LOG_DIRECTORY"
+  if nvidia-cuda-mps-control -d && timeout 40 python3 -c "import torch; print('MPS client ok', float(torch.ones(4, device='cuda').sum()))"; then
+    echo "[$(elapsed) s] MPS on"
+  else
+    echo quit | nvidia-cuda-mps-control 2> /dev/null; sleep 2
+    unset CUDA_MPS_PIPE_DIRECTORY CUDA_MPS_LOG_DIRECTORY; echo "[$(elapsed) s] MPS failed, off"
+  fi
+fi
+if [ "${BENCH:-1}" = 1 ]; then
+  echo "[$(elapsed) s] GPU benchmark"
+  timeout 200 python3 benchmarks/run.py --gpu --npz .gpu/data/adrenalmnist3d_64.npz --out "$OUT/GPU_RESULTS.md" \
+    --json "$OUT/gpu_results.json" > "$OUT/bench.log" 2>&1
+  echo "[$(elapsed) s] benchmark exit $?"; tail -n 25 "$OUT/bench.log"
+fi
 if [ "${MFU_SWEEP:-1}" = 1 ]; then  # issue 6: which lever moves ResNet-50-3D's MFU (batch, compile, layout)
   echo "[$(elapsed) s] MFU sweep"
   timeout 240 python3 benchmarks/gpu.py --mfu-sweep --json "$OUT/mfu_sweep.json" > "$OUT/mfu.log" 2>&1
@@ -38,12 +59,16 @@ echo "[$(elapsed) s] accuracy sweep, ${left} s left"
 # CPU), mil@0 (CPU), r50 (folds 0-1, CPU). First what the CPU cannot do in its budget: the 64^3 input x 3 seeds, then the model families the
 # issue asks to compare and that no run has finished yet (Swin UNETR: ~25x ResNet-18's step on the CPU).
 # Fewer jobs at a time than 2026-11-25 (10 -> 6): that sweep finished no job in its ~8 minutes.
-python3 benchmarks/accuracy.py run --gpu --parallel "${PARALLEL:-6}" --threads 1 --drop-checkpoints \
-  --out /tmp/acc --hard-minutes "$(python3 -c "print($left / 60)")" --minutes "$(python3 -c "print(max($left - 150, 30) / 60)")" \
+nvidia-smi --query-gpu=timestamp,utilization.gpu,memory.used --format=csv -l 10 > "$OUT/gpu_util.csv" 2>&1 &
+SAMPLER=$!
+FP=(); [ "${FOLD_PARALLEL:-0}" = 1 ] && FP=(--fold-parallel)  # each fold its own process (PARALLEL counts them)
+python3 benchmarks/accuracy.py run --gpu --parallel "${PARALLEL:-6}" --threads 1 --drop-checkpoints "${FP[@]}" \
+  --out "$SCRATCH/acc" --hard-minutes "$(python3 -c "print($left / 60)")" --minutes "$(python3 -c "print(max($left - 150, 30) / 60)")" \
   --jobs ${JOBS:-r18_64@0 r18_64@1 r18_64@2 swin@0 r50@0 r10s1_64@0 r10s1@0 r10s1@1 r10s1@2 r18s1@0 \
   r18_ldam@0 r18_ce@0 r18_noema@0 original@0}
-echo "[$(elapsed) s] sweep done"
-for f in /tmp/acc/logs/*.log; do echo "== $f"; grep -E "epoch +[0-9]+ \||fold [0-9]+ (complete|early)|Error|error" "$f" | tail -n 3; done
+echo "[$(elapsed) s] sweep done"; kill $SAMPLER 2> /dev/null
+for f in "$SCRATCH"/acc/logs/*.log; do echo "== $f"; grep -E "epoch +[0-9]+ \||fold [0-9]+ (complete|early)|Error|error" "$f" | tail -n 3; done
 tar czf "$OUT/acc.tar.gz" --exclude='*.pt' --exclude='*.safetensors' --exclude='*.png' --exclude='events.out*' \
-  -C /tmp/acc kept timings.json logs runs
+  -C "$SCRATCH/acc" kept timings.json logs runs
+[ -n "${CUDA_MPS_PIPE_DIRECTORY:-}" ] && echo quit | nvidia-cuda-mps-control
 echo "[$(elapsed) s] end"

@@ -206,3 +206,52 @@ def test_paired_section_falls_back_to_the_bootstrap_for_three_classes(tmp_path):
     assert row["oof"]["p"] == pytest.approx(expected["p_boot"]) and row["oof"]["auc"] is None
     md = accuracy.render({"rule": "youden", "recipes": {}, "paired": [row]}, {})
     assert f"| r50 | 0 |  | {row['oof']['diff']:+.3f}" in md
+
+
+def test_fold_commands_are_the_jobs_cv_flags_as_one_train_per_fold(tmp_path):
+    cv, _ = accuracy.job_command("auto64aa", 1, tmp_path, gpu=True, threads=1)
+    folds = accuracy.fold_commands("auto64aa", 1, tmp_path, gpu=True, threads=1)
+    assert len(folds) == 5
+    for k, cmd in enumerate(folds):
+        at = cv.index("cv")
+        # `medvox cv` trains fold k with fold=k and resume=True: the same config as this command's
+        assert cmd == [*cv[:at], "train", *cv[at + 1:], "--fold", str(k), "--resume"]
+
+
+def test_fold_parallel_runs_the_summary_after_its_folds_and_keeps_a_failed_jobs_models(tmp_path, monkeypatch):
+    """Each fold is a process of its own; the job's `medvox cv` starts when all have finished, and the job is
+    timed from its first fold to the summary. A job with a failed fold is recorded as failed and its
+    summary never starts; a failed summary keeps the folds' checkpoints (dropped only on success)."""
+    stamp = ("import pathlib, sys, time; run = pathlib.Path(sys.argv[1]); run.mkdir(parents=True, exist_ok=True); "
+             "name = sys.argv[2]; (run / (name + '.start')).write_text(repr(time.time())); time.sleep(0.3); "
+             "(run / 'fold_0').mkdir(exist_ok=True); (run / 'fold_0' / 'best.pt').write_text('weights'); "
+             "(run / (name + '.end')).write_text(repr(time.time())); sys.exit(int(sys.argv[3]))")
+
+    def fake_job(name, seed, out, gpu, threads, smoke=False, extra=None):
+        run = out / "runs" / f"{name}_s{seed}"
+        return [sys.executable, "-c", stamp, str(run), "summary", "1" if name == "r50" else "0"], run
+
+    def fake_folds(name, seed, out, gpu, threads, smoke=False, extra=None):
+        run = out / "runs" / f"{name}_s{seed}"
+        return [[sys.executable, "-c", stamp, str(run), f"fold{k}", "1" if (name == "mil" and k == 1) else "0"]
+                for k in range(3)]
+
+    monkeypatch.setattr(accuracy, "job_command", fake_job)
+    monkeypatch.setattr(accuracy, "fold_commands", fake_folds)
+    accuracy.run_jobs([("r18", 0), ("mil", 0), ("r50", 0)], tmp_path, 4, False, None, None, drop_checkpoints=True,
+                      fold_parallel=True)
+    timings = json.loads((tmp_path / "timings.json").read_text())
+    read = lambda run, name: float((tmp_path / "runs" / run / name).read_text())  # noqa: E731
+    ends = [read("r18_s0", f"fold{k}.end") for k in range(3)]
+    assert read("r18_s0", "summary.start") >= max(ends)
+    r18 = timings["r18_s0"]
+    assert r18["rc"] == 0 and r18["wall_seconds"] >= read("r18_s0", "summary.end") - read("r18_s0", "fold0.start")
+    assert r18["cpu_seconds"] > 0 and "folds in parallel" in r18["device"]
+    assert (tmp_path / "kept" / "r18_s0").is_dir() and not (tmp_path / "runs" / "r18_s0" / "fold_0" / "best.pt").exists()
+    # a failed fold: the job fails, its summary is not started
+    assert timings["mil_s0"]["rc"] == 1 and "mil_s0_fold1" in timings["mil_s0"]["failed"]
+    assert not (tmp_path / "runs" / "mil_s0" / "summary.start").exists()
+    # a failed summary: recorded, and the folds' checkpoints stay for a rerun
+    assert timings["r50_s0"]["rc"] == 1 and (tmp_path / "runs" / "r50_s0" / "fold_0" / "best.pt").is_file()
+    assert sorted(p.name for p in (tmp_path / "logs").iterdir()) == sorted(
+        [f"{j}_fold{k}.log" for j in ("r18_s0", "mil_s0", "r50_s0") for k in range(3)] + ["r18_s0.log", "r50_s0.log"])
