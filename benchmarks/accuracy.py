@@ -401,6 +401,39 @@ def medvox_result(kept: Path, rule: str = "youden") -> dict:
     return out
 
 
+def fold_level(run: Path) -> dict:
+    """A run's fold-level figures from its fold folders alone, so that a run whose summary never ran (its
+    checkpoints lost) still compares: each fold's final validation and test AUC (``metrics.json``), the
+    AUC of the folds' validation predictions pooled (``cv_summary.json``'s ``oof``: uncalibrated) and the test
+    AUC of the fold ensemble without TTA or calibration (the mean of the folds' test probabilities: the
+    ``ensemble`` variant of ``cv_summary.json``, which is read instead where the run has one)."""
+    from medvox.evaluation.metrics import compute_metrics
+    from medvox.evaluation.summary import load_predictions
+
+    folds = sorted(run.glob("fold_*"), key=lambda d: int(d.name.split("_")[1]))
+    finals = [json.loads((d / "metrics.json").read_text())["final"] for d in folds]
+    out = {"run": run.name, "folds": len(folds), "val_auc": [f["val"]["auc"] for f in finals],
+           "fold_test_auc": [f["test"]["auc"] for f in finals if f.get("test")]}
+    if (run / "cv_summary.json").is_file():
+        summary = json.loads((run / "cv_summary.json").read_text())
+        out["oof_auc"], out["test_ensemble_auc"] = summary["oof"]["auc"], summary["test"]["ensemble"]["auc"]
+        return out
+    val = [load_predictions(d / "val_predictions.csv") for d in folds]
+    out["oof_auc"] = compute_metrics(np.concatenate([v[0] for v in val]), np.concatenate([v[1] for v in val]))["auc"]
+    tests = [load_predictions(d / "test_predictions.csv") for d in folds]
+    out["test_ensemble_auc"] = compute_metrics(tests[0][0], np.mean([t[1] for t in tests], axis=0))["auc"]
+    return out
+
+
+def render_fold_level(rows: list[dict]) -> str:
+    lines = ["| run | folds | fold val AUC (final weights) | pooled OOF AUC (uncalibrated) | fold test AUC, mean | "
+             "test ensemble AUC (no TTA) |", "| --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        lines.append(f"| {r['run']} | {r['folds']} | {' / '.join(f'{v:.3f}' for v in r['val_auc'])} | "
+                     f"{r['oof_auc']:.3f} | {np.mean(r['fold_test_auc']):.3f} | {r['test_ensemble_auc']:.3f} |")
+    return "\n".join(lines)
+
+
 def collect(outs: Path | list[Path], rule: str) -> dict:
     """Every finished run under the ``outs`` folders: per run and, per recipe, mean and std over seeds."""
     runs: dict[str, dict] = {}
@@ -571,6 +604,8 @@ def main(argv: list[str] | None = None) -> int:
     fu.add_argument("--rule", default="youden", choices=["youden", "f1", "accuracy"])
     fu.add_argument("--features-data", type=Path,
                     help="compute the descriptors on this file's version of the cases (e.g. the 64^3 release)")
+    fl = sub.add_parser("folds", help="fold-level figures of run folders (kept runs, or fold folders alone)")
+    fl.add_argument("runs", type=Path, nargs="+")
     rep = sub.add_parser("report", help="write the tables")
     rep.add_argument("--out", type=Path, nargs="+", required=True, help="one or more `run --out` folders")
     rep.add_argument("--rule", default="youden", choices=["youden", "f1", "accuracy"])
@@ -595,6 +630,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.cmd == "fuse":
         for kept in args.kept:
             fuse_kept(kept, args.out, args.rule, args.name, args.features_data)
+        return 0
+    if args.cmd == "folds":
+        print(render_fold_level([fold_level(run) for run in args.runs]))
         return 0
     results = collect(args.out, args.rule)
     notes = REPO / "benchmarks" / "accuracy_notes.md"  # hand-written findings, appended to the generated tables

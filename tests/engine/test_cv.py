@@ -318,6 +318,27 @@ def test_summarised_again_without_fusion_the_run_forgets_it(fused_run, tmp_path)
     assert list(plain[:, 1]) == pytest.approx(list(load_run(run).oof.probs[:, 1]), abs=1e-7)
 
 
+def test_accuracy_harness_fold_level_figures_from_fold_folders_match_the_summary(cv_run, tmp_path):
+    """`benchmarks/accuracy.py folds` on a run's fold folders alone (a GPU session's runs whose summary never
+    ran) gives the pooled OOF AUC and the no-TTA ensemble's test AUC that `medvox cv` wrote."""
+    import shutil
+
+    from benchmarks import accuracy
+
+    run = tmp_path / "resnet10"
+    shutil.copytree(cv_run, run)
+    summary = json.loads((run / "cv_summary.json").read_text())
+    for name in ("cv_summary.json", "oof_predictions.csv", "test_predictions.csv", *(f"fold_{k}/{w}" for k in range(3) for w in (
+            "best.pt", "best_ema.pt", "best.safetensors", "best_ema.safetensors"))):
+        (run / name).unlink(missing_ok=True)
+    got = accuracy.fold_level(run)
+    assert got["oof_auc"] == pytest.approx(summary["oof"]["auc"], abs=1e-9)
+    assert got["test_ensemble_auc"] == pytest.approx(summary["test"]["ensemble"]["auc"], abs=1e-6)
+    assert got["val_auc"] == pytest.approx(summary["cv"]["auc"]["per_fold"], abs=1e-9)
+    table = accuracy.render_fold_level([got, accuracy.fold_level(cv_run)])  # and from the summary itself
+    assert table.count(f"| {got['oof_auc']:.3f} |") == 2
+
+
 def test_accuracy_harness_fuse_matches_medvox_cv_fusion(cv_run, fused_run, tmp_path):
     """`benchmarks/accuracy.py fuse` (a kept run, fused afterwards from its predictions alone) gives what
     `medvox cv --set train.feature_fusion=true` gives at its end: weight, fused OOF, threshold, test mixture."""
