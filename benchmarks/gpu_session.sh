@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # One GPU session, everything in one call (a lent GPU machine is billed from start to give-back):
-#   1. the GPU benchmark (issue 6): `benchmarks/run.py --gpu` -> GPU_RESULTS.md / gpu_results.json
-#   1b. the MFU sweep (issue 6): `benchmarks/gpu.py --mfu-sweep` -> mfu_sweep.json / .md (MFU_SWEEP=0 skips it)
+#   1. the GPU benchmark (issue 6): `benchmarks/run.py --gpu` -> GPU_RESULTS.md / gpu_results.json (BENCH=1 runs it)
+#   1b. the MFU sweep (issue 6): `benchmarks/gpu.py --mfu-sweep` -> mfu_sweep.json / .md (MFU_SWEEP=1 runs it)
 #   2. the accuracy sweep (issue 8): `benchmarks/accuracy.py run` of many recipes in parallel on the one GPU,
 #      stopped at the session's time limit; the small files of every finished run -> acc.tar.gz
 # Usage (repository root, on the GPU machine): OUT=/some/dir BUDGET_S=540 bash benchmarks/gpu_session.sh
-# Knobs: BENCH=0 skips 1, MFU_SWEEP=0 skips 1b, JOBS="..." and PARALLEL=N choose the sweep, FOLD_PARALLEL=1
-# runs each fold as its own process (`accuracy.py run --fold-parallel`), MPS=1 tries CUDA MPS (off if it fails).
+# Knobs (defaults: the accuracy sweep alone, issue 8 being the open one): BENCH=1 runs 1, MFU_SWEEP=1 runs 1b,
+# JOBS="..." and PARALLEL=N choose the sweep, FOLD_PARALLEL=0 runs each job's folds in turn in one process,
+# MPS=0 does not try CUDA MPS (tried by default, off again if a client cannot start).
 # Needs the MedMNIST files in .gpu/data/ and, where the machine lacks them, wheels of MONAI, nibabel and
 # pydicom in .whl/ (see benchmarks/NOTES.md).
 set -u
@@ -31,7 +32,7 @@ SCRATCH=/tmp
 if [ "$(df -k --output=avail /dev/shm 2>/dev/null | tail -n 1)" -gt 40000000 ] 2>/dev/null; then SCRATCH=/dev/shm; fi
 export MEDVOX_CACHE=$SCRATCH/mvcache
 echo "scratch: $SCRATCH"
-if [ "${MPS:-0}" = 1 ] && command -v nvidia-cuda-mps-control > /dev/null; then
+if [ "${MPS:-1}" = 1 ] && command -v nvidia-cuda-mps-control > /dev/null; then
   # CUDA MPS: the kernels of many small training processes run side by side instead of in turns
   export CUDA_MPS_PIPE_DIRECTORY=/tmp/mps-pipe CUDA_MPS_LOG_DIRECTORY=/tmp/mps-log
   mkdir -p "$CUDA_MPS_PIPE_DIRECTORY" "$CUDA_MPS_LOG_DIRECTORY"
@@ -42,13 +43,13 @@ if [ "${MPS:-0}" = 1 ] && command -v nvidia-cuda-mps-control > /dev/null; then
     unset CUDA_MPS_PIPE_DIRECTORY CUDA_MPS_LOG_DIRECTORY; echo "[$(elapsed) s] MPS failed, off"
   fi
 fi
-if [ "${BENCH:-1}" = 1 ]; then
+if [ "${BENCH:-0}" = 1 ]; then  # measured 2026-11-25 (RESULTS_GPU.md); 200 s of a 15-minute lease
   echo "[$(elapsed) s] GPU benchmark"
   timeout 200 python3 benchmarks/run.py --gpu --npz .gpu/data/adrenalmnist3d_64.npz --out "$OUT/GPU_RESULTS.md" \
     --json "$OUT/gpu_results.json" > "$OUT/bench.log" 2>&1
   echo "[$(elapsed) s] benchmark exit $?"; tail -n 25 "$OUT/bench.log"
 fi
-if [ "${MFU_SWEEP:-1}" = 1 ]; then  # issue 6: which lever moves ResNet-50-3D's MFU (batch, compile, layout)
+if [ "${MFU_SWEEP:-0}" = 1 ]; then  # issue 6: which lever moves ResNet-50-3D's MFU (batch, compile, layout)
   echo "[$(elapsed) s] MFU sweep"
   timeout 240 python3 benchmarks/gpu.py --mfu-sweep --json "$OUT/mfu_sweep.json" > "$OUT/mfu.log" 2>&1
   echo "[$(elapsed) s] MFU sweep exit $?"; tail -n 40 "$OUT/mfu.log"
@@ -56,16 +57,16 @@ fi
 left=$(( BUDGET_S - $(elapsed) - 25 ))
 echo "[$(elapsed) s] accuracy sweep, ${left} s left"
 # done already (benchmarks/accuracy.md): r18 x 3 seeds (CPU), the MONAI baselines x 3 seeds (H100), r18_mixup (2 folds,
-# CPU), mil@0 (CPU), r50 (folds 0-1, CPU). First what the CPU cannot do in its budget: the 64^3 input x 3 seeds, then the model families the
-# issue asks to compare and that no run has finished yet (Swin UNETR: ~25x ResNet-18's step on the CPU).
-# Fewer jobs at a time than 2026-11-25 (10 -> 6): that sweep finished no job in its ~8 minutes.
+# CPU), mil@0 (CPU), r50 (folds 0-1, CPU), auto64 x 3 and auto64aa@0-1 (CPU), r18_64@0 and swin@0 folds (H100,
+# 2026-11-26: 16 fold processes under MPS kept the card 100 % busy; a ResNet-18 fold at 64^3 took 220-290 s).
+# Next: the default recipe's third seed, then the 64^3 CNN over seeds. Each fold is its own process by default
+# (FOLD_PARALLEL=1, PARALLEL counts processes); one whole run at a time took the 2026-11-25 sweep past its time.
 nvidia-smi --query-gpu=timestamp,utilization.gpu,memory.used --format=csv -l 10 > "$OUT/gpu_util.csv" 2>&1 &
 SAMPLER=$!
-FP=(); [ "${FOLD_PARALLEL:-0}" = 1 ] && FP=(--fold-parallel)  # each fold its own process (PARALLEL counts them)
-python3 benchmarks/accuracy.py run --gpu --parallel "${PARALLEL:-6}" --threads 1 --drop-checkpoints "${FP[@]}" \
+FP=(); [ "${FOLD_PARALLEL:-1}" = 1 ] && FP=(--fold-parallel)  # each fold its own process (PARALLEL counts them)
+python3 benchmarks/accuracy.py run --gpu --parallel "${PARALLEL:-16}" --threads 1 --drop-checkpoints "${FP[@]}" \
   --out "$SCRATCH/acc" --hard-minutes "$(python3 -c "print($left / 60)")" --minutes "$(python3 -c "print(max($left - 150, 30) / 60)")" \
-  --jobs ${JOBS:-r18_64@0 r18_64@1 r18_64@2 swin@0 r50@0 r10s1_64@0 r10s1@0 r10s1@1 r10s1@2 r18s1@0 \
-  r18_ldam@0 r18_ce@0 r18_noema@0 original@0}
+  --jobs ${JOBS:-auto64aa@2 r18_64@1 r18_64@2 r10s1_64@0}
 echo "[$(elapsed) s] sweep done"; kill $SAMPLER 2> /dev/null
 for f in "$SCRATCH"/acc/logs/*.log; do echo "== $f"; grep -E "epoch +[0-9]+ \||fold [0-9]+ (complete|early)|Error|error" "$f" | tail -n 3; done
 tar czf "$OUT/acc.tar.gz" --exclude='*.pt' --exclude='*.safetensors' --exclude='*.png' --exclude='events.out*' \
