@@ -137,6 +137,29 @@ def test_existing_run_is_never_overwritten_without_resume(tiny_medmnist, tmp_pat
     assert before == after
 
 
+def test_resume_refuses_a_run_started_on_another_preprocessing_plan(tiny_medmnist, tmp_path):
+    """Same config, other plan (the data changed, or an upgrade plans differently: 2026-11-26 added
+    anti-aliased downsampling): --resume used to continue on the new inputs; it now refuses, names what
+    changed and leaves the run as it was."""
+    cmd = _train_cmd(tiny_medmnist, tmp_path, "--epochs", "2")
+    subprocess.run(cmd, check=True, capture_output=True)
+    run = tmp_path / "resnet10" / "fold_0"
+    (run / "metrics.json").unlink()  # as if killed after its last epoch's last.pt
+    state = load_checkpoint(run / "last.pt")
+    assert state["plan"]["antialias"] is True
+    del state["plan"]["antialias"]  # what a medvox from before that change planned
+    torch.save(state, run / "last.pt")
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+    again = subprocess.run([*cmd, "--resume"], capture_output=True, text=True)
+    assert again.returncode != 0
+    assert "another plan (it differs in antialias" in again.stderr and "nothing was changed" in again.stderr
+    assert before == {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+    state["plan"]["antialias"] = True  # the same plan: the run resumes (and, at its last epoch, finishes)
+    torch.save(state, run / "last.pt")
+    done = subprocess.run([*cmd, "--resume"], capture_output=True, text=True)
+    assert done.returncode == 0 and "resumed from" in done.stdout, done.stderr[-2000:]
+
+
 def test_two_process_ddp_on_cpu_gathers_the_whole_validation_set(tiny_medmnist, tmp_path):
     cmd = _train_cmd(tiny_medmnist, tmp_path, "--epochs", "2", "--devices", "2")
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)

@@ -58,6 +58,32 @@ def _check_model_and_weights(cfg: ExperimentConfig) -> None:
                               "the flag out to train from scratch")
 
 
+def check_resume_plan(previous: dict | None, plan: dict, run_dir: Path) -> None:
+    """Refuse to resume a run whose checkpoint was trained on inputs of another preprocessing plan.
+
+    The config can be the same while the plan is not: the data changed, or a newer medvox plans differently
+    (2026-11-26: anti-aliased downsampling). The rest of the run would then see other inputs than its first
+    epochs did. Nothing is written before this check.
+
+    Raises:
+        TrainingError: naming the plan keys that differ.
+    """
+    from medvox.errors import TrainingError
+
+    if previous is None:  # a checkpoint from before plans were saved in it
+        return
+    old, new = (json.loads(json.dumps(p, sort_keys=True, default=str)) for p in (previous, plan))
+    if old == new:
+        return
+    differ = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    raise TrainingError(
+        f"--resume: {run_dir / 'last.pt'} was trained on inputs preprocessed with another plan (it differs in "
+        f"{', '.join(differ)}: the data or medvox's planning changed since the run started); nothing was changed. "
+        "Start a new run under another --output / --run-name, or resume with the medvox version and the data "
+        "the run started with."
+    )
+
+
 def train(cfg: ExperimentConfig) -> dict:
     """Train fold ``cfg.train.fold`` and write its run folder; returns the final ``metrics.json`` content.
 
@@ -88,6 +114,8 @@ def train(cfg: ExperimentConfig) -> dict:
         return done
     state = resume_state(cfg, run_dir)  # refuses to touch an existing run before anything is written
     prepared = prepare(cfg.data, progress=fabric.is_global_zero)
+    if state is not None:
+        check_resume_plan(state.get("plan"), prepared.plan, run_dir)
     if fabric.is_global_zero:
         run_dir.mkdir(parents=True, exist_ok=True)
         from medvox.engine.checkpoint import remove_stale_temp_files
