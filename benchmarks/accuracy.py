@@ -170,17 +170,19 @@ def preflight(jobs: list[tuple[str, int]], python: str = sys.executable) -> str 
             f"e.g. `.venv/bin/python benchmarks/accuracy.py run ...` after `make install`")
 
 
-def fold_commands(name: str, seed: int, out: Path, gpu: bool, threads: int | None, smoke: bool = False,
-                  extra: list[str] | None = None) -> list[list[str]]:
-    """The folds of a medvox job as separate ``medvox train --fold K --resume`` commands: the same flags as the
-    job's ``medvox cv`` (which sets ``fold`` and ``resume`` the same way for each fold), so the configs they
-    save are the ones ``cv`` would write. ``cv`` itself, run after them, finds every fold finished and only
+def fold_commands(cv_cmd: list[str]) -> list[list[str]]:
+    """The folds of a medvox job's ``medvox cv`` command as separate ``medvox train --fold K --resume``
+    commands: the same flags (``cv`` sets ``fold`` and ``resume`` the same way for each fold), so the configs
+    they save are the ones ``cv`` would write, and as many as its ``--folds`` (the last one given, as argparse
+    reads it; medvox's default without). ``cv`` itself, run after them, finds every fold finished and only
     summarises (OOF, calibration, fusion, test ensemble). Used with ``--fold-parallel`` on a GPU, where one
     small model leaves the device mostly idle and the folds can share it."""
-    cmd, _ = job_command(name, seed, out, gpu, threads, smoke, extra)
-    folds = 2 if smoke else 5
-    at = cmd.index("cv")
-    return [[*cmd[:at], "train", *cmd[at + 1:], "--fold", str(k), "--resume"] for k in range(folds)]
+    from medvox.config import DataConfig
+
+    given = [int(cv_cmd[i + 1]) for i, arg in enumerate(cv_cmd[:-1]) if arg == "--folds"]
+    folds = given[-1] if given else DataConfig().folds
+    at = cv_cmd.index("cv")
+    return [[*cv_cmd[:at], "train", *cv_cmd[at + 1:], "--fold", str(k), "--resume"] for k in range(folds)]
 
 
 @dataclasses.dataclass
@@ -200,8 +202,7 @@ def _tasks(jobs: list[tuple[str, int]], out: Path, gpu: bool, threads: int | Non
         cmd, result = job_command(name, seed, out, gpu, threads, smoke, extra)
         meta[job] = (name, seed, result)
         if fold_parallel and name not in BASELINES:
-            folds = [_Task(f"{job}_fold{k}", job, c) for k, c in
-                     enumerate(fold_commands(name, seed, out, gpu, threads, smoke, extra))]
+            folds = [_Task(f"{job}_fold{k}", job, c) for k, c in enumerate(fold_commands(cmd))]
             tasks += [*folds, _Task(job, job, cmd, tuple(t.key for t in folds))]
         else:
             tasks.append(_Task(job, job, cmd))

@@ -210,12 +210,17 @@ def test_paired_section_falls_back_to_the_bootstrap_for_three_classes(tmp_path):
 
 def test_fold_commands_are_the_jobs_cv_flags_as_one_train_per_fold(tmp_path):
     cv, _ = accuracy.job_command("auto64aa", 1, tmp_path, gpu=True, threads=1)
-    folds = accuracy.fold_commands("auto64aa", 1, tmp_path, gpu=True, threads=1)
+    folds = accuracy.fold_commands(cv)
     assert len(folds) == 5
     for k, cmd in enumerate(folds):
         at = cv.index("cv")
         # `medvox cv` trains fold k with fold=k and resume=True: the same config as this command's
         assert cmd == [*cv[:at], "train", *cv[at + 1:], "--fold", str(k), "--resume"]
+    # as many folds as the command's last --folds: the smoke flags, then --extra on top
+    smoke, _ = accuracy.job_command("auto64aa", 1, tmp_path, gpu=False, threads=1, smoke=True)
+    assert len(accuracy.fold_commands(smoke)) == 2
+    more, _ = accuracy.job_command("r18", 0, tmp_path, gpu=False, threads=1, smoke=True, extra=["--folds", "3"])
+    assert [c[-2] for c in accuracy.fold_commands(more)] == ["0", "1", "2"]
 
 
 def test_fold_parallel_runs_the_summary_after_its_folds_and_keeps_a_failed_jobs_models(tmp_path, monkeypatch):
@@ -231,9 +236,9 @@ def test_fold_parallel_runs_the_summary_after_its_folds_and_keeps_a_failed_jobs_
         run = out / "runs" / f"{name}_s{seed}"
         return [sys.executable, "-c", stamp, str(run), "summary", "1" if name == "r50" else "0"], run
 
-    def fake_folds(name, seed, out, gpu, threads, smoke=False, extra=None):
-        run = out / "runs" / f"{name}_s{seed}"
-        return [[sys.executable, "-c", stamp, str(run), f"fold{k}", "1" if (name == "mil" and k == 1) else "0"]
+    def fake_folds(cv_cmd):
+        run, name = cv_cmd[3], Path(cv_cmd[3]).name
+        return [[sys.executable, "-c", stamp, run, f"fold{k}", "1" if (name == "mil_s0" and k == 1) else "0"]
                 for k in range(3)]
 
     monkeypatch.setattr(accuracy, "job_command", fake_job)

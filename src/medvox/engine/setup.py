@@ -58,15 +58,20 @@ def fabric_module():
     return lightning_fabric
 
 
+def use_gpu(wanted: bool, flags: str, doing: str) -> bool:
+    """``wanted``, when a CUDA device is visible; else False, with a warning if a GPU was asked for (``flags``):
+    the original command line always carries --gpu/--multi_gpu, and it keeps working on a CPU-only machine."""
+    if wanted and not torch.cuda.is_available():
+        log.warning("%s was given but no CUDA device is visible: %s on the CPU", flags, doing)
+        return False
+    return wanted
+
+
 def make_fabric(tc: TrainConfig):
     """A Lightning Fabric for the configured device(s); DDP when more than one process."""
     lf = fabric_module()
 
-    wants_gpu = tc.gpu or tc.multi_gpu
-    if wants_gpu and not torch.cuda.is_available():
-        # The original command line always carries --gpu/--multi_gpu: keep it working on a CPU-only machine.
-        log.warning("--gpu/--multi_gpu was given but no CUDA device is visible: training on the CPU")
-        wants_gpu = False
+    wants_gpu = use_gpu(tc.gpu or tc.multi_gpu, "--gpu/--multi_gpu", "training")
     accelerator = "cuda" if wants_gpu else "cpu"
     devices = tc.devices if tc.devices is not None else (-1 if tc.multi_gpu and wants_gpu else 1)
     n_dev = torch.cuda.device_count() if devices == -1 else devices

@@ -7,7 +7,6 @@ is enough to predict (as nnU-Net's predictor does).
 from __future__ import annotations
 
 import json
-import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,9 +17,8 @@ from torch import nn
 
 from medvox.config import ExperimentConfig, from_dict
 from medvox.engine.checkpoint import load_checkpoint
+from medvox.engine.setup import use_gpu
 from medvox.errors import CheckpointError
-
-log = logging.getLogger("medvox")
 
 
 @dataclass
@@ -66,12 +64,10 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> LoadedMo
 
 
 def inference_device(gpu: bool) -> torch.device:
-    """Where inference runs: the first visible GPU when ``gpu`` and one is there, else the CPU (with a warning
-    when a GPU was asked for: the original command line always carries ``--gpu``)."""
-    if gpu and torch.cuda.is_available():
+    """Where inference runs: the first visible GPU when ``gpu`` and one is there, else the CPU (with the same
+    warning as training, :func:`medvox.engine.setup.use_gpu`)."""
+    if use_gpu(gpu, "--gpu", "predicting"):
         return torch.device("cuda", torch.cuda.current_device())
-    if gpu:
-        log.warning("--gpu was given but no CUDA device is visible: predicting on the CPU")
     return torch.device("cpu")
 
 
