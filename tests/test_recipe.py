@@ -80,6 +80,52 @@ def test_fit_batch_halves_until_the_step_fits():
     assert fit_batch(30 * gib, 2 * gib, 20 * gib) == (1, 16)  # not even one fits: batch 1, reported as is
     assert fit_batch(1 * gib, 0, 10 * gib, effective=12) == (8, 2)  # powers of two: 8 GiB fits the 8 GiB headroom
     assert fit_batch(1 * gib, 0.5 * gib, 10 * gib, effective=12) == (4, 3)  # 8.5 does not: 4, and 12 / 4 = 3
+    assert fit_batch(30 * gib, 2 * gib, 20 * gib, smallest=2) == (2, 8)  # the floor the GPU route uses
+    assert fit_batch(3 * gib, 2 * gib, 20 * gib, smallest=2) == (4, 4)  # a floor below the fit changes nothing
+
+
+def _fake_cuda(monkeypatch, free_gib: float, total_gib: float = 80.0):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (free_gib * 2**30, total_gib * 2**30))
+
+
+def test_gpu_batch_never_goes_below_two_samples(monkeypatch):
+    """A card that holds the probe's 2 samples but not 2 within the 80 % headroom still trains at batch 2
+    (never 1: ResNet-18 on 28^3 cannot train BatchNorm on one sample), and the reason says so."""
+    from medvox import recipe
+
+    gib = 2**30
+    _fake_cuda(monkeypatch, free_gib=10)
+    monkeypatch.setattr(recipe, "measure_step_memory", lambda *a, **k: (4.5 * gib, 1 * gib))  # 2 samples: 10 GiB
+    batch, accum, why = recipe.gpu_batch(_plan((28, 28, 28)), "resnet18")
+    assert (batch, accum) == (2, 8) and "above the 80 % headroom" in why
+    monkeypatch.setattr(recipe, "measure_step_memory", lambda *a, **k: (0.5 * gib, 1 * gib))  # 1 + 8 * 0.5 = 5 <= 8
+    batch, accum, why = recipe.gpu_batch(_plan((28, 28, 28)), "resnet18")
+    assert (batch, accum) == (8, 2) and "headroom" not in why
+
+
+def test_a_model_too_large_for_the_gpu_is_refused_with_the_fix(monkeypatch):
+    import torch
+
+    from medvox import recipe
+    from medvox.config import ConfigError
+
+    _fake_cuda(monkeypatch, free_gib=1.5, total_gib=24)
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 12.00 GiB")
+
+    monkeypatch.setattr(recipe, "measure_step_memory", out_of_memory)
+    with pytest.raises(ConfigError) as err:
+        recipe.gpu_batch(_plan((256, 256, 128)), "resnet50")
+    text = str(err.value)
+    assert "resnet50 on 2 samples of 256x256x128 x 1 channel(s)" in text
+    assert "1.5 of 24.0 GiB free" in text and "22.5 GiB of it is in use" in text
+    assert "--target-shape" in text and "--model" in text
 
 
 def test_gpu_model_without_a_visible_gpu_keeps_the_voxel_rule(monkeypatch):

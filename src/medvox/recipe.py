@@ -14,8 +14,8 @@ the cross-validation pool), and leaves every setting the user gave (flag, ``--se
   ``data.target_spacing`` the user gives (or a Swin UNETR, whose input must be a multiple of 32) wins;
 * batch: an effective batch of 16 for every input size: 16 x 1 up to 40^3 voxels per sample (times the
   channels), 8 x 2 up to 80^3, 4 x 4 above (memory); on a GPU the micro-batch is instead the largest
-  power of two up to 16 whose measured training-step memory fits in 80 % of the free device memory
-  (:func:`fit_batch`, :func:`measure_step_memory`), the rest by accumulation;
+  power of two up to 16 (at least 2, for BatchNorm) whose measured training-step memory fits in 80 % of the
+  free device memory (:func:`fit_batch`, :func:`measure_step_memory`), the rest by accumulation;
 * optimizer: AdamW, lr 1e-3, weight decay 0.05 (not on norms and biases), warmup + cosine;
 * length: about 2,600 optimizer steps (20 to 100 epochs, from the training part of a fold), early
   stopping after 10 epochs without improvement;
@@ -82,16 +82,18 @@ def capped_shape(shape: list[int] | tuple[int, ...], max_voxels: int = CPU_INPUT
 
 
 def fit_batch(per_sample_bytes: float, fixed_bytes: float, free_bytes: float, effective: int = EFFECTIVE_BATCH,
-              headroom: float = 0.8) -> tuple[int, int]:
+              headroom: float = 0.8, smallest: int = 1) -> tuple[int, int]:
     """(micro-batch, accumulation) for an effective batch: the largest power of two <= ``effective`` whose
-    step memory ``fixed + batch * per_sample`` fits in ``headroom * free``; 1 when even that does not fit.
+    step memory ``fixed + batch * per_sample`` fits in ``headroom * free``; ``smallest`` when even that does
+    not fit (:func:`gpu_batch` passes the smallest probe batch, which has just trained on the card).
 
     Example:
         >>> fit_batch(per_sample_bytes=2e9, fixed_bytes=1e9, free_bytes=20e9)  # 7 samples fit -> 4 x 4
         (4, 4)
     """
     batch = 1 << (max(1, effective).bit_length() - 1)  # the largest power of two <= effective
-    while batch > 1 and fixed_bytes + batch * per_sample_bytes > headroom * free_bytes:
+    smallest = max(1, min(smallest, batch))
+    while batch // 2 >= smallest and fixed_bytes + batch * per_sample_bytes > headroom * free_bytes:
         batch //= 2
     return batch, max(1, math.ceil(effective / batch))
 
@@ -148,12 +150,30 @@ def gpu_batch(plan: dict[str, Any], model_name: str, model_kwargs: dict | None =
     if not torch.cuda.is_available():
         return None
     device = torch.device("cuda", torch.cuda.current_device())
-    per_sample, fixed = measure_step_memory(model_name, list(plan["target_shape"]), int(plan.get("in_channels", 1)),
-                                            max(2, len(plan.get("classes", [])) or 2), device, model_kwargs)
+    shape = [int(v) for v in plan["target_shape"]]
+    channels = int(plan.get("in_channels", 1))
+    try:
+        per_sample, fixed = measure_step_memory(model_name, shape, channels, max(2, len(plan.get("classes", [])) or 2),
+                                                device, model_kwargs)
+    except torch.cuda.OutOfMemoryError as exc:
+        torch.cuda.empty_cache()
+        free, total = torch.cuda.mem_get_info(device)
+        from medvox.config import ConfigError
+
+        raise ConfigError(
+            f"--recipe auto --gpu: one training step of {model_name} on {min(PROBE_BATCHES)} samples of "
+            f"{'x'.join(map(str, shape))} x {channels} channel(s) does not fit this GPU ({free / 2**30:.1f} of "
+            f"{total / 2**30:.1f} GiB free): give a coarser --target-shape (or --target-spacing), a smaller "
+            f"--model, or free the card ({(total - free) / 2**30:.1f} GiB of it is in use)") from exc
     free, _ = torch.cuda.mem_get_info(device)
-    batch, accum = fit_batch(per_sample, fixed, free)
+    # not below the smallest probe batch: it has just trained on this card, and BatchNorm needs 2 samples
+    # where the deepest map is one voxel (a micro-batch of 1 would crash there like the old probe did)
+    batch, accum = fit_batch(per_sample, fixed, free, smallest=min(PROBE_BATCHES))
+    over = fixed + batch * per_sample > 0.8 * free
     why = (f"GPU: {per_sample / 2**20:.0f} MiB per sample + {fixed / 2**20:.0f} MiB fixed in a bf16 step, "
-           f"{free / 2**30:.1f} GiB free -> batch {batch} x {accum} accumulation")
+           f"{free / 2**30:.1f} GiB free -> batch {batch} x {accum} accumulation"
+           + (" (above the 80 % headroom: the smallest batch BatchNorm trains with; it trained in the probe)"
+              if over else ""))
     return batch, accum, why
 
 
