@@ -320,7 +320,7 @@ def _cmd_explain(args: argparse.Namespace) -> int:
     from medvox.evaluation.explain import explain
 
     target = int(args.target_class) if args.target_class and args.target_class.isdigit() else args.target_class
-    results = explain(Path(args.run), args.inputs, Path(args.out), fold=args.fold, target_class=target)
+    results = explain(Path(args.run), args.inputs, Path(args.out), fold=args.fold, target_class=target, tta=args.tta)
     for r in results:
         shows = f"Grad-CAM of class {r['target_class']}" if r.get("target_class") is not None else "attention"
         print(f"{r.get('case_id')}: predicted {r.get('predicted')}, {shows}: {r.get('cam_png')}"
@@ -414,6 +414,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fold", type=int, help="one fold instead of the fold average")
     p.add_argument("--class", dest="target_class",
                    help="class name or index to explain (default: the predicted class, at the run's decision threshold)")
+    p.add_argument("--tta", action="store_true",
+                   help="decide the predicted class on test-time augmented probabilities, as predict --tta does "
+                        "(the map is computed on the volume as it is)")
     p.set_defaults(func=_cmd_explain)
 
     p = sub.add_parser("models", help="list the registered models")

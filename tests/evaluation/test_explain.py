@@ -230,6 +230,16 @@ def test_explain_decides_as_predict_does(cv_runs, tmp_path, capsys):
     capsys.readouterr()
     assert main(["explain", "--run", str(run), str(blob), "--out", str(tmp_path / "cli")]) == 0
     assert f"predicted {row['predicted']}, Grad-CAM of class {row['predicted']}: " in capsys.readouterr().out
+    # with --tta on both sides: the augmented probabilities, which differ from the plain ones
+    assert main(["predict", "--run", str(run), str(blob), "--out", str(tmp_path / "tta.csv"), "--tta"]) == 0
+    with open(tmp_path / "tta.csv", newline="") as fh:
+        tta_row = next(csv.DictReader(fh))
+    assert main(["explain", "--run", str(run), str(blob), "--out", str(tmp_path / "cli_tta"), "--tta"]) == 0
+    tta_result = json.loads((tmp_path / "cli_tta" / "explain.json").read_text())[0]
+    assert tta_result["tta"] is True and result["tta"] is False
+    assert tta_result["probabilities"]["1"] == pytest.approx(float(tta_row["prob_1"]), abs=1e-6)
+    assert abs(float(tta_row["prob_1"]) - float(row["prob_1"])) > 1e-4
+    assert tta_result["predicted"] == tta_row["predicted"]
     p1 = result["probabilities"]["1"]
     moved = Path(shutil.copytree(run, tmp_path / "moved", ignore=shutil.ignore_patterns("tensorboard")))
     summary = json.loads((moved / "cv_summary.json").read_text())

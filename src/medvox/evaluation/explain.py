@@ -43,7 +43,7 @@ APPROXIMATION = ("map computed on the preprocessed volume; crop/pad undone (crop
 
 
 def explain(checkpoint_or_run: Path, inputs: list[Path | str], out_dir: Path, *, fold: int | None = None,
-            target_class: int | str | None = None) -> list[dict[str, Any]]:
+            target_class: int | str | None = None, tta: bool = False) -> list[dict[str, Any]]:
     """Write ``<case>_cam.nii.gz`` and ``<case>_cam.png`` for every input; also ``explain.json``.
 
     Args:
@@ -53,11 +53,13 @@ def explain(checkpoint_or_run: Path, inputs: list[Path | str], out_dir: Path, *,
         fold: with a run folder, use only ``fold_<fold>``.
         target_class: class index or name for Grad-CAM (default: the predicted class, decided as `medvox
             predict` decides: the run's threshold for two classes, with its descriptor model when fused).
+        tta: the probabilities (and so the predicted class) with test-time augmentation, as `medvox predict
+            --tta` gives them; the map itself is always computed on the volume as it is.
 
     Returns:
         One dict per input: ``case_id``, ``source``, ``method`` (``"gradcam"``/``"attention"``),
         ``target_class``, ``predicted``, ``decision`` (:func:`~medvox.evaluation.predict.run_decision`),
-        ``probabilities`` (the run's final ones), ``cam_nifti``, ``cam_png``, ``peak_voxel`` (index into the
+        ``probabilities`` (the run's final ones), ``tta``, ``cam_nifti``, ``cam_png``, ``peak_voxel`` (index into the
         NIfTI's data array), ``peak_world_mm`` (RAS), ``attention`` (MIL: the instance weights, mean over
         members), ``cam_resolution`` (Grad-CAM: the target layer's spatial size), ``warning`` (e.g. a
         1 x 1 x 1 feature map that cannot localise), ``approximation``, and for ``.npy`` inputs ``cam_npy``
@@ -75,14 +77,14 @@ def explain(checkpoint_or_run: Path, inputs: list[Path | str], out_dir: Path, *,
     decision = run_decision([str(source)], members, calibrated=True)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    results = [_explain_case(members, case, out_dir, target_class, decision, fusion)
+    results = [_explain_case(members, case, out_dir, target_class, decision, fusion, tta)
                for case in cases_from_paths([str(p) for p in inputs])]
     (out_dir / "explain.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
     return results
 
 
 def _explain_case(members, case, out_dir: Path, target_class: int | str | None, decision: dict[str, Any],
-                  fusion: dict[str, Any] | None) -> dict[str, Any]:
+                  fusion: dict[str, Any] | None, tta: bool = False) -> dict[str, Any]:
     from medvox.data.preprocess import preprocess_volume, read_case
     from medvox.evaluation.features import fuse_probs
     from medvox.evaluation.inference import ensemble_predict
@@ -92,7 +94,7 @@ def _explain_case(members, case, out_dir: Path, target_class: int | str | None, 
     array, meta = read_case(case)
     spacing = meta.get("spacing", [1.0, 1.0, 1.0])
     x = preprocess_volume(array, meta, plan)
-    probs = ensemble_predict(members, x[None])[0][0]
+    probs = ensemble_predict(members, x[None], tta=tta)[0][0]
     if fusion is not None:  # the run's final probabilities, as `medvox predict` gives them
         features = preprocess_volume(array, meta, fusion["plan"]) if fusion.get("plan") else x
         probs = fuse_probs(fusion, probs[None], features[None])[0]
@@ -114,7 +116,7 @@ def _explain_case(members, case, out_dir: Path, target_class: int | str | None, 
     return {"case_id": case.id, "source": case.file, "method": method,
             "target_class": classes[target] if method == "gradcam" else None,
             "predicted": classes[predicted], "decision": decision,
-            "probabilities": {c: float(p) for c, p in zip(classes, probs, strict=True)},
+            "probabilities": {c: float(p) for c, p in zip(classes, probs, strict=True)}, "tta": tta,
             "cam_nifti": str(nifti), "cam_png": str(png), "peak_voxel": peak, "peak_world_mm": world,
             "attention": explained["attention"], "cam_resolution": explained["cam_resolution"],
             "warning": explained["warning"], "members": [str(m.path) for m in members],
