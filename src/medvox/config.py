@@ -120,7 +120,7 @@ class TrainConfig:
     ema_debias: bool = True  # bias-corrected EMA: a true weighted mean from the first step (see engine/ema.py)
     early_stopping: int = 7  # patience in epochs; 0 disables
     monitor: str = "auc"  # validation metric that picks best.pt / best_ema.pt
-    threshold_rule: str = "youden"  # binary: decision threshold chosen on validation/OOF data (youden | f1 | accuracy)
+    threshold_rule: str = "youden"  # decision threshold (K > 2: class weights) chosen on validation/OOF data (youden | f1 | accuracy)
     feature_fusion: bool = False  # medvox cv: fuse a descriptor model with the fold ensemble, weight chosen on OOF
     feature_grid: str = "native"  # descriptors on the plan's own grid ("native") or the CNN's input ("input")
     precision: str = "auto"  # auto | bf16 | fp16 | fp32 (auto: mixed precision with --amp, else fp32)

@@ -15,8 +15,9 @@ Files written to ``out_dir``:
   ``members.<k>.<key>`` (:func:`load_exported` rebuilds either);
 * ``export.json``: input shape, classes, temperatures, preprocessing plan, config, the measured
   agreement of each exported file with the PyTorch model on random inputs, and ``decision``: the run's own
-  decision threshold on ``probabilities[:, 1]`` (the one ``medvox predict`` applies; None: the argmax, with
-  the reason).
+  decision (the one ``medvox predict`` applies): a ``threshold`` on ``probabilities[:, 1]``, or for more than
+  two classes ``class_weights`` (predict the class with the largest ``weight * probability``); neither: the
+  argmax, with the reason.
 
 A run that ``medvox cv`` fused with its descriptor model (``--recipe auto``) reported the mixture: the
 export holds the CNN part only (the descriptors are NumPy/SciPy code, not a graph), so its probabilities are

@@ -24,7 +24,8 @@ the cross-validation pool), and leaves every setting the user gave (flag, ``--se
   cross-entropy;
 * augmentation: the original affine ranges, plus left-right flips (axis W of the RAS grid: anatomy is
   close to mirror-symmetric, the other axes are not);
-* decision: the threshold that maximises Youden's J on validation / out-of-fold predictions;
+* decision: the threshold that maximises Youden's J on validation / out-of-fold predictions (more than two
+  classes: the class weights that maximise balanced accuracy, :func:`~medvox.evaluation.metrics.best_class_weights`);
 * fusion (``medvox cv``): a logistic regression on shape and intensity descriptors, fitted on the same
   folds, mixed into the fold ensemble at the weight with the best pooled out-of-fold AUC (the lowest
   log-loss for more than two classes; :mod:`medvox.evaluation.features`; weight 0 keeps the CNN alone). The descriptors are computed on the
@@ -243,7 +244,7 @@ def auto_recipe(plan: dict[str, Any], folds: int, pretrained: bool, gpu_model: s
         f"EMA decay {ema}: time constant a fifth of the {total_steps} optimizer steps",
         f"class imbalance {imbalance:g}:1 -> {loss}",
         "from scratch: ResNet-18-3D, dropout 0.2, AdamW lr 1e-3, weight decay 0.05, left-right flips, "
-        "Youden threshold on validation",
+        "Youden threshold on validation (class weights maximising balanced accuracy for more than two classes)",
         "medvox cv: a logistic regression on shape and intensity descriptors beside the fold ensemble, mixed in "
         "at the weight with the best out-of-fold AUC (log-loss for more than two classes; 0 keeps the CNN alone)",
     ]

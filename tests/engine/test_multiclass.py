@@ -4,7 +4,8 @@ validation with the descriptor fusion, the summary, `medvox report` and `medvox 
 The cases are real AdrenalMNIST3D volumes (binary masks) relabelled by the size of the mask (below the 50th
 percentile: grade 1; to the 80th: grade 2; above: grade 3), so the descriptors (the foreground's voxel count)
 separate the grades almost perfectly while a CNN trained for two epochs does not: the OOF-chosen fusion must
-lean on the descriptors."""
+lean on the descriptors, and the decision (class weights chosen on the pooled OOF predictions, the multi-class
+counterpart of the binary threshold) must hold for the OOF, the test ensemble, the CSVs and `medvox predict`."""
 
 from __future__ import annotations
 
@@ -53,12 +54,19 @@ def test_three_grades_are_trained_fused_and_summarised(graded_run, graded_npz):
     summary = json.loads((graded_run / "cv_summary.json").read_text())
     config = json.loads((graded_run / "fold_0" / "config.json").read_text())
     assert summary["classes"] == list(GRADES)
-    # the recipe saw the 5:3:2 imbalance and chose the weighted loss; a threshold rule has no meaning for 3 classes
+    # the recipe saw the 5:3:2 imbalance and chose the weighted loss
     assert config["loss"]["name"] == "weighted_CE" and config["train"]["feature_fusion"] is True
-    assert summary["decision"] is None
+    decision = summary["decision"]  # Youden's rule for 3 classes: class weights maximising balanced accuracy
+    weights = decision["class_weights"]
+    assert decision["rule"] == "youden" and decision["threshold"] is None
+    assert len(weights) == 3 and np.prod(weights) == pytest.approx(1.0)
+    assert decision["oof"]["balanced_accuracy"] >= summary["oof_fused"]["balanced_accuracy"]  # >= the argmax's
+    assert decision["oof"]["class_weights"] == weights
+    fold_val = json.loads((graded_run / "fold_0" / "metrics.json").read_text())["final"]["val"]
+    assert len(fold_val["at_val_threshold"]["class_weights"]) == 3  # each fold's own, on its validation set
     fusion = summary["fusion"]
     assert fusion["oof_auc"]["features"] > 0.95  # the grades are the mask's size
-    # no threshold repairs a 3-class mixture's argmax: the weight minimises the OOF log-loss, not the macro AUC
+    # the fusion weight minimises the OOF log-loss (the decision is chosen after it), not the macro AUC
     # (which a two-epoch CNN's nearly constant output leaves at the descriptors' from w = 0.05 on)
     assert fusion["criterion"] == "log_loss" and fusion["weight"] >= 0.5
     ll = fusion["oof_log_loss"]
@@ -66,14 +74,21 @@ def test_three_grades_are_trained_fused_and_summarised(graded_run, graded_npz):
     assert summary["oof_fused"]["accuracy"] > 0.75 and summary["oof_fused"]["balanced_accuracy"] > 0.7
     test = summary["test"]
     assert test["final"] == "fused" and test["fused"]["auc"] > 0.9
+    assert test["final_at_threshold"]["class_weights"] == weights
     assert np.array(test["fused"]["confusion_matrix"]).shape == (3, 3)
     assert np.array(test["fused"]["confusion_matrix"]).sum() == 30
     oof = _rows(graded_run / "oof_fused_predictions.csv")
     assert len(oof) == 120 and sorted({r["fold"] for r in oof}) == ["0", "1", "2"]
     probs = np.array([[float(r[f"prob_{g}"]) for g in GRADES] for r in oof])
     assert np.allclose(probs.sum(1), 1, atol=1e-6)  # a mixture of two distributions is one
+    predicted = [GRADES[k] for k in (probs * weights).argmax(1)]  # the CSV's labels are the weighted decision
+    assert [r["predicted"] for r in oof] == predicted
+    labels = np.array([GRADES.index(r["label"]) for r in oof])
+    ba = np.mean([(np.array(predicted)[labels == c] == GRADES[c]).mean() for c in range(3)])
+    assert ba == pytest.approx(decision["oof"]["balanced_accuracy"], abs=1e-6)
     table = (graded_run / "cv_table.md").read_text()
     assert "| auc |" in table and "(chosen on the pooled OOF log-loss: CNN " in table
+    assert "decided by the largest weighted probability (weights 1 " in table
 
 
 def test_report_and_predict_handle_three_grades(graded_run, graded_npz, tmp_path):
@@ -97,3 +112,12 @@ def test_report_and_predict_handle_three_grades(graded_run, graded_npz, tmp_path
         for g in GRADES:
             assert float(got[r["case_id"]][f"prob_{g}"]) == pytest.approx(float(r[f"prob_{g}"]), abs=1e-4)
         assert got[r["case_id"]]["predicted"] == r["predicted"]
+    summary = json.loads((graded_run / "cv_summary.json").read_text())
+    used = json.loads(out.with_suffix(".json").read_text())["decision"]
+    assert used["class_weights"] == summary["decision"]["class_weights"] and "cv_summary.json" in used["from"]
+    assert "OOF-chosen decision: the largest weighted probability" in text
+    # one fold folder: its validation weights, moved through its temperature
+    fold_out = tmp_path / "fold.csv"
+    assert main(["predict", "--run", str(graded_run / "fold_0"), str(folder), "--out", str(fold_out)]) == 0
+    used = json.loads(fold_out.with_suffix(".json").read_text())["decision"]
+    assert len(used["class_weights"]) == 3 and "the fold's validation set" in used["from"]

@@ -195,3 +195,87 @@ def test_a_threshold_moved_through_the_temperature_makes_the_same_decisions():
             assert decide(rescale(raw, temperature), moved).tolist() == decide(raw, t_raw).tolist()
             if temperature != 1.0:  # T > 1 flattens the probabilities towards 1/2, T < 1 sharpens them
                 assert (abs(moved - 0.5) < abs(t_raw - 0.5)) == (temperature > 1.0) or t_raw == 0.5
+
+
+def _leaning(n: int, prior: list[float], seed: int, signal: float = 1.2) -> tuple[np.ndarray, np.ndarray]:
+    """Scores of a model that knows each class's prior: at the argmax it leans towards the common classes
+    (as a descriptor model fitted without class weights, mixed into the fused probabilities, does)."""
+    rng = np.random.default_rng(seed)
+    y = rng.choice(len(prior), size=n, p=prior)
+    z = rng.normal(size=(n, len(prior))) + signal * np.eye(len(prior))[y] + np.log(prior)[None, :]
+    return y, np.exp(z) / np.exp(z).sum(1, keepdims=True)
+
+
+def test_class_weights_lift_balanced_accuracy_out_of_sample():
+    """The multi-class decision: weights fitted on one sample (the pooled OOF predictions) raise balanced
+    accuracy on another from the same model (the test set), as the binary Youden threshold does."""
+    from medvox.evaluation.metrics import best_class_weights
+
+    prior = [0.6, 0.25, 0.1, 0.05]
+    y_fit, p_fit = _leaning(4000, prior, seed=0)
+    y_new, p_new = _leaning(4000, prior, seed=1)
+    weights = best_class_weights(y_fit, p_fit)
+
+    def ba(y, p, cut=None):
+        return compute_metrics(y, p, threshold=cut)["balanced_accuracy"]
+
+    assert ba(y_new, p_new) < 0.49 and ba(y_new, p_new, weights) > 0.60  # +12 points on unseen cases
+    assert ba(y_fit, p_fit, weights) > ba(y_fit, p_fit) + 0.1
+    # the rarer the class, the larger its weight (the lean is towards the common ones); geometric mean 1
+    assert np.all(np.diff(weights) > 0) and np.prod(weights) == pytest.approx(1.0)
+    # as good as the reciprocal of the priors, which undoes this model's lean exactly (in expectation)
+    assert ba(y_new, p_new, weights) >= ba(y_new, p_new, list(1 / np.array(prior))) - 0.01
+
+
+def test_class_weights_match_a_brute_force_search_and_the_binary_threshold():
+    from medvox.evaluation.metrics import best_class_weights, decide
+
+    y, p = _leaning(600, [0.7, 0.2, 0.1], seed=2)
+    weights = best_class_weights(y, p)
+    grid = np.exp(np.linspace(-4, 4, 61))
+    pred = np.stack([decide(p, [1.0, a, b]) for a in grid for b in grid])  # 3,721 weightings
+    brute = max(np.mean([(row[y == c] == c).mean() for c in range(3)]) for row in pred)
+    assert compute_metrics(y, p, threshold=weights)["balanced_accuracy"] >= brute - 1e-9
+    # two classes: the weights reach the balanced accuracy of the Youden threshold (J = 2 BA - 1)
+    yb, pb = _leaning(500, [0.8, 0.2], seed=3)
+    wb = best_class_weights(yb, pb)
+    assert compute_metrics(yb, pb, threshold=wb)["balanced_accuracy"] == pytest.approx(
+        compute_metrics(yb, pb, threshold=best_threshold(yb, pb))["balanced_accuracy"])
+    # each rule maximises its own score, and none does worse than the argmax (weights all 1) it starts from
+    for rule, key in (("accuracy", "accuracy"), ("f1", "f1"), ("balanced_accuracy", "balanced_accuracy")):
+        w = best_class_weights(y, p, rule=rule)
+        assert compute_metrics(y, p, threshold=w)[key] >= compute_metrics(y, p)[key]
+    assert decide(p, best_class_weights(y, p, rule="accuracy")).tolist() != decide(p, weights).tolist()
+
+
+def test_class_weights_keep_the_argmax_when_nothing_gains():
+    from medvox.evaluation.metrics import best_class_weights, decide
+
+    y = np.array([0, 0, 1, 1, 2, 2])
+    p = np.array([[0.8, 0.1, 0.1], [0.6, 0.3, 0.1], [0.2, 0.7, 0.1], [0.3, 0.5, 0.2], [0.1, 0.2, 0.7], [0.2, 0.2, 0.6]])
+    assert best_class_weights(y, p) == [1.0, 1.0, 1.0]  # every case right already: nothing moves
+    assert decide(p, [1.0, 1.0, 1.0]).tolist() == decide(p).tolist() == [0, 0, 1, 1, 2, 2]
+    metrics = compute_metrics(y, p, threshold=[1.0, 1.0, 1.0])
+    assert metrics["class_weights"] == [1.0, 1.0, 1.0] and metrics["threshold"] is None
+    for bad in ([1.0, 2.0], [1.0, 0.0, 1.0], [1.0, float("nan"), 1.0]):
+        with pytest.raises(ValueError, match="class weights must be 3 positive"):
+            decide(p, bad)
+    with pytest.raises(ValueError, match="two classes"):
+        best_class_weights(np.zeros(6, dtype=int), p)
+
+
+def test_class_weights_moved_through_the_temperature_make_the_same_decisions():
+    """`medvox predict` on a fold folder of more than two classes: weights chosen on raw probabilities, applied
+    to the calibrated ones (temperature T) as w ** (1 / T), decide every case as before."""
+    from medvox.evaluation.metrics import decide
+    from medvox.evaluation.predict import _weights_through_temperature
+    from medvox.evaluation.summary import rescale
+
+    rng = np.random.default_rng(4)
+    logits = rng.normal(0, 2, (500, 4))
+    raw = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    weights = [0.5, 1.0, 2.5, 0.8]
+    assert decide(raw, weights).tolist() != decide(raw).tolist()
+    for temperature in (0.4, 1.0, 2.5):
+        moved = _weights_through_temperature(weights, temperature)
+        assert decide(rescale(raw, temperature), moved).tolist() == decide(raw, weights).tolist()

@@ -87,9 +87,10 @@ class EpochLogger:
 
 def write_predictions(path: Path, case_ids: list[str], groups: list[str], labels: np.ndarray,
                       probs: np.ndarray, classes: list[str], extra: dict[str, Any] | None = None,
-                      threshold: float | None = None) -> None:
+                      threshold: float | list[float] | None = None) -> None:
     """A CSV with one row per case: id, patient, label, per-class probabilities, predicted class (at
-    ``threshold`` for two classes when one is given, else the argmax: :func:`~medvox.evaluation.metrics.decide`)."""
+    ``threshold`` for two classes or class weights for more when one is given, else the argmax:
+    :func:`~medvox.evaluation.metrics.decide`)."""
     from medvox.evaluation.metrics import decide
 
     extra = extra or {}
@@ -111,7 +112,10 @@ def epoch_plots(run_dir: Path, tag: str, labels: np.ndarray, probs: np.ndarray, 
 
     cm_path = run_dir / f"confusion_matrix_{tag}.png"
     roc_path = run_dir / f"roc_curve_{tag}.png"
-    at = f", p({classes[1]}) >= {metrics['threshold']:.3f}" if metrics.get("threshold") is not None else ""
+    from medvox.evaluation.metrics import decision_cut, decision_text
+
+    cut = decision_cut(metrics)
+    at = f", {decision_text(cut, classes)}" if cut is not None else ""
     plots.plot_confusion_matrix(metrics["confusion_matrix"], classes, cm_path, title=f"Confusion matrix ({tag}{at})")
     if len(np.unique(labels)) > 1:
         plots.plot_roc(labels, probs, classes, roc_path, title=f"ROC ({tag})")

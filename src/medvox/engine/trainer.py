@@ -335,19 +335,26 @@ class FoldTrainer:
         return artifacts.to_jsonable(doc)
 
     def _final_split(self, model, split: str) -> dict:
-        from medvox.evaluation.metrics import best_threshold, compute_metrics
+        from medvox.evaluation.metrics import (
+            best_class_weights,
+            best_threshold,
+            compute_metrics,
+            decision_cut,
+        )
 
         metrics, idx, labels, probs = self._evaluate(model, split)
-        if split == "val" and len(self.classes) == 2 and len(np.unique(labels)) == 2:
-            self.threshold = float(best_threshold(labels, probs, rule=self.cfg.train.threshold_rule))
+        if split == "val" and len(np.unique(labels)) >= 2:  # a threshold (binary) or class weights (more classes)
+            rule = self.cfg.train.threshold_rule
+            self.threshold = (float(best_threshold(labels, probs, rule=rule)) if len(self.classes) == 2
+                              else best_class_weights(labels, probs, rule=rule))
             metrics["at_val_threshold"] = compute_metrics(labels, probs, threshold=self.threshold,
                                                           class_names=self.classes)
         elif split == "test" and getattr(self, "threshold", None) is not None:
             metrics["at_val_threshold"] = compute_metrics(labels, probs, threshold=self.threshold,
                                                           class_names=self.classes)
-        if self.fabric.is_global_zero:  # the fold's decision: its validation threshold (binary), else the argmax
+        if self.fabric.is_global_zero:  # the fold's decision: its validation threshold / class weights
             cases = [self.data.cases[i] for i in idx]
-            threshold = metrics.get("at_val_threshold", {}).get("threshold")
+            threshold = decision_cut(metrics.get("at_val_threshold"))
             artifacts.write_predictions(self.run_dir / f"{split}_predictions.csv", [c.id for c in cases],
                                         [c.group for c in cases], labels, probs, self.classes, threshold=threshold)
             artifacts.epoch_plots(self.run_dir, f"{split}_final", labels, probs, metrics.get("at_val_threshold", metrics),

@@ -52,7 +52,7 @@ def explain(checkpoint_or_run: Path, inputs: list[Path | str], out_dir: Path, *,
         out_dir: output folder (created).
         fold: with a run folder, use only ``fold_<fold>``.
         target_class: class index or name for Grad-CAM (default: the predicted class, decided as `medvox
-            predict` decides: the run's threshold for two classes, with its descriptor model when fused).
+            predict` decides: the run's threshold or class weights, with its descriptor model when fused).
         tta: the probabilities (and so the predicted class) with test-time augmentation, as `medvox predict
             --tta` gives them; the map itself is always computed on the volume as it is.
 
@@ -88,7 +88,7 @@ def _explain_case(members, case, out_dir: Path, target_class: int | str | None, 
     from medvox.data.preprocess import preprocess_volume, read_case
     from medvox.evaluation.features import fuse_probs
     from medvox.evaluation.inference import ensemble_predict
-    from medvox.evaluation.metrics import decide
+    from medvox.evaluation.metrics import decide, decision_cut
 
     plan, classes = members[0].plan, members[0].classes
     array, meta = read_case(case)
@@ -98,7 +98,7 @@ def _explain_case(members, case, out_dir: Path, target_class: int | str | None, 
     if fusion is not None:  # the run's final probabilities, as `medvox predict` gives them
         features = preprocess_volume(array, meta, fusion["plan"]) if fusion.get("plan") else x
         probs = fuse_probs(fusion, probs[None], features[None])[0]
-    predicted = int(decide(probs[None], decision["threshold"])[0])
+    predicted = int(decide(probs[None], decision_cut(decision))[0])
     target = _class_index(target_class, classes, predicted)
     explained = _ensemble_map(members, torch.from_numpy(x)[None], target)
     method = explained["method"]

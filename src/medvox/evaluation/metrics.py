@@ -6,7 +6,9 @@ Ratios with a zero denominator (precision with no predicted positive, ...) are `
 scikit-learn's ``zero_division=0``.
 
 Binary problems: class index 1 is the positive class; with a ``threshold`` a sample is predicted
-positive when ``p1 >= threshold``, without one the prediction is the argmax.
+positive when ``p1 >= threshold``, without one the prediction is the argmax. More than two classes: the
+decision's counterpart of a threshold is a weight per class (:func:`best_class_weights`); a ``threshold``
+argument given as a sequence of ``K`` weights predicts the class with the largest ``weight * probability``.
 
 Example:
     >>> m = compute_metrics([0, 1, 1, 0], [[0.8, 0.2], [0.3, 0.7], [0.6, 0.4], [0.9, 0.1]])
@@ -41,26 +43,30 @@ THRESHOLD_RULES = CHOICES["train.threshold_rule"]
 
 
 def compute_metrics(
-    y_true: Any, probs: Any, threshold: float | None = None, class_names: Sequence[str] | None = None
+    y_true: Any, probs: Any, threshold: float | Sequence[float] | None = None,
+    class_names: Sequence[str] | None = None
 ) -> dict[str, Any]:
     """Accuracy, balanced accuracy, AUC, F1, sensitivity, specificity, precision, confusion matrix.
 
     Args:
         y_true: ``(N,)`` integer labels in ``[0, K)`` (list, NumPy array or tensor).
         probs: ``(N, K)`` class probabilities; for binary problems also ``(N,)`` = ``p1``.
-        threshold: binary only: predicted positive when ``p1 >= threshold``; ``None``: argmax.
+        threshold: binary: predicted positive when ``p1 >= threshold``; ``K`` class weights: the largest
+            ``weight * probability`` (:func:`decide`); ``None``: argmax.
         class_names: ``K`` names (default ``"0"``, ``"1"``, ...).
 
     Returns:
         A dict of plain Python values: ``n``, ``accuracy``, ``balanced_accuracy``, ``auc``
         (binary; one-vs-rest macro for K > 2), ``f1``, ``sensitivity``, ``specificity``,
         ``precision`` (binary: of class 1; K > 2: macro over classes), ``confusion_matrix``
-        (rows = true class), ``threshold`` (``None`` = argmax), ``class_names`` and ``per_class``.
+        (rows = true class), ``threshold`` (``None`` = argmax or class weights), ``class_names``,
+        ``per_class``, and with class weights ``class_weights``.
     """
     y, p = _validate(y_true, probs)
     k = p.shape[1]
     names = _class_names(class_names, k)
-    if threshold is not None and not 0.0 <= threshold <= 1.0:
+    weights = _class_weights(threshold, k)
+    if weights is None and threshold is not None and not 0.0 <= threshold <= 1.0:
         raise ValueError(f"threshold must be in [0, 1], got {threshold}")
     pred = decide(p, threshold)
     labels = list(range(k))
@@ -78,7 +84,8 @@ def compute_metrics(
         "specificity": pick(per["specificity"]),
         "precision": _skm().precision_score(y, pred, labels=labels, average=avg, zero_division=0),
         "confusion_matrix": cm,
-        "threshold": threshold,
+        "threshold": None if weights is not None else threshold,
+        **({"class_weights": weights.tolist()} if weights is not None else {}),
         "class_names": names,
         "per_class": {
             name: {key: per[key][i] for key in ("sensitivity", "specificity", "precision", "f1", "support")}
@@ -88,8 +95,9 @@ def compute_metrics(
     return to_jsonable(out)
 
 
-def decide(probs: Any, threshold: float | None = None) -> np.ndarray:
-    """Predicted class indices ``(N,)``: ``p1 >= threshold`` (binary) or, without a threshold, the argmax.
+def decide(probs: Any, threshold: float | Sequence[float] | None = None) -> np.ndarray:
+    """Predicted class indices ``(N,)``: ``p1 >= threshold`` (binary), the largest ``weight * probability``
+    when ``threshold`` is a sequence of ``K`` class weights (:func:`best_class_weights`), else the argmax.
 
     The one rule by which every predicted label medvox writes or counts is made (metrics, prediction
     CSVs, ``medvox predict``, the report), so a run's decision threshold is applied the same way
@@ -98,10 +106,15 @@ def decide(probs: Any, threshold: float | None = None) -> np.ndarray:
     Example:
         >>> decide([[0.8, 0.2], [0.6, 0.4]]).tolist(), decide([[0.8, 0.2], [0.6, 0.4]], threshold=0.3).tolist()
         ([0, 0], [0, 1])
+        >>> decide([[0.5, 0.3, 0.2], [0.4, 0.1, 0.5]], threshold=[0.5, 1.0, 1.0]).tolist()
+        [1, 2]
     """
     p = np.asarray(_as_numpy(probs), dtype=np.float64)
     if p.ndim == 1:
         p = np.stack([1.0 - p, p], axis=1)
+    weights = _class_weights(threshold, p.shape[1])
+    if weights is not None:
+        return (p * weights).argmax(axis=1)
     if threshold is None:
         return p.argmax(axis=1)
     if p.shape[1] != 2:
@@ -149,6 +162,112 @@ def best_threshold(y_true: Any, probs: Any, rule: str = "youden") -> float:
     best = int(np.argmax(score))  # thresholds descend: the first maximum is the highest threshold
     value = thr[best] if best + 1 == len(thr) else (thr[best] + thr[best + 1]) / 2
     return float(min(value, 1.0))
+
+
+def _class_weights(threshold: Any, k: int) -> np.ndarray | None:
+    """``threshold`` as ``K`` positive class weights when it is a sequence, else None."""
+    if threshold is None or np.ndim(threshold) == 0:
+        return None
+    w = np.asarray(threshold, dtype=np.float64)
+    if w.shape != (k,) or not np.isfinite(w).all() or (w <= 0).any():
+        raise ValueError(f"class weights must be {k} positive finite numbers (one per class), got {list(threshold)}")
+    return w
+
+
+def _rule_score(rule: str, y: np.ndarray, pred: np.ndarray, k: int) -> np.ndarray:
+    """``rule`` for each row of ``pred`` ``(M, N)``: balanced accuracy (``youden``, ``balanced_accuracy``:
+    Youden's J is 2 x balanced accuracy - 1 for two classes), macro F1 (``f1``) or accuracy."""
+    hit = pred == y[None, :]
+    if rule == "accuracy":
+        return hit.mean(axis=1)
+    present = [c for c in range(k) if (y == c).any()]
+    recalls = np.stack([hit[:, y == c].mean(axis=1) for c in present], axis=1)
+    if rule != "f1":
+        return recalls.mean(axis=1)
+    f1 = []
+    for c in present:
+        tp = (hit & (y[None, :] == c)).sum(axis=1)
+        predicted = (pred == c).sum(axis=1)
+        f1.append(2 * tp / np.maximum(predicted + (y == c).sum(), 1))
+    return np.stack(f1, axis=1).mean(axis=1)
+
+
+def best_class_weights(y_true: Any, probs: Any, rule: str = "youden", max_candidates: int = 512,
+                       rounds: int = 10) -> list[float]:
+    """Class weights ``w`` (more than two classes) such that predicting the largest ``w * p`` maximises
+    ``rule`` on (out-of-fold) data: the multi-class counterpart of :func:`best_threshold`.
+
+    ``youden`` and ``balanced_accuracy`` maximise balanced accuracy (mean recall over the classes, the
+    quantity the binary Youden threshold maximises), ``f1`` the macro F1, ``accuracy`` the accuracy. A model
+    trained with class weights and mixed with an unweighted model (the descriptor fusion) leans towards the
+    common classes at the argmax; the weights undo that lean. Coordinate ascent on the log-weights: each class's
+    weight in turn is set to the best of the values where a case's decision changes (midpoints, at most
+    ``max_candidates`` quantiles of them), ties to the value nearest the current one (no change when nothing
+    gains), until a round changes nothing; the weights are scaled to a geometric mean of 1. All ones is the
+    argmax.
+
+    Example:
+        >>> y = [0] * 6 + [1, 1, 2, 2]
+        >>> p = [[0.7, 0.2, 0.1]] * 6 + [[0.6, 0.4, 0.0], [0.6, 0.4, 0.0], [0.55, 0.0, 0.45], [0.55, 0.0, 0.45]]
+        >>> w = best_class_weights(y, p); decide(p, w).tolist()
+        [0, 0, 0, 0, 0, 0, 1, 1, 2, 2]
+    """
+    if rule not in THRESHOLD_RULES:
+        raise ValueError(f"unknown rule {rule!r}; valid rules: {', '.join(THRESHOLD_RULES)}")
+    y, p = _validate(y_true, probs)
+    k = p.shape[1]
+    if len(np.unique(y)) < 2:
+        raise ValueError("best_class_weights needs at least two classes in y_true")
+    s = np.log(np.clip(p, 1e-300, None))
+    offsets = np.zeros(k)
+    best = float(_rule_score(rule, y, (s + offsets).argmax(1)[None, :], k)[0])
+    for _ in range(rounds):
+        changed = False
+        for c in range(k):
+            others = s + offsets
+            others[:, c] = -np.inf
+            alt = others.argmax(1)
+            gap = others[np.arange(len(y)), alt] - s[:, c]  # class c is chosen when its offset reaches the gap
+            cuts = np.unique(gap[np.isfinite(gap)])
+            if len(cuts) == 0:
+                continue
+            candidates = np.concatenate([[cuts[0] - 1.0], (cuts[1:] + cuts[:-1]) / 2, [cuts[-1] + 1.0]])
+            if len(candidates) > max_candidates:
+                candidates = np.unique(np.quantile(candidates, np.linspace(0, 1, max_candidates)))
+            pred = np.where(candidates[:, None] >= gap[None, :], np.int16(c), alt.astype(np.int16)[None, :])
+            scores = _rule_score(rule, y, pred, k)
+            top = scores.max()
+            if top <= best + 1e-12:
+                continue
+            near = np.flatnonzero(scores >= top - 1e-12)
+            offsets[c] = candidates[near[np.argmin(np.abs(candidates[near] - offsets[c]))]]
+            best, changed = float(top), True
+        if not changed:
+            break
+    return [float(v) for v in np.exp(offsets - offsets.mean())]
+
+
+def decision_text(threshold: float | Sequence[float] | None, classes: Sequence[str]) -> str:
+    """The decision rule in words.
+
+    Example:
+        >>> decision_text(0.42, ["benign", "malignant"]), decision_text([0.8, 1.25], ["a", "b"])
+        ('p(malignant) >= 0.420', 'the largest weighted probability (weights a 0.80, b 1.25)')
+    """
+    if threshold is None:
+        return "the most probable class"
+    if np.ndim(threshold) == 0:
+        return f"p({classes[1]}) >= {float(threshold):.3f}"
+    return ("the largest weighted probability (weights "
+            + ", ".join(f"{c} {w:.2f}" for c, w in zip(classes, threshold, strict=True)) + ")")
+
+
+def decision_cut(decision: Mapping[str, Any] | None) -> float | list[float] | None:
+    """What :func:`decide` takes from a recorded decision (``cv_summary.json``'s ``decision``, a fold's
+    ``at_val_threshold``, ``predictions.json``): the binary ``threshold`` or the ``class_weights``."""
+    if not decision:
+        return None
+    return decision.get("class_weights") or decision.get("threshold")
 
 
 def to_jsonable(obj: Any) -> Any:

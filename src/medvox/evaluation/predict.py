@@ -42,44 +42,49 @@ def _check_plans(models) -> dict[str, Any]:
 
 
 def run_decision(checkpoints: list[str], models, calibrated: bool = True) -> dict[str, Any]:
-    """The decision rule the run itself reported, to apply to its predictions: ``{"rule", "threshold", "from"}``
-    (``threshold`` None: the argmax).
+    """The decision rule the run itself reported, to apply to its predictions: ``{"rule", "threshold", "from"}``,
+    with ``class_weights`` for more than two classes (``threshold`` None and no weights: the argmax;
+    :func:`~medvox.evaluation.metrics.decision_cut` gives what :func:`~medvox.evaluation.metrics.decide` takes).
 
-    * a ``medvox cv`` run folder: the threshold chosen on its pooled, calibrated out-of-fold predictions
-      (``cv_summary.json``'s ``decision``), the one its test metrics are given at;
-    * one fold folder (``medvox train``): the threshold chosen on its validation set (``metrics.json``), moved
-      through the fold's temperature when the probabilities are calibrated (the same cut on the same model);
-    * otherwise (checkpoint files, several folders, more than two classes, or a cv threshold with
-      ``--uncalibrated``, whose probabilities it was not chosen on): the argmax, with the reason in ``from``.
+    * a ``medvox cv`` run folder: the threshold (two classes) or class weights (more) chosen on its pooled,
+      calibrated out-of-fold predictions (``cv_summary.json``'s ``decision``), the one its test metrics are
+      given at;
+    * one fold folder (``medvox train``): the threshold or class weights chosen on its validation set
+      (``metrics.json``), moved through the fold's temperature when the probabilities are calibrated (the same
+      cut on the same model);
+    * otherwise (checkpoint files, several folders, or a cv decision
+      with ``--uncalibrated``, whose probabilities it was not chosen on): the argmax, with the reason in ``from``.
     """
+    from medvox.evaluation.metrics import decision_cut
     from medvox.evaluation.runs import read_json
 
     def argmax(why: str) -> dict[str, Any]:
         return {"rule": "argmax", "threshold": None, "from": why}
 
-    if len(models[0].classes) != 2:
-        return argmax(f"{len(models[0].classes)} classes: the most probable one")
     folder = Path(checkpoints[0])
     if len(checkpoints) != 1 or not folder.is_dir():
         return argmax("checkpoint files or several runs: no decision threshold recorded for them")
     summary = read_json(folder / "cv_summary.json")
     if summary is not None:
         decision = summary.get("decision")
-        if not decision:
+        if decision_cut(decision) is None:
             return argmax(f"{folder / 'cv_summary.json'} has no decision threshold")
         if not calibrated:
-            return argmax("--uncalibrated: the run's threshold was chosen on calibrated probabilities")
-        return {"rule": decision["rule"], "threshold": float(decision["threshold"]),
+            return argmax("--uncalibrated: the run's decision was chosen on calibrated probabilities")
+        weights = decision.get("class_weights")
+        return {"rule": decision["rule"], "threshold": None if weights else float(decision["threshold"]),
+                **({"class_weights": [float(w) for w in weights]} if weights else {}),
                 "from": f"{folder / 'cv_summary.json'} (pooled out-of-fold predictions, per-fold calibrated)"}
     metrics = read_json(folder / "metrics.json") or {}
-    threshold = (((metrics.get("final") or {}).get("val") or {}).get("at_val_threshold") or {}).get("threshold")
+    threshold = decision_cut(((metrics.get("final") or {}).get("val") or {}).get("at_val_threshold"))
     if threshold is None or len(models) != 1:
         return argmax(f"{folder} records no decision threshold (no cv_summary.json, no validation threshold)")
     temperature = models[0].temperature if calibrated else 1.0
+    moved = ({"threshold": _through_temperature(float(threshold), temperature)} if np.ndim(threshold) == 0 else
+             {"threshold": None, "class_weights": _weights_through_temperature(threshold, temperature)})
     return {"rule": (read_json(folder / "config.json") or {}).get("train", {}).get("threshold_rule", "youden"),
-            "threshold": _through_temperature(float(threshold), temperature),
-            "from": f"{folder / 'metrics.json'} (the fold's validation set)"
-                    + (f", temperature {temperature:.3g}" if temperature != 1.0 else "")}
+            **moved, "from": f"{folder / 'metrics.json'} (the fold's validation set)"
+                             + (f", temperature {temperature:.3g}" if temperature != 1.0 else "")}
 
 
 def _through_temperature(threshold: float, temperature: float) -> float:
@@ -96,6 +101,17 @@ def _through_temperature(threshold: float, temperature: float) -> float:
     return float(rescale(np.array([[1.0 - threshold, threshold]]), temperature)[0, 1])
 
 
+def _weights_through_temperature(weights: list[float], temperature: float) -> list[float]:
+    """Class weights chosen on raw probabilities, for the same model's probabilities at ``temperature``:
+    ``argmax(w * softmax(z)) = argmax(z + log w) = argmax(w ** (1 / T) * softmax(z / T))``.
+
+    Example:
+        >>> _weights_through_temperature([0.5, 2.0], 2.0)
+        [0.7071067811865476, 1.4142135623730951]
+    """
+    return [float(w) ** (1.0 / temperature) for w in weights]
+
+
 def predict_cases(checkpoints: list[str], inputs: list[str], out: str | Path, *, tta: bool = False,
                   calibrated: bool = True, batch_size: int = 8, data_cfg: DataConfig | None = None,
                   progress: bool = True, argmax: bool = False, gpu: bool = False) -> dict[str, Any]:
@@ -104,9 +120,9 @@ def predict_cases(checkpoints: list[str], inputs: list[str], out: str | Path, *,
     Columns: case_id, source, label (when known), prob_<class>..., predicted, spread (standard deviation
     over the ensemble members of the predicted class's probability), status, error.
 
-    ``predicted`` follows the run's own decision (:func:`run_decision`): for a two-class ``medvox cv`` run, the
-    threshold chosen on its out-of-fold predictions, the one its reported metrics are at (the argmax of an
-    imbalanced task's models often names the majority class for every case). ``argmax=True`` ignores it.
+    ``predicted`` follows the run's own decision (:func:`run_decision`): for a ``medvox cv`` run, the threshold
+    (two classes) or class weights (more) chosen on its out-of-fold predictions, the decision its reported
+    metrics are at (the argmax of an imbalanced task's models often names the majority class for every case). ``argmax=True`` ignores it.
     The returned summary (and the ``.json`` beside ``out``) records the decision used.
 
     A single run folder fused with a feature model by ``medvox cv`` (``features/fusion.json``) predicts the
@@ -118,6 +134,7 @@ def predict_cases(checkpoints: list[str], inputs: list[str], out: str | Path, *,
     from medvox.data.inspection import progress_bar
     from medvox.evaluation.features import fuse_probs, load_fusion
     from medvox.evaluation.inference import ensemble_predict, find_checkpoints, inference_device, load_model
+    from medvox.evaluation.metrics import decision_cut, decision_text
 
     device = inference_device(gpu)
     models = [load_model(p, device) for p in find_checkpoints(checkpoints)]
@@ -127,9 +144,9 @@ def predict_cases(checkpoints: list[str], inputs: list[str], out: str | Path, *,
         fusion = load_fusion(Path(checkpoints[0]))
     decision = {"rule": "argmax", "threshold": None, "from": "--argmax"} if argmax else \
         run_decision(checkpoints, models, calibrated)
-    if decision["threshold"] is not None:
-        log.info("predicted %s when p(%s) >= %.4g: the %s threshold of %s", classes[1], classes[1],
-                 decision["threshold"], decision["rule"], decision["from"])
+    if decision_cut(decision) is not None:
+        log.info("predicted: %s (the %s decision of %s)", decision_text(decision_cut(decision), classes),
+                 decision["rule"], decision["from"])
     cases = _cases(inputs, data_cfg)
     if not cases:
         raise DataError(f"no input images found in {', '.join(inputs)} (NIfTI .nii/.nii.gz, DICOM folders, .npy)")
@@ -161,7 +178,7 @@ def predict_cases(checkpoints: list[str], inputs: list[str], out: str | Path, *,
                 mean, per = ensemble_predict(models, volumes, tta=tta, calibrated=calibrated, batch_size=batch_size)
                 if fusion is not None:
                     mean = fuse_probs(fusion, mean, np.stack(feature_arrays) if feature_plan is not None else volumes)
-                _write_rows(writer, chunk, classes, mean, per, decision["threshold"])
+                _write_rows(writer, chunk, classes, mean, per, decision_cut(decision))
                 n_ok += len(chunk)
             fh.flush()
             bar.advance(task, len(cases[start:start + batch_size]))

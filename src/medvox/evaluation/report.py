@@ -25,6 +25,7 @@ import numpy as np
 
 from medvox.evaluation import htmlpage as html
 from medvox.evaluation.htmlpage import Html, fmt
+from medvox.evaluation.metrics import decision_cut
 from medvox.evaluation.runs import Run, load_run
 
 _FOLD_COLS = ("auc", "accuracy", "balanced_accuracy", "f1", "sensitivity", "specificity", "loss")
@@ -160,7 +161,7 @@ def _predictions_section(run: Run, which: str, tmp: Path) -> Html:
     if preds is None:
         return html.note(f"{name} is missing: no curves for these predictions")
     from medvox.evaluation import plots
-    from medvox.evaluation.metrics import compute_metrics
+    from medvox.evaluation.metrics import compute_metrics, decision_text
 
     what = "pooled out-of-fold" if which == "oof" else "test ensemble"
     figs = [
@@ -171,7 +172,9 @@ def _predictions_section(run: Run, which: str, tmp: Path) -> Html:
     ]
     threshold = _threshold(run)
     metrics = compute_metrics(preds.labels, preds.probs, threshold=threshold, class_names=run.classes)
-    at = "argmax" if threshold is None else f"at the OOF threshold p({run.classes[1]}) >= {threshold:.3f}"
+    at = ("argmax" if threshold is None else
+          f"{'at the OOF threshold' if np.ndim(threshold) == 0 else 'OOF-chosen decision:'} "
+          f"{decision_text(threshold, run.classes)}")
     figs.append(html.figure_of(plots.plot_confusion_matrix(metrics["confusion_matrix"], run.classes,
                                                            tmp / f"{which}_cm.png", title=f"Confusion matrix, {what}"),
                                f"Confusion matrix ({at}), {what}"))
@@ -179,10 +182,10 @@ def _predictions_section(run: Run, which: str, tmp: Path) -> Html:
                 + _errors_table(preds, run.classes, which, threshold))
 
 
-def _threshold(run: Run) -> float | None:
-    """The run's decision threshold (binary, chosen on its pooled OOF predictions); None: the argmax."""
-    decision = (run.summary or {}).get("decision") or {}
-    return decision.get("threshold") if len(run.classes) == 2 else None
+def _threshold(run: Run) -> float | list[float] | None:
+    """The run's decision, chosen on its pooled OOF predictions: a threshold (binary) or class weights (more
+    classes); None: the argmax."""
+    return decision_cut((run.summary or {}).get("decision"))
 
 
 def _consistency(run: Run, which: str, csv_auc: float | None) -> str:
@@ -200,7 +203,7 @@ def _consistency(run: Run, which: str, csv_auc: float | None) -> str:
                      "extreme temperature) become ties. The tables hold the exact values.", warn=True)
 
 
-def _errors_table(preds, classes: list[str], which: str, threshold: float | None = None, k: int = 10) -> str:
+def _errors_table(preds, classes: list[str], which: str, threshold: float | list[float] | None = None, k: int = 10) -> str:
     """The most confident wrong predictions (at the run's decision ``threshold``): the cases worth a second look."""
     from medvox.evaluation.metrics import decide
 

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from medvox.engine.artifacts import write_json, write_predictions
-from medvox.evaluation.metrics import compute_metrics, to_jsonable
+from medvox.evaluation.metrics import compute_metrics, decision_cut, to_jsonable
 
 T_BOUNDS = (0.05, 20.0)
 SUMMARY_METRICS = ("auc", "accuracy", "balanced_accuracy", "f1", "sensitivity", "specificity", "precision", "loss")
@@ -137,7 +137,7 @@ def fuse_test(test: dict[str, Any], labels: np.ndarray, probs: np.ndarray, fusio
 
 
 def record_fusion(run_dir: Path, summary: dict[str, Any], fusion: dict[str, Any], labels: np.ndarray,
-                  classes: list[str], threshold: float | None = None) -> None:
+                  classes: list[str], threshold: float | list[float] | None = None) -> None:
     """``fusion`` and ``oof_fused`` in the summary, and ``oof_fused_predictions.csv`` (its ``predicted`` at the
     run's OOF-chosen ``threshold`` when there is one)."""
     summary["fusion"] = {k: fusion[k] for k in ("weight", "criterion", "chosen_on", "model", "oof_auc", "oof_log_loss",
@@ -147,10 +147,10 @@ def record_fusion(run_dir: Path, summary: dict[str, Any], fusion: dict[str, Any]
 
 
 def write_fused_oof(run_dir: Path, rows: list[dict], probs: np.ndarray, classes: list[str],
-                    threshold: float | None = None) -> Path:
+                    threshold: float | list[float] | None = None) -> Path:
     """``oof_fused_predictions.csv``: the rows of ``oof_predictions.csv`` with the final (calibrated, fused)
     probabilities, which ``medvox compare`` and ``medvox report`` then use for the run, and ``predicted`` at
-    ``threshold`` (binary; None: the argmax)."""
+    ``threshold`` (binary; class weights for more classes; None: the argmax)."""
     from medvox.evaluation.metrics import decide
 
     rows = [dict(r) for r in rows]
@@ -195,18 +195,25 @@ def rescale_folds(probs: np.ndarray, folds: np.ndarray, calibration: list[dict])
 
 
 def oof_decision(labels: np.ndarray, probs: np.ndarray, rule: str) -> dict[str, Any] | None:
-    """The decision threshold chosen on calibrated OOF predictions (binary tasks; None otherwise)."""
-    from medvox.evaluation.metrics import best_threshold
+    """The decision chosen on calibrated OOF predictions: a threshold on ``p1`` for two classes
+    (:func:`~medvox.evaluation.metrics.best_threshold`), class weights for more
+    (:func:`~medvox.evaluation.metrics.best_class_weights`); None when the OOF labels hold one class."""
+    from medvox.evaluation.metrics import best_class_weights, best_threshold
 
-    if probs.shape[1] != 2 or len(np.unique(labels)) < 2:
+    if len(np.unique(labels)) < 2:
         return None
-    threshold = best_threshold(labels, probs, rule=rule)
-    return {"rule": rule, "threshold": threshold, "fitted_on": "pooled out-of-fold predictions, per-fold calibrated",
-            "oof": compute_metrics(labels, probs, threshold=threshold)}
+    fitted_on = "pooled out-of-fold predictions, per-fold calibrated"
+    if probs.shape[1] == 2:
+        threshold = best_threshold(labels, probs, rule=rule)
+        return {"rule": rule, "threshold": threshold, "fitted_on": fitted_on,
+                "oof": compute_metrics(labels, probs, threshold=threshold)}
+    weights = best_class_weights(labels, probs, rule=rule)
+    return {"rule": rule, "threshold": None, "class_weights": weights, "fitted_on": fitted_on,
+            "oof": compute_metrics(labels, probs, threshold=weights)}
 
 
 def test_ensemble(run_dir: Path, fold_dirs: list[Path], prepared, tta: bool,
-                  threshold: float | None = None, fusion: dict[str, Any] | None = None,
+                  threshold: float | list[float] | None = None, fusion: dict[str, Any] | None = None,
                   device: str | Any = "cpu") -> dict[str, Any] | None:
     """Average the fold models' (calibrated) probabilities on the held-out test set (the models on ``device``).
 
@@ -261,9 +268,9 @@ def summarize(run_dir: Path, fold_dirs: list[Path], prepared=None, tta: bool = T
               progress: bool = True, features_from=None, device: str | Any = "cpu") -> dict[str, Any]:
     """Write ``cv_summary.json`` (+ ``oof_predictions.csv``, ``test_predictions.csv``) for a finished CV.
 
-    Binary tasks also get ``decision``: a threshold chosen by ``threshold_rule`` on the pooled, calibrated
-    OOF predictions, and the test ensemble's metrics at it (``test.final_at_threshold``): at the argmax an
-    imbalanced task's models often predict the majority class only.
+    ``decision``: a threshold (binary) or class weights (more classes) chosen by ``threshold_rule`` on the
+    pooled, calibrated OOF predictions, and the test ensemble's metrics at it (``test.final_at_threshold``): at
+    the argmax an imbalanced task's models often predict the majority class only.
 
     ``feature_fusion`` (needs ``prepared``): a descriptor model on the same folds, mixed in at the weight
     with the best pooled OOF AUC, or log-loss for more than two classes (:mod:`medvox.evaluation.features`); the threshold, ``oof_fused`` and the
@@ -286,7 +293,7 @@ def summarize(run_dir: Path, fold_dirs: list[Path], prepared=None, tta: bool = T
         shutil.rmtree(run_dir / "features", ignore_errors=True)
         (run_dir / "oof_fused_predictions.csv").unlink(missing_ok=True)
     decision = oof_decision(oof_labels, oof_probs, rule=threshold_rule)
-    threshold = decision["threshold"] if decision else None
+    threshold = decision_cut(decision)  # a threshold (binary) or class weights
     summary = {
         "model": folds[0]["model"], "folds": len(folds), "classes": classes, "monitor": folds[0]["monitor"],
         "fold_final_weights": [f["final"]["weights"] for f in folds],
@@ -318,7 +325,11 @@ def format_table(summary: dict) -> str:
         tv = test_best.get(name)
         lines.append(f"| {name} | {cell} | {'' if ov is None else f'{ov:.3f}'} | {'' if tv is None else f'{tv:.3f}'} |")
     if decision:
-        lines.append(f"\nOOF and test ensemble at the threshold p({summary['classes'][1]}) >= {decision['threshold']:.3f} "
+        from medvox.evaluation.metrics import decision_text
+
+        cut = decision_cut(decision)
+        lines.append(f"\nOOF and test ensemble {'at the threshold ' if np.ndim(cut) == 0 else 'decided by '}"
+                     f"{decision_text(cut, summary['classes'])} "
                      f"({decision['rule']} on the pooled calibrated out-of-fold predictions; AUC and loss do not "
                      "depend on it); the folds column is at the argmax.")
     fusion = summary.get("fusion")
