@@ -57,16 +57,17 @@ fi
 left=$(( BUDGET_S - $(elapsed) - 25 ))
 echo "[$(elapsed) s] accuracy sweep, ${left} s left"
 # done already (benchmarks/accuracy.md): r18 x 3 seeds (CPU), the MONAI baselines x 3 seeds (H100), r18_mixup (2 folds,
-# CPU), mil@0 (CPU), r50 (folds 0-1, CPU), auto64 x 3 and auto64aa@0-1 (CPU), r18_64@0 and swin@0 folds (H100,
+# CPU), mil@0 (CPU), r50 (folds 0-1, CPU), auto64 x 3 and auto64aa x 3 (CPU), r18_64@0 and swin@0 folds (H100,
 # 2026-11-26: 16 fold processes under MPS kept the card 100 % busy; a ResNet-18 fold at 64^3 took 220-290 s).
-# Next: the default recipe's third seed, then the 64^3 CNN over seeds. Each fold is its own process by default
+# Next: the 64^3 CNN over seeds (auto64aa here would train at 64^3: the report would pool it with the CPU
+# runs of the same name). Each fold is its own process by default
 # (FOLD_PARALLEL=1, PARALLEL counts processes); one whole run at a time took the 2026-11-25 sweep past its time.
 nvidia-smi --query-gpu=timestamp,utilization.gpu,memory.used --format=csv -l 10 > "$OUT/gpu_util.csv" 2>&1 &
 SAMPLER=$!
 FP=(); [ "${FOLD_PARALLEL:-1}" = 1 ] && FP=(--fold-parallel)  # each fold its own process (PARALLEL counts them)
 python3 benchmarks/accuracy.py run --gpu --parallel "${PARALLEL:-16}" --threads 1 --drop-checkpoints "${FP[@]}" \
   --out "$SCRATCH/acc" --hard-minutes "$(python3 -c "print($left / 60)")" --minutes "$(python3 -c "print(max($left - 150, 30) / 60)")" \
-  --jobs ${JOBS:-auto64aa@2 r18_64@1 r18_64@2 r10s1_64@0}
+  --jobs ${JOBS:-r18_64@1 r18_64@2 r10s1_64@0}
 echo "[$(elapsed) s] sweep done"; kill $SAMPLER 2> /dev/null
 for f in "$SCRATCH"/acc/logs/*.log; do echo "== $f"; grep -E "epoch +[0-9]+ \||fold [0-9]+ (complete|early)|Error|error" "$f" | tail -n 3; done
 tar czf "$OUT/acc.tar.gz" --exclude='*.pt' --exclude='*.safetensors' --exclude='*.png' --exclude='events.out*' \
