@@ -16,7 +16,6 @@ writes ``<out>/graded.npz``, the run under ``<out>/runs`` and ``<out>/multiclass
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import sys
 import time
@@ -49,15 +48,6 @@ def scores(y: np.ndarray, probs: np.ndarray, cut) -> dict[str, float]:
         "recall": [round(float(m["per_class"][c]["sensitivity"]), 4) for c in m["class_names"]]}
 
 
-def read_predictions(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    """(labels, probabilities) of a medvox predictions CSV (``test_predictions.csv``, ``oof_fused_predictions.csv``)."""
-    with open(path, newline="", encoding="utf-8") as fh:
-        rows = list(csv.DictReader(fh))
-    names = [c.removeprefix("prob_") for c in rows[0] if c.startswith("prob_")]
-    y = np.array([names.index(r["label"]) for r in rows])
-    return y, np.array([[float(r[f"prob_{c}"]) for c in names] for r in rows])
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--npz", type=Path, default=DEFAULT_NPZ, help="AdrenalMNIST3D (28^3 release)")
@@ -71,6 +61,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from medvox.cli import main as medvox
     from medvox.evaluation.metrics import best_class_weights
+    from medvox.evaluation.summary import load_predictions
 
     args.out.mkdir(parents=True, exist_ok=True)
     npz = args.out / "graded.npz"
@@ -88,8 +79,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.reuse and previous.exists():  # the training time of the run analysed
         minutes = json.loads(previous.read_text())["minutes"]
     summary = json.loads((run / "cv_summary.json").read_text())
-    y, probs = read_predictions(run / "test_predictions.csv")
-    y_oof, p_oof = read_predictions(run / "oof_fused_predictions.csv")  # calibrated, fused: what the run chose on
+    y, probs, _, _ = load_predictions(run / "test_predictions.csv")
+    y_oof, p_oof, _, _ = load_predictions(run / "oof_fused_predictions.csv")  # calibrated, fused: what it chose on
     decisions = {"argmax": None, "youden (the run's)": summary["decision"]["class_weights"]}
     for rule in ("f1", "accuracy"):
         decisions[rule] = best_class_weights(y_oof, p_oof, rule=rule)

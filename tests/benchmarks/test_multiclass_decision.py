@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from benchmarks import multiclass_decision as mc
+from medvox.evaluation.summary import load_predictions
 
 
 def test_the_three_classes_split_the_abnormal_cases_by_size(medmnist_28, tmp_path):
@@ -33,7 +34,7 @@ def test_predictions_are_read_with_their_labels(tmp_path):
         writer.writerow(["case_id", "patient_id", "label", "prob_0", "prob_1", "prob_2", "predicted", "spread"])
         writer.writerow(["a", "a", "2", "0.1", "0.2", "0.7", "2", "0.01"])
         writer.writerow(["b", "b", "0", "0.6", "0.3", "0.1", "0", "0.02"])
-    y, probs = mc.read_predictions(path)
+    y, probs, _, _ = load_predictions(path)  # the project's reader, which the benchmark uses
     assert y.tolist() == [2, 0] and probs.tolist() == [[0.1, 0.2, 0.7], [0.6, 0.3, 0.1]]
     scores = mc.scores(y, probs, [1.0, 1.0, 1.0])
     assert scores["accuracy"] == 1.0 and scores["recall"] == [1.0, 0.0, 1.0]

@@ -335,18 +335,11 @@ class FoldTrainer:
         return artifacts.to_jsonable(doc)
 
     def _final_split(self, model, split: str) -> dict:
-        from medvox.evaluation.metrics import (
-            best_class_weights,
-            best_threshold,
-            compute_metrics,
-            decision_cut,
-        )
+        from medvox.evaluation.metrics import best_cut, compute_metrics, decision_cut
 
         metrics, idx, labels, probs = self._evaluate(model, split)
         if split == "val" and len(np.unique(labels)) >= 2:  # a threshold (binary) or class weights (more classes)
-            rule = self.cfg.train.threshold_rule
-            self.threshold = (float(best_threshold(labels, probs, rule=rule)) if len(self.classes) == 2
-                              else best_class_weights(labels, probs, rule=rule))
+            self.threshold = best_cut(labels, probs, rule=self.cfg.train.threshold_rule)
             metrics["at_val_threshold"] = compute_metrics(labels, probs, threshold=self.threshold,
                                                           class_names=self.classes)
         elif split == "test" and getattr(self, "threshold", None) is not None:

@@ -84,8 +84,7 @@ def compute_metrics(
         "specificity": pick(per["specificity"]),
         "precision": _skm().precision_score(y, pred, labels=labels, average=avg, zero_division=0),
         "confusion_matrix": cm,
-        "threshold": None if weights is not None else threshold,
-        **({"class_weights": weights.tolist()} if weights is not None else {}),
+        **decision_fields(weights.tolist() if weights is not None else threshold),
         "class_names": names,
         "per_class": {
             name: {key: per[key][i] for key in ("sensitivity", "specificity", "precision", "f1", "support")}
@@ -247,6 +246,14 @@ def best_class_weights(y_true: Any, probs: Any, rule: str = "youden", max_candid
     return [float(v) for v in np.exp(offsets - offsets.mean())]
 
 
+def best_cut(y_true: Any, probs: Any, rule: str = "youden") -> float | list[float]:
+    """The decision chosen by ``rule`` on (validation / out-of-fold) data: the threshold on ``p1`` for two
+    classes (:func:`best_threshold`), class weights for more (:func:`best_class_weights`)."""
+    if np.shape(probs)[-1] == 2 or np.ndim(probs) == 1:
+        return float(best_threshold(y_true, probs, rule=rule))
+    return best_class_weights(y_true, probs, rule=rule)
+
+
 def decision_text(threshold: float | Sequence[float] | None, classes: Sequence[str]) -> str:
     """The decision rule in words.
 
@@ -268,6 +275,19 @@ def decision_cut(decision: Mapping[str, Any] | None) -> float | list[float] | No
     if not decision:
         return None
     return decision.get("class_weights") or decision.get("threshold")
+
+
+def decision_fields(cut: float | Sequence[float] | None) -> dict[str, Any]:
+    """How a decision is recorded, the inverse of :func:`decision_cut`: ``{"threshold": t}`` (binary or None,
+    the argmax), or ``{"threshold": None, "class_weights": [...]}``.
+
+    Example:
+        >>> decision_fields(0.3), decision_fields([0.5, 2.0, 1.0])
+        ({'threshold': 0.3}, {'threshold': None, 'class_weights': [0.5, 2.0, 1.0]})
+    """
+    if cut is None or np.ndim(cut) == 0:
+        return {"threshold": None if cut is None else float(cut)}
+    return {"threshold": None, "class_weights": [float(w) for w in cut]}
 
 
 def to_jsonable(obj: Any) -> Any:

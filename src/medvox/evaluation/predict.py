@@ -55,7 +55,7 @@ def run_decision(checkpoints: list[str], models, calibrated: bool = True) -> dic
     * otherwise (checkpoint files, several folders, or a cv decision
       with ``--uncalibrated``, whose probabilities it was not chosen on): the argmax, with the reason in ``from``.
     """
-    from medvox.evaluation.metrics import decision_cut
+    from medvox.evaluation.metrics import decision_cut, decision_fields
     from medvox.evaluation.runs import read_json
 
     def argmax(why: str) -> dict[str, Any]:
@@ -71,19 +71,17 @@ def run_decision(checkpoints: list[str], models, calibrated: bool = True) -> dic
             return argmax(f"{folder / 'cv_summary.json'} has no decision threshold")
         if not calibrated:
             return argmax("--uncalibrated: the run's decision was chosen on calibrated probabilities")
-        weights = decision.get("class_weights")
-        return {"rule": decision["rule"], "threshold": None if weights else float(decision["threshold"]),
-                **({"class_weights": [float(w) for w in weights]} if weights else {}),
+        return {"rule": decision["rule"], **decision_fields(decision_cut(decision)),
                 "from": f"{folder / 'cv_summary.json'} (pooled out-of-fold predictions, per-fold calibrated)"}
     metrics = read_json(folder / "metrics.json") or {}
     threshold = decision_cut(((metrics.get("final") or {}).get("val") or {}).get("at_val_threshold"))
     if threshold is None or len(models) != 1:
         return argmax(f"{folder} records no decision threshold (no cv_summary.json, no validation threshold)")
     temperature = models[0].temperature if calibrated else 1.0
-    moved = ({"threshold": _through_temperature(float(threshold), temperature)} if np.ndim(threshold) == 0 else
-             {"threshold": None, "class_weights": _weights_through_temperature(threshold, temperature)})
+    moved = (_through_temperature(float(threshold), temperature) if np.ndim(threshold) == 0 else
+             _weights_through_temperature(threshold, temperature))
     return {"rule": (read_json(folder / "config.json") or {}).get("train", {}).get("threshold_rule", "youden"),
-            **moved, "from": f"{folder / 'metrics.json'} (the fold's validation set)"
+            **decision_fields(moved), "from": f"{folder / 'metrics.json'} (the fold's validation set)"
                              + (f", temperature {temperature:.3g}" if temperature != 1.0 else "")}
 
 
@@ -144,9 +142,10 @@ def predict_cases(checkpoints: list[str], inputs: list[str], out: str | Path, *,
         fusion = load_fusion(Path(checkpoints[0]))
     decision = {"rule": "argmax", "threshold": None, "from": "--argmax"} if argmax else \
         run_decision(checkpoints, models, calibrated)
-    if decision_cut(decision) is not None:
-        log.info("predicted: %s (the %s decision of %s)", decision_text(decision_cut(decision), classes),
-                 decision["rule"], decision["from"])
+    cut = decision_cut(decision)
+    if cut is not None:
+        log.info("predicted: %s (the %s decision of %s)", decision_text(cut, classes), decision["rule"],
+                 decision["from"])
     cases = _cases(inputs, data_cfg)
     if not cases:
         raise DataError(f"no input images found in {', '.join(inputs)} (NIfTI .nii/.nii.gz, DICOM folders, .npy)")
@@ -178,7 +177,7 @@ def predict_cases(checkpoints: list[str], inputs: list[str], out: str | Path, *,
                 mean, per = ensemble_predict(models, volumes, tta=tta, calibrated=calibrated, batch_size=batch_size)
                 if fusion is not None:
                     mean = fuse_probs(fusion, mean, np.stack(feature_arrays) if feature_plan is not None else volumes)
-                _write_rows(writer, chunk, classes, mean, per, decision_cut(decision))
+                _write_rows(writer, chunk, classes, mean, per, cut)
                 n_ok += len(chunk)
             fh.flush()
             bar.advance(task, len(cases[start:start + batch_size]))

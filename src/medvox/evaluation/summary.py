@@ -198,18 +198,13 @@ def oof_decision(labels: np.ndarray, probs: np.ndarray, rule: str) -> dict[str, 
     """The decision chosen on calibrated OOF predictions: a threshold on ``p1`` for two classes
     (:func:`~medvox.evaluation.metrics.best_threshold`), class weights for more
     (:func:`~medvox.evaluation.metrics.best_class_weights`); None when the OOF labels hold one class."""
-    from medvox.evaluation.metrics import best_class_weights, best_threshold
+    from medvox.evaluation.metrics import best_cut, decision_fields
 
     if len(np.unique(labels)) < 2:
         return None
-    fitted_on = "pooled out-of-fold predictions, per-fold calibrated"
-    if probs.shape[1] == 2:
-        threshold = best_threshold(labels, probs, rule=rule)
-        return {"rule": rule, "threshold": threshold, "fitted_on": fitted_on,
-                "oof": compute_metrics(labels, probs, threshold=threshold)}
-    weights = best_class_weights(labels, probs, rule=rule)
-    return {"rule": rule, "threshold": None, "class_weights": weights, "fitted_on": fitted_on,
-            "oof": compute_metrics(labels, probs, threshold=weights)}
+    cut = best_cut(labels, probs, rule=rule)
+    return {"rule": rule, **decision_fields(cut), "fitted_on": "pooled out-of-fold predictions, per-fold calibrated",
+            "oof": compute_metrics(labels, probs, threshold=cut)}
 
 
 def test_ensemble(run_dir: Path, fold_dirs: list[Path], prepared, tta: bool,
