@@ -72,3 +72,27 @@ def test_recipe_tail_fuses_at_the_oof_best_weight_and_thresholds_on_oof(rng):
     assert cf.recipe_tail(y, folds, oof, yt, separable, x, xt, fuse=False)["oracle_accuracy_at_ba"] == 1.0
     noise = rng.random(m)
     assert cf.recipe_tail(y, folds, oof, yt, np.c_[1 - noise, noise], x, xt, fuse=False)["oracle_accuracy_at_ba"] is None
+
+
+def test_permuted_descriptors_get_little_weight_and_cost_little(rng):
+    from benchmarks import fusion_noise as fn
+
+    n, m = 600, 300
+    y, yt = (rng.random(n) < 0.25).astype(int), (rng.random(m) < 0.25).astype(int)
+    folds = np.arange(n) % 5
+
+    def probs(labels):
+        s = 1 / (1 + np.exp(-(1.2 * (labels - 0.5) * 2 + rng.normal(0, 1.0, len(labels)))))
+        return np.stack([1 - s, s], 1)
+
+    oof, test = probs(y), probs(yt)
+    x = np.c_[y + rng.normal(0, 0.5, n), rng.normal(size=(n, 3))]  # informative, unless permuted
+    xt = np.c_[yt + rng.normal(0, 0.5, m), rng.normal(size=(m, 3))]
+    informative = cf.recipe_tail(y, folds, oof, yt, test, x, xt, fuse=True)["fusion_weight"]
+    trials = [fn.permuted_trial(y, folds, oof, yt, test, x, xt, seed) for seed in range(5)]
+    assert informative >= 0.3 and all(t["weight"] < informative for t in trials)
+    for t in trials:
+        assert t["oof_auc_gain"] >= 0  # the weight is the OOF-best, w = 0 included
+        if t["weight"] == 0:
+            assert t["test_auc_change"] == 0
+        assert t["test_auc_change"] > -0.03
