@@ -50,6 +50,13 @@ def scores(y: np.ndarray, probs: np.ndarray, cut) -> dict[str, float]:
         "recall": [round(float(m["per_class"][c]["sensitivity"]), 4) for c in m["class_names"]]}
 
 
+def cv_command(npz: Path, runs: Path, epochs: int, folds: int, seed: int, threads: int) -> list[str]:
+    """The ``medvox cv`` arguments of the study (``epochs`` 0: the recipe's own length)."""
+    return ["cv", "--data", str(npz), "--output", str(runs), "--recipe", "auto", "--amp",
+            *(["--epochs", str(epochs)] if epochs else []), "--folds", str(folds), "--seed", str(seed),
+            "--threads", str(threads), "--plots", "final", "--set", "train.keep_last=false"]
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--npz", type=Path, default=DEFAULT_NPZ, help="AdrenalMNIST3D (28^3 release)")
@@ -71,10 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     counts = make_graded(args.npz, npz)
     print(f"classes {CLASSES}: counts per split {counts}", file=sys.stderr)
     start = time.perf_counter()
-    command = ["cv", "--data", str(npz), "--output", str(args.out / "runs"), "--recipe", "auto", "--amp",
-               *(["--epochs", str(args.epochs)] if args.epochs else []), "--folds", str(args.folds),
-               "--seed", str(args.seed), "--threads", str(args.threads), "--plots", "final",
-               "--set", "train.keep_last=false"]
+    command = cv_command(npz, args.out / "runs", args.epochs, args.folds, args.seed, args.threads)
     run = args.out / "runs" / "resnet18"
     if not (args.reuse and (run / "cv_summary.json").exists()) and medvox(command) != 0:
         return 1

@@ -39,3 +39,14 @@ def test_predictions_are_read_with_their_labels(tmp_path):
     scores = mc.scores(y, probs, [1.0, 1.0, 1.0])
     assert scores["accuracy"] == 1.0 and scores["recall"] == [1.0, 0.0, 1.0]
     assert mc.scores(y, probs, [0.1, 1.0, 1.0])["accuracy"] == pytest.approx(0.5)  # b becomes class 1
+
+
+def test_the_cv_command_is_shortened_or_the_recipes_own(tmp_path):
+    from medvox.cli import build_parser
+
+    short = mc.cv_command(tmp_path / "g.npz", tmp_path / "runs", 12, 3, 1, 2)
+    own = mc.cv_command(tmp_path / "g.npz", tmp_path / "runs", 0, 3, 1, 2)
+    assert own == [a for a in short if a not in ("--epochs", "12")]  # only the length differs
+    parsed_short, parsed_own = build_parser().parse_args(short), build_parser().parse_args(own)
+    assert parsed_short.epochs == 12 and parsed_own.epochs is None  # None: the recipe chooses it
+    assert parsed_own.folds == 3 and parsed_own.seed == 1 and parsed_own.recipe == "auto"
