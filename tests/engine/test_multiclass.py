@@ -88,7 +88,7 @@ def test_three_grades_are_trained_fused_and_summarised(graded_run, graded_npz):
     assert ba == pytest.approx(decision["oof"]["balanced_accuracy"], abs=1e-6)
     table = (graded_run / "cv_table.md").read_text()
     assert "| auc |" in table and "(chosen on the pooled OOF log-loss: CNN " in table
-    assert "decided by the largest weighted probability (weights 1 " in table
+    assert "decided by the largest weighted probability (class weights 1: " in table
 
 
 def test_report_and_predict_handle_three_grades(graded_run, graded_npz, tmp_path):

@@ -259,14 +259,14 @@ def decision_text(threshold: float | Sequence[float] | None, classes: Sequence[s
 
     Example:
         >>> decision_text(0.42, ["benign", "malignant"]), decision_text([0.8, 1.25], ["a", "b"])
-        ('p(malignant) >= 0.420', 'the largest weighted probability (weights a 0.80, b 1.25)')
+        ('p(malignant) >= 0.420', 'the largest weighted probability (class weights a: 0.80, b: 1.25)')
     """
     if threshold is None:
         return "the most probable class"
     if np.ndim(threshold) == 0:
         return f"p({classes[1]}) >= {float(threshold):.3f}"
-    return ("the largest weighted probability (weights "
-            + ", ".join(f"{c} {w:.2f}" for c, w in zip(classes, threshold, strict=True)) + ")")
+    return ("the largest weighted probability (class weights "
+            + ", ".join(f"{c}: {w:.2f}" for c, w in zip(classes, threshold, strict=True)) + ")")
 
 
 def decision_cut(decision: Mapping[str, Any] | None) -> float | list[float] | None:
