@@ -101,20 +101,30 @@ def descriptors(kept: Path, npz: Path, ids: list[str], test_ids: list[str]) -> t
     return x[[index[c] for c in ids]], x[[index[c] for c in test_ids]]
 
 
+def descriptor_probs(y, folds, x, xt) -> tuple[np.ndarray, np.ndarray]:
+    """The descriptor model per fold, as ``medvox cv`` fits it: (OOF probabilities, mean of the folds' on test)."""
+    from medvox.evaluation.features import make_feature_model
+
+    ks = np.unique(folds)
+    k = int(np.max(y)) + 1
+    pf, pft = np.zeros((len(y), k)), np.zeros((len(xt), k))
+    for f in ks:
+        model = make_feature_model(0).fit(x[folds != f], y[folds != f])
+        pf[folds == f] = model.predict_proba(x[folds == f])
+        pft += model.predict_proba(xt) / len(ks)
+    return pf, pft
+
+
 def recipe_tail(y, folds, oof, yt, test, x, xt, fuse: bool) -> dict:
     """Steps 2-3 of the module docstring for one CNN: the fusion (when ``fuse``), the OOF threshold, test metrics."""
     from sklearn.metrics import roc_auc_score
 
-    from medvox.evaluation.features import choose_weight, make_feature_model
+    from medvox.evaluation.features import choose_weight
     from medvox.evaluation.metrics import best_threshold, compute_metrics
 
     w = 0.0
     if fuse:
-        pf, pft = np.zeros_like(oof), np.zeros_like(test)
-        for f in np.unique(folds):
-            model = make_feature_model(0).fit(x[folds != f], y[folds != f])
-            pf[folds == f] = model.predict_proba(x[folds == f])
-            pft += model.predict_proba(xt) / len(np.unique(folds))
+        pf, pft = descriptor_probs(y, folds, x, xt)
         w, _ = choose_weight(y, oof, pf)
         oof, test = (1 - w) * oof + w * pf, (1 - w) * test + w * pft
     threshold = best_threshold(y, oof, "youden")

@@ -33,16 +33,10 @@ def permuted_trial(y, folds, oof, yt, test, x, xt, seed: int) -> dict:
     """One trial: descriptors of permuted cases, the descriptor model per fold, the OOF-chosen weight."""
     from sklearn.metrics import roc_auc_score
 
-    from medvox.evaluation.features import choose_weight, make_feature_model
+    from medvox.evaluation.features import choose_weight
 
     rng = np.random.default_rng(seed)
-    xs, xts = x[rng.permutation(len(x))], xt[rng.permutation(len(xt))]
-    pf, pft = np.zeros_like(oof), np.zeros_like(test)
-    ks = np.unique(folds)
-    for f in ks:
-        model = make_feature_model(0).fit(xs[folds != f], y[folds != f])
-        pf[folds == f] = model.predict_proba(xs[folds == f])
-        pft += model.predict_proba(xts) / len(ks)
+    pf, pft = cf.descriptor_probs(y, folds, x[rng.permutation(len(x))], xt[rng.permutation(len(xt))])
     w, curve = choose_weight(y, oof, pf)
     fused = (1 - w) * test + w * pft
     chosen = next(c for c in curve if c["weight"] == w)
