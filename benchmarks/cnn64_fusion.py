@@ -87,8 +87,9 @@ def fold_folders(folds_dir: Path, ids: list[str], labels: np.ndarray, folds: np.
     return CNN(np.stack([oof[c] for c in ids]), np.mean(test, axis=0))
 
 
-def descriptors(kept: Path, npz: Path, ids: list[str], test_ids: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    """The 46 descriptors of the OOF and test cases on ``npz``'s own grid (as ``medvox cv`` computes them)."""
+def descriptor_table(kept: Path, npz: Path) -> tuple[dict[str, int], np.ndarray]:
+    """The 46 descriptors of every case of ``npz`` on its own grid (as ``medvox cv`` computes them), prepared
+    with ``kept``'s data settings: (case id -> row, matrix)."""
     from medvox.config import from_dict
     from medvox.data import prepare
     from medvox.evaluation.features import feature_matrix
@@ -96,23 +97,23 @@ def descriptors(kept: Path, npz: Path, ids: list[str], test_ids: list[str]) -> t
     cfg = from_dict(json.loads((kept / "fold_0" / "config.json").read_text()))
     data = dataclasses.replace(cfg.data, path=str(npz), target_shape=None, target_spacing=None, cache_dir=None)
     prepared = prepare(data, progress=False)
-    index = {c.id: i for i, c in enumerate(prepared.cases)}
     _, x = feature_matrix(prepared.images, progress=True)
+    return {c.id: i for i, c in enumerate(prepared.cases)}, x
+
+
+def descriptors(table: tuple[dict[str, int], np.ndarray], ids: list[str], test_ids: list[str]):
+    """The rows of :func:`descriptor_table` for the OOF and the test cases."""
+    index, x = table
     return x[[index[c] for c in ids]], x[[index[c] for c in test_ids]]
 
 
 def descriptor_probs(y, folds, x, xt) -> tuple[np.ndarray, np.ndarray]:
     """The descriptor model per fold, as ``medvox cv`` fits it: (OOF probabilities, mean of the folds' on test)."""
-    from medvox.evaluation.features import make_feature_model
+    from medvox.evaluation.features import fit_fold_models
 
-    ks = np.unique(folds)
-    k = int(np.max(y)) + 1
-    pf, pft = np.zeros((len(y), k)), np.zeros((len(xt), k))
-    for f in ks:
-        model = make_feature_model(0).fit(x[folds != f], y[folds != f])
-        pf[folds == f] = model.predict_proba(x[folds == f])
-        pft += model.predict_proba(xt) / len(ks)
-    return pf, pft
+    classes = [str(c) for c in range(int(np.max(y)) + 1)]
+    p_oof, p_test, _ = fit_fold_models(x, y, folds, xt, [f"x{i}" for i in range(x.shape[1])], classes)
+    return p_oof, p_test
 
 
 def recipe_tail(y, folds, oof, yt, test, x, xt, fuse: bool) -> dict:
@@ -146,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
 
     ids, y, folds, cnn28, test_ids, yt, test28 = cpu_run(args.cpu_run)
     cnn64 = fold_folders(args.gpu_folds, ids, y, folds, test_ids)
-    x, xt = descriptors(args.cpu_run, args.features_data, ids, test_ids)
+    x, xt = descriptors(descriptor_table(args.cpu_run, args.features_data), ids, test_ids)
     cnns = {"28^3 CNN (the CPU recipe's)": CNN(cnn28, test28), "64^3 CNN (GPU, no TTA)": cnn64,
             "mean of the two": CNN((cnn28 + cnn64.oof) / 2, (test28 + cnn64.test) / 2)}
     results = {f"{name}{' + descriptors' if fuse else ''}": recipe_tail(y, folds, c.oof, yt, c.test, x, xt, fuse)

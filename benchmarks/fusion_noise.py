@@ -52,10 +52,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args(argv)
 
+    table = cf.descriptor_table(args.runs[0], args.features_data)  # the same cases in every run (other splits)
     results = {}
     for run in args.runs:
         ids, y, folds, oof, test_ids, yt, test = cf.cpu_run(run)
-        x, xt = cf.descriptors(run, args.features_data, ids, test_ids)
+        x, xt = cf.descriptors(table, ids, test_ids)
         trials = [permuted_trial(y, folds, oof, yt, test, x, xt, seed) for seed in range(args.trials)]
         results[run.name] = trials
         ws, dt = [t["weight"] for t in trials], [t["test_auc_change"] for t in trials]

@@ -305,6 +305,23 @@ def feature_data(cfg, prepared, grid: str = "native", progress: bool = True):
     return native
 
 
+def fit_fold_models(x_oof: np.ndarray, labels: np.ndarray, folds: np.ndarray, x_test: np.ndarray, names: list[str],
+                    classes: list[str], seed: int = 0) -> tuple[np.ndarray, np.ndarray, dict[int, dict[str, Any]]]:
+    """The feature model of each fold, fitted on the other folds' cases: (OOF probabilities ``(N, K)``, the fold
+    models' mean on ``x_test`` ``(M, K)``, ``{fold: model_to_json document}``)."""
+    p_oof = np.zeros((len(x_oof), len(classes)))
+    p_test = np.zeros((len(x_test), len(classes)))
+    ks = sorted(int(f) for f in np.unique(folds))
+    docs = {}
+    for f in ks:
+        train, val = folds != f, folds == f
+        docs[f] = model_to_json(make_feature_model(seed).fit(x_oof[train], labels[train]), names, classes)
+        p_oof[val] = predict_json(docs[f], x_oof[val])
+        if len(x_test):
+            p_test += predict_json(docs[f], x_test) / len(ks)
+    return p_oof, p_test, docs
+
+
 def fit_fusion(run_dir: Path, prepared, oof_ids: list[str], oof_folds: np.ndarray, oof_labels: np.ndarray,
                oof_cnn: np.ndarray, progress: bool = True, seed: int = 0, features_from=None) -> dict[str, Any]:
     """Fit the feature model per fold and choose the fusion weight on the out-of-fold predictions.
@@ -341,18 +358,9 @@ def fit_fusion(run_dir: Path, prepared, oof_ids: list[str], oof_folds: np.ndarra
     if src is not prepared:
         write_json(src.plan, out_dir / "plan.json")
     classes = list(prepared.classes)
-    k = len(classes)
-    p_oof = np.zeros((len(oof_ids), k))
-    p_test = np.zeros((len(test_rows), k))
-    folds = sorted(int(f) for f in np.unique(oof_folds))
-    for f in folds:
-        train, val = oof_folds != f, oof_folds == f
-        model = make_feature_model(seed).fit(x_oof[train], oof_labels[train])
-        doc = model_to_json(model, names, classes)
+    p_oof, p_test, docs = fit_fold_models(x_oof, oof_labels, oof_folds, x_test, names, classes, seed)
+    for f, doc in docs.items():
         write_json(doc, out_dir / f"fold_{f}.json")
-        p_oof[val] = predict_json(doc, x_oof[val])
-        if len(test_rows):
-            p_test += predict_json(doc, x_test) / len(folds)
     groups = [src.cases[index[cid]].group for cid in oof_ids]
     write_predictions(out_dir / "oof_predictions.csv", list(oof_ids), groups, oof_labels, p_oof, classes)
     if len(test_rows):
@@ -360,7 +368,7 @@ def fit_fusion(run_dir: Path, prepared, oof_ids: list[str], oof_folds: np.ndarra
                           prepared.labels[test_rows], p_test, classes)
     weight, curve = choose_weight(oof_labels, oof_cnn, p_oof)
     fused = (1 - weight) * oof_cnn + weight * p_oof
-    criterion = weight_criterion(k)
+    criterion = weight_criterion(len(classes))
     # the curve holds both scores of the CNN alone (w = 0), the descriptors alone (w = 1) and the chosen mixture
     ends = {"cnn": curve[0], "features": curve[-1], "fused": next(c for c in curve if c["weight"] == weight)}
     auc = {name: c["auc"] for name, c in ends.items()}
