@@ -312,9 +312,9 @@ def _cmd_export(args: argparse.Namespace) -> int:
         print(f"decision: {info['classes'][1]} when probabilities[:, 1] >= {decision['threshold']:.6g} "
               f"({decision['rule']}, from {decision['from']})")
     elif decision.get("class_weights"):
-        weights = ", ".join(f"{c} {w:.6g}" for c, w in zip(info["classes"], decision["class_weights"], strict=True))
-        print(f"decision: the class with the largest weight x probability, weights {weights} "
-              f"({decision['rule']}, from {decision['from']})")
+        weights = ", ".join(f"{c}: {w:.6g}" for c, w in zip(info["classes"], decision["class_weights"], strict=True))
+        print(f"decision: the class with the largest weight x probability (class weights {weights}; "
+              f"{decision['rule']}, from {decision['from']})")
     else:
         print(f"decision: the most probable class ({decision['from']})")
     return 0

@@ -91,7 +91,7 @@ def test_three_grades_are_trained_fused_and_summarised(graded_run, graded_npz):
     assert "decided by the largest weighted probability (class weights 1: " in table
 
 
-def test_report_and_predict_handle_three_grades(graded_run, graded_npz, tmp_path):
+def test_report_and_predict_handle_three_grades(graded_run, graded_npz, tmp_path, capsys):
     import nibabel as nib
 
     html = tmp_path / "report.html"
@@ -121,3 +121,10 @@ def test_report_and_predict_handle_three_grades(graded_run, graded_npz, tmp_path
     assert main(["predict", "--run", str(graded_run / "fold_0"), str(folder), "--out", str(fold_out)]) == 0
     used = json.loads(fold_out.with_suffix(".json").read_text())["decision"]
     assert len(used["class_weights"]) == 3 and "the fold's validation set" in used["from"]
+    # exporting that fold prints the same weights, with the deployer's precision
+    capsys.readouterr()
+    assert main(["export", str(graded_run), "--fold", "0", "--out", str(tmp_path / "export"),
+                 "--format", "torchscript"]) == 0
+    weights = ", ".join(f"{g}: {w:.6g}" for g, w in zip(GRADES, used["class_weights"], strict=True))
+    assert f"decision: the class with the largest weight x probability (class weights {weights}; youden" \
+        in capsys.readouterr().out
