@@ -124,11 +124,23 @@ def test_cv_plots_final_and_keep_last(cv_run):
         assert not (fold / "last.pt").exists() and (fold / "best.pt").is_file()
 
 
-def test_cv_skips_finished_folds(cv_run, tiny_medmnist, capsys):
+def test_cv_skips_finished_folds(cv_run, tiny_medmnist, capsys, caplog, monkeypatch):
+    """...and, given the original command line's --gpu on a machine without one, says so once, not per fold."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     before = {k: (cv_run / f"fold_{k}" / "best.pt").stat().st_mtime_ns for k in range(3)}
-    assert main(["cv", "--data", str(tiny_medmnist), "--output", str(cv_run.parent), *CV_ARGS]) == 0
+    with caplog.at_level("WARNING", logger="medvox"):
+        assert main(["cv", "--data", str(tiny_medmnist), "--output", str(cv_run.parent), *CV_ARGS, "--gpu"]) == 0
     assert "already finished" in capsys.readouterr().out
     assert before == {k: (cv_run / f"fold_{k}" / "best.pt").stat().st_mtime_ns for k in range(3)}
+    warned = [r.getMessage() for r in caplog.records if "no CUDA device is visible" in r.getMessage()]
+    assert warned == ["--gpu/--multi_gpu was given but no CUDA device is visible: all 3 folds and the test "
+                      "ensemble on the CPU"]
+    from medvox.engine.setup import use_gpu
+
+    caplog.clear()  # outside `medvox cv` each step warns for itself again
+    assert use_gpu(True, "--gpu", "predicting") is False and "predicting on the CPU" in caplog.text
 
 
 def test_cv_runs_its_test_ensemble_on_the_device_it_trained_on(cv_run, tiny_medmnist, tmp_path, monkeypatch):

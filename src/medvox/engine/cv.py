@@ -17,6 +17,14 @@ def run_cv(cfg: ExperimentConfig, tta: bool = True) -> dict:
     Writes ``<output>/<run>/cv_summary.json``, ``oof_predictions.csv``, ``test_predictions.csv`` (when a
     held-out test set exists) and ``cv_table.md``; returns the summary.
     """
+    from medvox.engine.setup import one_gpu_warning
+
+    with one_gpu_warning(cfg.train.gpu or cfg.train.multi_gpu, "--gpu/--multi_gpu",
+                         f"all {cfg.data.folds} folds and the test ensemble"):
+        return _run_cv(cfg, tta)
+
+
+def _run_cv(cfg: ExperimentConfig, tta: bool) -> dict:
     from medvox.data import prepare
     from medvox.engine import train
     from medvox.evaluation.inference import inference_device

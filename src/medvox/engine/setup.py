@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import logging
 import os
 import random
@@ -58,13 +60,30 @@ def fabric_module():
     return lightning_fabric
 
 
+_GPU_WARNING_GIVEN = contextvars.ContextVar("medvox_gpu_warning_given", default=False)
+
+
 def use_gpu(wanted: bool, flags: str, doing: str) -> bool:
     """``wanted``, when a CUDA device is visible; else False, with a warning if a GPU was asked for (``flags``):
-    the original command line always carries --gpu/--multi_gpu, and it keeps working on a CPU-only machine."""
+    the original command line always carries --gpu/--multi_gpu, and it keeps working on a CPU-only machine.
+    Inside :func:`one_gpu_warning` the warning has already been given and is not repeated."""
     if wanted and not torch.cuda.is_available():
-        log.warning("%s was given but no CUDA device is visible: %s on the CPU", flags, doing)
+        if not _GPU_WARNING_GIVEN.get():
+            log.warning("%s was given but no CUDA device is visible: %s on the CPU", flags, doing)
         return False
     return wanted
+
+
+@contextlib.contextmanager
+def one_gpu_warning(wanted: bool, flags: str, doing: str):
+    """Give :func:`use_gpu`'s warning here, once, for a job made of several steps that each ask for the device
+    (``medvox cv``: every fold, then the test ensemble), and keep it quiet inside."""
+    use_gpu(wanted, flags, doing)
+    token = _GPU_WARNING_GIVEN.set(True)
+    try:
+        yield
+    finally:
+        _GPU_WARNING_GIVEN.reset(token)
 
 
 def make_fabric(tc: TrainConfig):
