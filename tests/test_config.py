@@ -119,6 +119,25 @@ def test_a_bad_config_file_fails_before_any_data_is_read_or_anything_written(tmp
     assert code != 0 and "invalid setting" not in capsys.readouterr().err  # now the data path is what fails
 
 
+def test_cv_ignores_the_fold_a_config_file_sets_for_train_and_refuses_the_flag(tmp_path, capsys, monkeypatch):
+    """A project's medvox.json may name the fold `medvox train` runs; `medvox cv --folds 3` trains all three
+    (it used to refuse a file's fold 4 as out of range). `medvox cv --fold 2` was silently ignored: now refused."""
+    from medvox.engine import cv
+
+    got = []
+    monkeypatch.setattr(cv, "run_cv", lambda cfg, tta=True: got.append(cfg))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "medvox.json").write_text(json.dumps({"train": {"fold": 4}, "data": {"path": "x.npz"}}))
+    assert main(["cv", "--folds", "3", "--output", str(tmp_path / "runs")]) == 0
+    assert len(got) == 1 and got[0].data.folds == 3 and got[0].data.path == "x.npz"
+    assert main(["train", "--folds", "3", "--output", str(tmp_path / "runs")]) == 2  # train still checks it
+    assert "train.fold = 4: must be in 0..2 for data.folds = 3" in capsys.readouterr().err
+    assert main(["cv", "--fold", "2", "--output", str(tmp_path / "runs")]) == 2 and len(got) == 1
+    err = capsys.readouterr().err
+    assert "--fold 2: `medvox cv` trains every fold" in err and "medvox train --fold K" in err
+    assert not (tmp_path / "runs").exists()
+
+
 def test_train_called_in_code_checks_the_config_before_the_data(tmp_path):
     """A config built field by field skips resolve(); train() checks it before reading anything."""
     from medvox.engine import train

@@ -174,10 +174,13 @@ def _default_config_file() -> str | None:
     return None
 
 
-def config_from_args(args: argparse.Namespace, table: dict[str, str] | None = None) -> config_mod.ExperimentConfig:
+def config_from_args(args: argparse.Namespace, table: dict[str, str] | None = None,
+                     fixed: dict[str, Any] | None = None) -> config_mod.ExperimentConfig:
+    """The experiment config: defaults < config file (``--config`` or ``medvox.yaml``/``.json`` here) < flags <
+    ``fixed`` (what the command itself sets); checked, then ``--recipe auto`` fills what nobody gave."""
     table = table if table is not None else {**_DATA_FLAGS, **_TRAIN_FLAGS}
     config_file = getattr(args, "config", None) or _default_config_file()
-    overrides = _overrides(args, table)
+    overrides = _overrides(args, table) | (fixed or {})
     if "data.path" not in overrides and os.environ.get("MEDVOX_DATA"):
         overrides["data.path"] = os.environ["MEDVOX_DATA"]
     cfg = config_mod.resolve(config_file, overrides)
@@ -252,7 +255,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _cmd_cv(args: argparse.Namespace) -> int:
     from medvox.engine.cv import run_cv
 
-    cfg = config_from_args(args)
+    if args.fold is not None:
+        raise config_mod.ConfigError(f"--fold {args.fold}: `medvox cv` trains every fold in turn; give how many "
+                                     "with --folds K, or train one fold with `medvox train --fold K`")
+    # a fold named in the project's config file is for `medvox train`; cv sets each fold itself
+    cfg = config_from_args(args, fixed={"train.fold": 0})
     run_cv(cfg, tta=not args.no_tta)
     return 0
 
