@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -156,3 +157,28 @@ def test_gzip_of_text_is_not_an_image(tmp_path, data_cfg):
     write_manifest(tmp_path / "m.csv", [{"image": "x.nii.gz", "label": "a"}])
     report = check_data(data_cfg(tmp_path / "m.csv"), progress=False)
     assert any(p.row == 2 and "unreadable" in p.what for p in report.problems)
+
+
+def test_labels_spelled_several_ways_are_named_by_row_and_only_then():
+    """'grade 1' / 'Grade_1' / 'grade-1 ' are one class typed three ways: the rows of the rarer spellings are the
+    problem, each told the usual spelling; the 'classes' they made are not also reported as too small. Distinct
+    names ('grade 1' / 'grade 2', 'T1' / 'T-1') are left alone. A folder source is told to rename the folder."""
+    from medvox.config import DataConfig
+    from medvox.data.check import check_case_set
+    from medvox.data.sources import Case
+
+    classes = ["Grade_1", "T-1", "T1", "grade 1", "grade 2", "grade-1"]
+    spelled = ["grade 1"] * 6 + ["grade 2"] * 6 + ["Grade_1", "grade-1"] + ["T1"] * 5 + ["T-1"] * 5
+    cases = [Case(id=f"c{i}", group=f"P{i}", label=classes.index(s), row=i + 2, images=[Path(f"c{i}.nii.gz")])
+             for i, s in enumerate(spelled)]
+    problems = check_case_set(cases, classes, DataConfig(folds=3))
+    assert [(p.row, p.case_id, p.what, p.fix) for p in problems] == [
+        (14, "c12", "label 'Grade_1' differs from 'grade 1' (6 cases) only in case, spaces, '_' or '-': they would "
+         "be two classes", "write the class as 'grade 1' in column 'label'"),
+        (15, "c13", "label 'grade-1' differs from 'grade 1' (6 cases) only in case, spaces, '_' or '-': they would "
+         "be two classes", "write the class as 'grade 1' in column 'label'")]
+    assert all(p.case_index is None for p in problems)  # --skip-bad cannot drop them: the label needs the fix
+    folder = [Case(id=f"d{i}", group=f"Q{i}", label=lab, images=[Path(f"{classes[lab]}/d{i}.nii.gz")])
+              for i, lab in enumerate([3] * 4 + [4] * 4 + [0])]
+    (p,) = check_case_set(folder, classes, DataConfig(folds=2))
+    assert p.row is None and p.fix == "write the class as 'grade 1' (rename its folder)"

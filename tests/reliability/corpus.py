@@ -216,6 +216,19 @@ def unknown_label(root: Path) -> BadCase:
                         "give the case a class in column 'label' or remove the row", label="?")
 
 
+def label_spelled_two_ways(root: Path) -> BadCase:
+    """A hand-typed table: row 10 says 'Malignant' where the other rows say 'malignant' (a class of its own);
+    named once, without a second error about that 'class' being too small for the folds."""
+    write_nifti(root / "images/typed.nii.gz", volume(_rng(), 1))
+    n = sum(r["label"] == "malignant" for r in good_rows(root))
+    case = _one_bad_row(root, "spelling", "images/typed.nii.gz",
+                        f"label 'Malignant' differs from 'malignant' ({n} cases) only in case, spaces, '_' or '-': "
+                        "they would be two classes", "write the class as 'malignant' in column 'label'",
+                        label="Malignant")
+    case.skippable = False  # the label needs the fix, not the image: --skip-bad does not drop the row
+    return case
+
+
 def duplicate_id(root: Path) -> BadCase:
     write_nifti(root / "images/again.nii.gz", volume(_rng(), 0))
     return _one_bad_row(root, "dup", "images/again.nii.gz", "duplicate id 'good_03' (first used on row 5)",
@@ -265,7 +278,7 @@ def patient_in_two_folds(root: Path) -> BadCase:
 CORPUS: dict[str, Callable[[Path], BadCase]] = {f.__name__: f for f in (
     truncated_nifti, text_named_as_image, image_2d, image_5d, nan_inf_voxels, constant_volume,
     dicom_missing_slice, dicom_mixed_series, channels_4d, channels_two_columns, missing_file, unknown_label,
-    duplicate_id, path_escapes_root, class_absent_from_fold, patient_in_two_folds)}
+    label_spelled_two_ways, duplicate_id, path_escapes_root, class_absent_from_fold, patient_in_two_folds)}
 
 # the row-level kinds that fit into one manifest together (one image column, no fold column): --skip-bad
 SKIPPABLE_TOGETHER = ("truncated_nifti", "text_named_as_image", "image_2d", "image_5d", "nan_inf_voxels",

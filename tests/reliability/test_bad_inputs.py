@@ -79,6 +79,20 @@ def test_bad_input_is_reported_exactly_and_nothing_is_written(name, previous, tm
     assert not (previous.out / f"bad_{name}").exists()
 
 
+@pytest.mark.parametrize("name", ["label_spelled_two_ways", "class_absent_from_fold"])
+def test_skip_bad_refuses_the_dataset_wide_problems_it_cannot_drop(name, tmp_path, capsys):
+    """A problem --skip-bad cannot blame on one image (a label spelled two ways, a class absent from a fold)
+    stops it as it stops a plain run; the image problems are dropped (the next test trains on what is left)."""
+    case = CORPUS[name](tmp_path / "data")
+    assert not case.skippable
+    argv = ["train", "--data", str(case.manifest), *case.args, "--epochs", "1", *MIL, *FAST, "--skip-bad",
+            "--output", str(tmp_path / "out"), "--cache-dir", str(tmp_path / "cache")]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert all(_block(expect) in err for expect in case.expect), err
+    assert not (tmp_path / "out").exists()
+
+
 def test_skip_bad_drops_each_bad_case_lists_why_and_trains_on_the_rest(tmp_path, capsys):
     manifest, bad = all_bad_rows(tmp_path / "data")
     common = ["--data", str(manifest), "--folds", "2", "--epochs", "1", *MIL, *FAST,

@@ -3,7 +3,7 @@
 Found per row: missing / unreadable / truncated files, a text file named like an image, images
 that are not 3D (2D and 5D are rejected; 4D is channels), NaN/Inf voxels, constant volumes (an
 error: a blank scan is almost always a failed export; ``--skip-bad`` drops them), empty or unknown
-labels, duplicate ids or images, paths escaping the data folder, broken DICOM series (missing
+labels, labels spelled two ways ("Malignant" / "malignant"), duplicate ids or images, paths escaping the data folder, broken DICOM series (missing
 slices, mixed series), a channel count different from the other cases.
 Found over the dataset: a patient in two provided folds or in both the pool and the test split, a
 fold column filled on some rows only, a class absent from a provided fold, too few patients of a
@@ -18,6 +18,7 @@ Example:
 
 from __future__ import annotations
 
+import re
 from collections import Counter, defaultdict
 from typing import Any
 
@@ -79,8 +80,11 @@ def _channel_problems(cases: list[Case], records: list[dict | None]) -> list[Pro
 def check_case_set(cases: list[Case], classes: list[str], cfg: DataConfig) -> list[Problem]:
     """Dataset-wide checks on labeled cases: patients vs folds and test, classes vs ``k``."""
     labeled = [(i, c) for i, c in enumerate(cases) if c.label is not None]
+    spelling, variants = _label_spelling_problems(labeled, classes, cfg.label_col)
+    problems = spelling + _test_leak_problems(labeled)
+    # a class that is only another spelling of one is not checked for its size or folds: its rows are the problem
+    labeled = [(i, c) for i, c in labeled if c.label not in variants]
     pool = [(i, c) for i, c in labeled if c.subset != "test"]
-    problems = _test_leak_problems(labeled)
     if len({c.label for _, c in pool}) < 2:
         problems.append(Problem(f"the cross-validation pool has {len({c.label for _, c in pool})} class(es)",
                                 "a classifier needs at least two classes with cases"))
@@ -93,6 +97,33 @@ def check_case_set(cases: list[Case], classes: list[str], cfg: DataConfig) -> li
     else:
         problems += _too_few_problems(pool, classes, cfg.folds)
     return problems
+
+
+def _label_spelling_problems(labeled: list[tuple[int, Case]], classes: list[str],
+                             col: str) -> tuple[list[Problem], set[int]]:
+    """Class names that differ only in case, spaces, ``_`` or ``-`` ("Malignant" / "malignant", "grade_1" /
+    "grade 1"), as tables typed by hand often have: each spelling would be a class of its own. The rows of the
+    less common spellings are the problem (dataset-wide: ``--skip-bad`` does not drop them, the label needs the
+    fix). Returns the problems and those spellings' label indices."""
+    counts = Counter(c.label for _, c in labeled)
+    groups: dict[str, list[int]] = defaultdict(list)
+    for label in counts:
+        groups[re.sub(r"[\s_-]+", " ", classes[label].casefold()).strip()].append(label)
+    problems, variants = [], set()
+    for labels in groups.values():
+        if len(labels) < 2:
+            continue
+        usual = max(labels, key=lambda lab: (counts[lab], -lab))
+        variants |= set(labels) - {usual}
+        name = classes[usual]
+        for _, c in labeled:
+            if c.label in labels and c.label != usual:
+                where = f"in column {col!r}" if c.row is not None else "(rename its folder)"
+                problems.append(Problem(
+                    f"label {classes[c.label]!r} differs from {name!r} ({counts[usual]} cases) only in case, spaces, "
+                    "'_' or '-': they would be two classes", f"write the class as {name!r} {where}",
+                    row=c.row, file=c.file, case_id=c.id))
+    return problems, variants
 
 
 def _test_leak_problems(labeled: list[tuple[int, Case]]) -> list[Problem]:
