@@ -105,6 +105,7 @@ class CheckReport:
         if self.cases is None:
             return f"FAILED: the source could not be read ({levels['error']} error(s)); nothing was written."
         top = "; ".join(f"{k} x{n}" for k, n in kinds.most_common(4))
-        n_bad = len(self.bad_case_indices)
+        # cases named by an error, whether --skip-bad could drop them (an image) or not (a label spelled two ways)
+        n_bad = len({(p.row, p.case_id) for p in self.errors if p.case_id is not None})
         return (f"FAILED: {levels['error']} error(s), {levels['warning']} warning(s), {n_bad} of {n_cases} cases "
                 f"affected ({top}); nothing was written.")
