@@ -51,7 +51,8 @@ def preprocess_volume(array: np.ndarray, meta: dict[str, Any], plan: dict[str, A
     x = x[None] if x.ndim == 3 else x
     norms = plan["normalization"]
     if len(norms) != x.shape[0]:
-        raise ValueError(f"the plan has {len(norms)} channel(s) but the volume has {x.shape[0]}")
+        raise ValueError(f"the plan has {len(norms)} channel(s) but the volume has {x.shape[0]}: give each case the "
+                         "channels the plan was made from (a 4D file's 4th axis, or one image per channel)")
     factors = np.asarray(meta.get("spacing", [1.0, 1.0, 1.0]), float) / np.asarray(plan["target_spacing"], float)
     out = []
     for channel, norm in zip(x, norms, strict=True):
