@@ -112,6 +112,18 @@ def test_cv_decision_threshold_is_chosen_on_calibrated_oof(cv_run):
     assert [r["predicted"] for r in fold_val] == [classes[int(float(r["prob_1"]) >= fold_t)] for r in fold_val]
     table = (cv_run / "cv_table.md").read_text()
     assert f"{decision['threshold']:.3f}" in table and "youden" in table
+    # the folds column: each fold's (calibrated) validation cases at that threshold, as the pooled column
+    folds = np.array([int(r["fold"]) for r in oof])
+    per_fold = [compute_metrics(labels[folds == k], calibrated[folds == k], threshold=decision["threshold"])
+                for k in range(summary["folds"])]
+    at = summary["cv_at_decision"]
+    for name in ("accuracy", "balanced_accuracy", "sensitivity", "f1"):
+        assert at[name]["per_fold"] == pytest.approx([m[name] for m in per_fold], abs=1e-6)
+        mean, std = np.mean([m[name] for m in per_fold]), np.std([m[name] for m in per_fold], ddof=1)
+        assert f"| {name} | {mean:.3f} +- {std:.3f} [" in table
+    argmax_auc = summary["cv"]["auc"]
+    assert f"| auc | {argmax_auc['mean']:.3f} +- {argmax_auc['std']:.3f} [" in table  # the fold models' own
+    assert "the folds column too, each fold's validation cases at it" in table
 
 
 def test_cv_plots_final_and_keep_last(cv_run):

@@ -15,6 +15,7 @@ from medvox.evaluation.metrics import compute_metrics, decision_cut, to_jsonable
 
 T_BOUNDS = (0.05, 20.0)
 SUMMARY_METRICS = ("auc", "accuracy", "balanced_accuracy", "f1", "sensitivity", "specificity", "precision", "loss")
+THRESHOLD_METRICS = ("accuracy", "balanced_accuracy", "f1", "sensitivity", "specificity", "precision")
 
 
 def bootstrap_ci(values: list[float], n_boot: int = 2000, seed: int = 0, level: float = 0.95) -> list[float] | None:
@@ -207,6 +208,17 @@ def oof_decision(labels: np.ndarray, probs: np.ndarray, rule: str) -> dict[str, 
             "oof": compute_metrics(labels, probs, threshold=cut)}
 
 
+def folds_at_decision(run_dir: Path, labels: np.ndarray, probs: np.ndarray, cut: float | list[float]) -> dict:
+    """:func:`fold_table` of each fold's validation cases at the run's decision: the final OOF probabilities
+    (per-fold calibrated, fused where the run is) the decision was chosen on, split by fold. The fold models'
+    own figures (``cv``) are at the argmax, where an imbalanced task's models often predict the majority class
+    only; these are what the pooled OOF figures at the decision are made of."""
+    _, _, _, rows = load_predictions(run_dir / "oof_predictions.csv")
+    folds = np.array([int(r["fold"]) for r in rows])
+    return fold_table([compute_metrics(labels[folds == k], probs[folds == k], threshold=cut)
+                       for k in sorted(np.unique(folds))])
+
+
 def test_ensemble(run_dir: Path, fold_dirs: list[Path], prepared, tta: bool,
                   threshold: float | list[float] | None = None, fusion: dict[str, Any] | None = None,
                   device: str | Any = "cpu") -> dict[str, Any] | None:
@@ -292,7 +304,9 @@ def summarize(run_dir: Path, fold_dirs: list[Path], prepared=None, tta: bool = T
     summary = {
         "model": folds[0]["model"], "folds": len(folds), "classes": classes, "monitor": folds[0]["monitor"],
         "fold_final_weights": [f["final"]["weights"] for f in folds],
-        "cv": fold_table(fold_val), "oof": oof_metrics, "calibration": calibration, "decision": decision,
+        "cv": fold_table(fold_val),
+        "cv_at_decision": folds_at_decision(run_dir, oof_labels, oof_probs, threshold) if decision else None,
+        "oof": oof_metrics, "calibration": calibration, "decision": decision,
         "test": test_ensemble(run_dir, fold_dirs, prepared, tta, threshold, fusion, device) if prepared is not None else None,
     }
     if fusion is not None:
@@ -310,8 +324,11 @@ def format_table(summary: dict) -> str:
     decision = summary.get("decision") or {}
     base = summary.get("oof_fused") or summary["oof"]  # a fused run's pooled OOF is the calibrated mixture
     oof = {**base, **{k: v for k, v in (decision.get("oof") or {}).items() if k not in ("auc", "loss")}}
+    at_decision = summary.get("cv_at_decision") or {}
     lines = ["| metric | folds mean +- std [95 % CI] | pooled OOF | test ensemble |", "| --- | --- | --- | --- |"]
     for name, row in summary["cv"].items():
+        if name in THRESHOLD_METRICS and at_decision.get(name):
+            row = at_decision[name]  # each fold's validation cases at the decision, like the pooled OOF column
         if row["mean"] is None:
             continue
         ci = row["ci95"]
@@ -326,12 +343,14 @@ def format_table(summary: dict) -> str:
         lines.append(f"\nOOF and test ensemble {'at the threshold ' if np.ndim(cut) == 0 else 'decided by '}"
                      f"{decision_text(cut, summary['classes'])} "
                      f"({decision['rule']} on the pooled calibrated out-of-fold predictions; AUC and loss do not "
-                     "depend on it); the folds column is at the argmax.")
+                     "depend on it); " + ("the folds column too, each fold's validation cases at it (at the argmax: "
+                                          "`cv` in cv_summary.json)." if at_decision else
+                                          "the folds column is at the argmax."))
     fusion = summary.get("fusion")
     if fusion:
         from medvox.evaluation.features import fusion_scores
 
         lines.append(f"\nOOF and test ensemble include the descriptor model at weight {fusion['weight']:.2f} (chosen on "
-                     f"the pooled OOF {fusion_scores(fusion, features='descriptors')}); the folds column is "
-                     "the CNN's.")
+                     f"the pooled OOF {fusion_scores(fusion, features='descriptors')}); the folds column's AUC and loss "
+                     "are the CNN fold models'.")
     return "\n".join(lines)
