@@ -47,6 +47,13 @@ def test_report_of_a_real_cv_run(cv_runs, tmp_path):
     assert "<td>target_shape</td><td>28, 28, 28</td>" in page
     assert "<td>LDAM</td>" in page and "best_ema.pt" in page
     assert "No held-out test set" not in page and "EMA was off" not in page
+    # the threshold metrics at the run's decision: folds (each fold's validation cases), pooled OOF, test
+    decision, at = summary["decision"], summary["cv_at_decision"]["balanced_accuracy"]
+    assert html.escape(f"At the run's decision, p(1) >= {decision['threshold']:.3f} (youden") in page
+    row = (f"<tr><td>balanced_accuracy</td><td>{fmt(at['mean'])} ± {fmt(at['std'])} [{fmt(at['ci95'][0])}, "
+           f"{fmt(at['ci95'][1])}]</td><td>{fmt(decision['oof']['balanced_accuracy'])}</td>"
+           f"<td>{fmt(summary['test']['final_at_threshold']['balanced_accuracy'])}</td></tr>")
+    assert row in page
 
 
 @pytest.mark.slow

@@ -95,10 +95,36 @@ def _summary_section(run: Run) -> Html:
                      *[fmt(test[k].get(name)) for k, _ in variants]])
     text = ("Mean and sample standard deviation over the folds' final weights on their validation fold; the "
             "95 % interval is a percentile bootstrap over folds (wide with few folds). Pooled OOF: every "
-            "case's out-of-fold prediction scored at once.")
+            "case's out-of-fold prediction scored at once. Accuracy, F1 and the other threshold metrics of this "
+            "table are at the argmax.")
     if not variants:
         text += " No held-out test set: no test columns."
-    return Html(html.para(text) + html.table(header, rows))
+    return Html(html.para(text) + html.table(header, rows) + _decision_table(s))
+
+
+def _decision_table(s: dict) -> str:
+    """The threshold metrics at the run's decision (chosen on the pooled calibrated OOF predictions): each fold's
+    validation cases, the pooled OOF, the final test ensemble; what ``cv_table.md`` shows."""
+    from medvox.evaluation.metrics import decision_text
+    from medvox.evaluation.summary import THRESHOLD_METRICS
+
+    decision = s.get("decision") or {}
+    if not decision:
+        return ""
+    folds, test = s.get("cv_at_decision") or {}, (s.get("test") or {}).get("final_at_threshold") or {}
+    oof = decision.get("oof") or {}
+    if not oof:
+        return ""
+    header = ["metric", *(["folds: mean ± std [95 % CI]"] if folds else []), "pooled OOF",
+              *(["test: final ensemble"] if test else [])]
+    rows = [[name, *([_mean_cell(folds[name])] if folds else []), fmt(oof.get(name)),
+             *([fmt(test.get(name))] if test else [])]
+            for name in THRESHOLD_METRICS if oof.get(name) is not None]
+    cut = decision_cut(decision)
+    text = (f"At the run's decision, {decision_text(cut, s.get('classes') or [])} ({decision['rule']}, chosen on the "
+            "pooled out-of-fold predictions, each fold's calibrated" + (", with the descriptor model" if
+                                                                        s.get("fusion") else "") + "):")
+    return html.para(text) + html.table(header, rows)
 
 
 def _mean_cell(row: dict) -> str:
