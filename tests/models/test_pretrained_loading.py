@@ -78,6 +78,30 @@ def test_wrong_shape_names_the_key_and_both_shapes(medicalnet_files, tmp_path):
     assert len(report.loaded) == 71 and report.summary().startswith("Partially loaded 71/72")
 
 
+@pytest.mark.parametrize(("depth", "model", "hint"), [
+    (18, "resnet50", "The checkpoint holds a ResNet-18 (basic blocks 2-2-2-2, shortcut A): use --model resnet18;"),
+    (10, "resnet50", "The checkpoint holds a ResNet-10 (basic blocks 1-1-1-1, shortcut B): use --model resnet10;"),
+    (34, "resnet18", "The checkpoint holds a ResNet-34 (basic blocks 3-4-6-3, shortcut A): use --model resnet34;"),
+    (50, "resnet34", "The checkpoint holds a ResNet-50 (bottleneck blocks 3-4-6-3, shortcut B): use --model resnet50;"),
+])
+def test_a_medicalnet_file_of_another_depth_is_named(medicalnet_files, depth, model, hint):
+    """MedicalNet ships ResNet-10 to -200 in look-alike files (resnet_18.pth, resnet_50.pth): given to the wrong
+    --model, the error says which depth the file holds, read from its key names."""
+    path, _ = medicalnet_files(depth)
+    with pytest.raises(CheckpointError) as info:
+        create_model(model, pretrained=path)
+    assert hint in str(info.value) and "Check the model name/depth" not in str(info.value)
+
+
+def test_a_file_with_the_other_shortcut_type_is_named(medicalnet_files):
+    path, _ = medicalnet_files(18)  # MedicalNet's ResNet-18: type-A shortcuts (no downsample tensors)
+    with pytest.raises(CheckpointError) as info:
+        create_model("resnet18", shortcut_type="B", pretrained=path)
+    assert ("The checkpoint holds a ResNet-18 (basic blocks 2-2-2-2, shortcut A): use --set "
+            "model.kwargs='{\"shortcut_type\": \"A\"}';") in str(info.value)
+    assert create_model("resnet18", pretrained=path).pretrained_report.complete  # MedicalNet's default: A
+
+
 def test_missing_backbone_key_fails_unless_partial(medicalnet_files, tmp_path):
     _, tensors = medicalnet_files(10)
     path = tmp_path / "missing.pth"

@@ -182,15 +182,18 @@ def load_pretrained(model: nn.Module, path: str | Path, allow_partial: bool = Fa
 
     Raises:
         CheckpointError: unreadable/unsafe file, or a missing/mis-shaped backbone tensor
-            (the message names each key and both shapes) without ``allow_partial``.
+            (the message names each key and both shapes), or a file of another architecture
+            (``model.checkpoint_hint``: a ResNet of another depth or shortcut type) without ``allow_partial``.
         ValueError: unknown ``in_channels_strategy``.
     """
     if in_channels_strategy not in ("average", "error"):
         raise ValueError(f"in_channels_strategy must be 'average' or 'error', got {in_channels_strategy!r}")
     file_state, _ = read_state_dict(path)
     report, updates = _match(model, file_state, Path(path), in_channels_strategy)
-    if not report.complete and not allow_partial:
-        raise CheckpointError(_mismatch_message(model, report))
+    # another architecture whose tensors all fit this one (a ResNet-34 file in a ResNet-18) is a mismatch too
+    hint = model.checkpoint_hint(list(file_state)) if hasattr(model, "checkpoint_hint") else None
+    if (not report.complete or hint) and not allow_partial:
+        raise CheckpointError(_mismatch_message(model, report, hint))
     if report.unexpected:
         logger.warning("%s: %d checkpoint tensor(s) match nothing in the model: %s", path,
                        len(report.unexpected), _short_list(report.unexpected))
@@ -273,7 +276,7 @@ def _short_list(items: list[str]) -> str:
     return shown + (f" ... and {len(items) - _LIST_LIMIT} more" if len(items) > _LIST_LIMIT else "")
 
 
-def _mismatch_message(model: nn.Module, report: LoadReport) -> str:
+def _mismatch_message(model: nn.Module, report: LoadReport, hint: str | None) -> str:
     lines = [f"checkpoint {report.path} does not fit {type(model).__name__} ({report.summary()}):"]
     for m in report.shape_mismatch[:_LIST_LIMIT]:
         lines.append(f"  shape mismatch for {m['key']}: checkpoint {tuple(m['file_shape'])} "
@@ -284,6 +287,9 @@ def _mismatch_message(model: nn.Module, report: LoadReport) -> str:
         lines.append(f"  missing backbone tensors ({len(report.missing)}): {_short_list(report.missing)}")
     if report.unexpected:
         lines.append(f"  unexpected checkpoint tensors ({len(report.unexpected)}): {_short_list(report.unexpected)}")
-    lines.append("Check the model name/depth and variant options (e.g. shortcut_type), or pass "
-                 "allow_partial=True (--allow-partial) to load only what fits.")
+    if hint:
+        lines.append(hint[0].upper() + hint[1:] + "; or pass allow_partial=True (--allow-partial) to load only what fits.")
+    else:
+        lines.append("Check the model name/depth and variant options (e.g. shortcut_type), or pass "
+                     "allow_partial=True (--allow-partial) to load only what fits.")
     return "\n".join(lines)

@@ -28,6 +28,7 @@ Example:
 from __future__ import annotations
 
 import inspect
+import re
 
 import torch
 import torch.nn as nn
@@ -46,6 +47,8 @@ RESNET_DEPTHS: dict[int, tuple[str, tuple[int, int, int, int], str]] = {
     152: ("bottleneck", (3, 8, 36, 3), "B"),
     200: ("bottleneck", (3, 24, 36, 3), "B"),
 }
+# a residual block's key in any checkpoint layout: layer<stage>.<block>.<conv1|conv3|downsample|...>
+_BLOCK_KEY = re.compile(r"(?:^|\.)layer(?P<stage>[1-4])\.(?P<block>\d+)\.(?P<part>[a-z]+\d*)")
 # variant -> (stride, dilation) of layer3 and layer4
 RESNET_VARIANTS: dict[str, tuple[tuple[int, int], tuple[int, int]]] = {
     "fast": ((2, 1), (2, 1)),
@@ -221,6 +224,30 @@ class MedResNet3D(ClassifierBase):
         for stage in (self.layer1, self.layer2, self.layer3, self.layer4):
             x = self._run_stage(stage, x)
         return torch.flatten(self.avgpool(x), 1)
+
+    def checkpoint_hint(self, raw_keys: list[str]) -> str | None:
+        """Which registered ResNet a checkpoint that does not fit this one holds, from its key names alone
+        (block type, blocks per stage, shortcut type), e.g. MedicalNet's resnet_18 given to ``--model resnet50``."""
+        blocks: dict[int, set[int]] = {}
+        bottleneck = downsample = False
+        for key in raw_keys:
+            if m := _BLOCK_KEY.search(key):
+                blocks.setdefault(int(m["stage"]), set()).add(int(m["block"]))
+                bottleneck |= m["part"] == "conv3"
+                downsample |= m["part"] == "downsample"
+        counts = tuple(len(blocks.get(stage, ())) for stage in (1, 2, 3, 4))
+        block = "bottleneck" if bottleneck else "basic"
+        found = next((d for d, (b, n, _) in RESNET_DEPTHS.items() if (b, n) == (block, counts)), None)
+        if found is None:
+            return None
+        shortcut = "B" if downsample else "A"
+        what = f"a ResNet-{found} ({block} blocks {'-'.join(map(str, counts))}, shortcut {shortcut})"
+        if found != self.depth:
+            extra = "" if shortcut == RESNET_DEPTHS[found][2] else f" --set model.kwargs='{{\"shortcut_type\": \"{shortcut}\"}}'"
+            return f"the checkpoint holds {what}: use --model resnet{found}{extra}"
+        if shortcut != self.shortcut_type:
+            return f"the checkpoint holds {what}: use --set model.kwargs='{{\"shortcut_type\": \"{shortcut}\"}}'"
+        return None
 
     def checkpoint_source(self, raw_keys: list[str]) -> str | None:
         # MedicalNet's files: DataParallel "module." keys, and no classifier
