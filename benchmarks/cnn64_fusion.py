@@ -162,13 +162,21 @@ def main(argv: list[str] | None = None) -> int:
     doc = {"cpu_run": str(args.cpu_run), "gpu_folds": str(args.gpu_folds), "features_data": args.features_data.name,
            "n_oof": len(y), "n_test": len(yt), "results": results}
     args.out.write_text(json.dumps(doc, indent=2) + "\n")
-    print("| CNN | fusion weight | OOF AUC | test AUC | ACC | balanced ACC | F1 | oracle ACC at balanced ACC >= 0.82 |\n"
-          "| --- | --- | --- | --- | --- | --- | --- | --- |")
+    print(results_table(results, "CNN", ("fusion weight", "fusion_weight", ".2f")))
+    return 0
+
+
+def results_table(results: dict[str, dict], first: str, extra: tuple[str, str, str]) -> str:
+    """The Markdown table these diagnoses print: ``first`` (the row name), the ``extra`` column (header, key,
+    format), OOF AUC, the test metrics at the OOF threshold and the oracle column."""
+    header, key, spec = extra
+    lines = [f"| {first} | {header} | OOF AUC | test AUC | ACC | balanced ACC | F1 | oracle ACC at balanced ACC "
+             f">= {TARGET_BA} |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for name, r in results.items():
         t, oracle = r["test"], r["oracle_accuracy_at_ba"]
-        print(f"| {name} | {r['fusion_weight']:.2f} | {r['oof_auc']:.3f} | {t['auc']:.3f} | {t['accuracy']:.3f} | "
-              f"{t['balanced_accuracy']:.3f} | {t['f1']:.3f} | {'-' if oracle is None else f'{oracle:.3f}'} |")
-    return 0
+        lines.append(f"| {name} | {r[key]:{spec}} | {r['oof_auc']:.3f} | {t['auc']:.3f} | {t['accuracy']:.3f} | "
+                     f"{t['balanced_accuracy']:.3f} | {t['f1']:.3f} | {'-' if oracle is None else f'{oracle:.3f}'} |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

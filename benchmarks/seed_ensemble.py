@@ -85,12 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     results = {r.name: evaluate([one]) for r, one in zip(args.runs, loaded, strict=True)}
     results[f"mean of the {len(loaded)} runs"] = evaluate(loaded)
     args.out.write_text(json.dumps({"runs": [str(r) for r in args.runs], "results": results}, indent=2) + "\n")
-    print("| ensemble | OOF AUC | threshold | test AUC | ACC | balanced ACC | F1 | oracle ACC at balanced ACC >= 0.82 |\n"
-          "| --- | --- | --- | --- | --- | --- | --- | --- |")
-    for name, r in results.items():
-        t, oracle = r["test"], r["oracle_accuracy_at_ba"]
-        print(f"| {name} | {r['oof_auc']:.3f} | {r['threshold']:.3f} | {t['auc']:.3f} | {t['accuracy']:.3f} | "
-              f"{t['balanced_accuracy']:.3f} | {t['f1']:.3f} | {'-' if oracle is None else f'{oracle:.3f}'} |")
+    print(cf.results_table(results, "ensemble", ("OOF threshold", "threshold", ".3f")))
     return 0
 
 
