@@ -331,11 +331,13 @@ def _cmd_explain(args: argparse.Namespace) -> int:
     from medvox.evaluation.explain import explain
 
     target = int(args.target_class) if args.target_class and args.target_class.isdigit() else args.target_class
-    results = explain(Path(args.run), args.inputs, Path(args.out), fold=args.fold, target_class=target, tta=args.tta)
+    results = explain(Path(args.run), args.inputs, Path(args.out), fold=args.fold, target_class=target, tta=args.tta,
+                      layer=args.layer)
     for r in results:
-        shows = f"Grad-CAM of class {r['target_class']}" if r.get("target_class") is not None else "attention"
+        shows = (f"Grad-CAM of class {r['target_class']} at {r['cam_layer']}" if r.get("target_class") is not None
+                 else "attention")
         print(f"{r.get('case_id')}: predicted {r.get('predicted')}, {shows}: {r.get('cam_png')}"
-              + (f"  (warning: {r['warning']})" if r.get("warning") else ""))
+              + (f"  ({r['note']})" if r.get("note") else "") + (f"  (warning: {r['warning']})" if r.get("warning") else ""))
     return 0
 
 
@@ -428,6 +430,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tta", action="store_true",
                    help="decide the predicted class on test-time augmented probabilities, as predict --tta does "
                         "(the map is computed on the volume as it is)")
+    p.add_argument("--layer", help="module Grad-CAM reads (default: the last one whose map is at least 4 voxels "
+                                   "along every axis, e.g. layer4, else layer3 / layer2 of a ResNet)")
     p.set_defaults(func=_cmd_explain)
 
     p = sub.add_parser("models", help="list the registered models")

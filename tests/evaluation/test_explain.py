@@ -58,9 +58,9 @@ def test_a_map_equal_to_the_input_lands_on_the_input(tmp_path, monkeypatch):
     blob = write_blob(tmp_path / "blob.nii.gz")
     ckpt = make_checkpoint(tmp_path / "best.pt", "resnet10", plan={**tiny_plan((20, 20, 20))})
 
-    def image_as_map(members, x, target):
-        return {"map": x[0, 0].numpy(), "method": "gradcam", "attention": None, "cam_resolution": None,
-                "warning": None}
+    def image_as_map(members, x, target, layer=None):
+        return {"map": x[0, 0].numpy(), "method": "gradcam", "attention": None, "cam_layer": None,
+                "cam_resolution": None, "note": None, "warning": None}
 
     monkeypatch.setattr(explain_mod, "_ensemble_map", image_as_map)
     result = explain(ckpt, [blob], tmp_path / "out")[0]
@@ -137,11 +137,39 @@ def test_explain_resnet10_on_a_nifti(tmp_path):
     assert pixels.shape[1] > 600 and pixels[..., :3].std() > 0.05
 
 
-def test_a_flat_gradcam_is_reported(tmp_path):
+def test_a_small_input_reads_a_finer_layer_and_a_flat_gradcam_is_reported(tmp_path, capsys):
+    """ResNet-10 (fast variant) at 28^3, the CPU recipe's input: layer4 is 1^3 and layer3 2^3, so Grad-CAM reads
+    layer2 (4^3) and says so; asked for layer4 (--layer), the map is flat and the warning says it."""
     blob = write_blob(tmp_path / "blob.nii.gz")
-    ckpt = make_checkpoint(tmp_path / "best.pt", "resnet10", plan=tiny_plan((28, 28, 28)))  # fast: 1^3 at 28^3
+    ckpt = make_checkpoint(tmp_path / "best.pt", "resnet10", plan=tiny_plan((28, 28, 28)))
     result = explain(ckpt, [blob], tmp_path / "out")[0]
-    assert result["cam_resolution"] == [1, 1, 1] and "cannot localise" in result["warning"]
+    assert (result["cam_layer"], result["cam_resolution"], result["warning"]) == ("layer2", [4, 4, 4], None)
+    assert result["note"] == ("layer4's feature map is 1 x 1 x 1 for a (28, 28, 28) input: Grad-CAM read at layer2 "
+                              "(4 x 4 x 4), finer but less class-specific")
+    values = nib.load(result["cam_nifti"]).get_fdata()
+    assert values.max() > 0 and values.std() > 0.01  # a map that varies over the volume
+    forced = explain(ckpt, [blob], tmp_path / "forced", layer="layer4")[0]
+    assert forced["cam_resolution"] == [1, 1, 1] and "layer4's feature map is 1 x 1 x 1" in forced["warning"]
+    assert forced["note"] is None and "cannot localise" in forced["warning"]
+    from medvox.cli import main
+
+    assert main(["explain", "--run", str(ckpt), str(blob), "--out", str(tmp_path / "cli")]) == 0
+    out = capsys.readouterr().out
+    assert "Grad-CAM of class 1 at layer2: " in out and "_cam.png  (layer4's feature map is 1 x 1 x 1" in out
+
+
+def test_cam_layer_keeps_the_last_layer_when_its_map_is_fine_enough():
+    from medvox.evaluation.explain import cam_layer
+    from medvox.models import create_model
+
+    model = create_model("resnet10", num_classes=2)  # fast: /32 at layer4
+    assert cam_layer(model, torch.zeros(1, 1, 128, 128, 128)) == ("layer4", None)  # 4^3
+    layer, note = cam_layer(model, torch.zeros(1, 1, 64, 64, 64))  # layer4 2^3 -> layer3 4^3
+    assert layer == "layer3" and note.startswith("layer4's feature map is 2 x 2 x 2")
+    assert cam_layer(model, torch.zeros(1, 1, 8, 8, 8))[0] == "layer2"  # nothing reaches 4^3: the finest
+    assert not any(m._forward_hooks for m in model.modules())  # the probe's hooks are gone
+    dense = create_model("densenet121", num_classes=2)  # no fallbacks: its own layer whatever the size
+    assert cam_layer(dense, torch.zeros(1, 1, 32, 32, 32)) == ("features.norm5", None)
 
 
 def test_mil_slice_attention_is_painted_slice_by_slice(tmp_path):
@@ -229,7 +257,8 @@ def test_explain_decides_as_predict_does(cv_runs, tmp_path, capsys):
     assert result["probabilities"]["1"] == pytest.approx(float(row["prob_1"]), abs=1e-6)
     capsys.readouterr()
     assert main(["explain", "--run", str(run), str(blob), "--out", str(tmp_path / "cli")]) == 0
-    assert f"predicted {row['predicted']}, Grad-CAM of class {row['predicted']}: " in capsys.readouterr().out
+    assert f"predicted {row['predicted']}, Grad-CAM of class {row['predicted']} at {result['cam_layer']}: " \
+        in capsys.readouterr().out
     # with --tta on both sides: the augmented probabilities, which differ from the plain ones
     assert main(["predict", "--run", str(run), str(blob), "--out", str(tmp_path / "tta.csv"), "--tta"]) == 0
     with open(tmp_path / "tta.csv", newline="") as fh:

@@ -43,7 +43,7 @@ APPROXIMATION = ("map computed on the preprocessed volume; crop/pad undone (crop
 
 
 def explain(checkpoint_or_run: Path, inputs: list[Path | str], out_dir: Path, *, fold: int | None = None,
-            target_class: int | str | None = None, tta: bool = False) -> list[dict[str, Any]]:
+            target_class: int | str | None = None, tta: bool = False, layer: str | None = None) -> list[dict[str, Any]]:
     """Write ``<case>_cam.nii.gz`` and ``<case>_cam.png`` for every input; also ``explain.json``.
 
     Args:
@@ -55,13 +55,16 @@ def explain(checkpoint_or_run: Path, inputs: list[Path | str], out_dir: Path, *,
             predict` decides: the run's threshold or class weights, with its descriptor model when fused).
         tta: the probabilities (and so the predicted class) with test-time augmentation, as `medvox predict
             --tta` gives them; the map itself is always computed on the volume as it is.
+        layer: the module Grad-CAM reads (default: :func:`cam_layer` picks the model's last one whose feature
+            map is at least ``MIN_CAM_GRID`` voxels along every axis at this input size).
 
     Returns:
         One dict per input: ``case_id``, ``source``, ``method`` (``"gradcam"``/``"attention"``),
         ``target_class``, ``predicted``, ``decision`` (:func:`~medvox.evaluation.predict.run_decision`),
         ``probabilities`` (the run's final ones), ``tta``, ``cam_nifti``, ``cam_png``, ``peak_voxel`` (index into the
         NIfTI's data array), ``peak_world_mm`` (RAS), ``attention`` (MIL: the instance weights, mean over
-        members), ``cam_resolution`` (Grad-CAM: the target layer's spatial size), ``warning`` (e.g. a
+        members), ``cam_layer`` and ``cam_resolution`` (Grad-CAM: the layer read and its spatial size), ``note`` (why another
+        layer than the model's last was read), ``warning`` (e.g. a
         1 x 1 x 1 feature map that cannot localise), ``approximation``, and for ``.npy`` inputs ``cam_npy``
         (the map in the input array's own ``(D, H, W)`` order; the NIfTI holds it as ``(W, H, D)``).
     """
@@ -77,14 +80,14 @@ def explain(checkpoint_or_run: Path, inputs: list[Path | str], out_dir: Path, *,
     decision = run_decision([str(source)], members, calibrated=True)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    results = [_explain_case(members, case, out_dir, target_class, decision, fusion, tta)
+    results = [_explain_case(members, case, out_dir, target_class, decision, fusion, tta, layer)
                for case in cases_from_paths([str(p) for p in inputs])]
     (out_dir / "explain.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
     return results
 
 
 def _explain_case(members, case, out_dir: Path, target_class: int | str | None, decision: dict[str, Any],
-                  fusion: dict[str, Any] | None, tta: bool = False) -> dict[str, Any]:
+                  fusion: dict[str, Any] | None, tta: bool = False, layer: str | None = None) -> dict[str, Any]:
     from medvox.data.preprocess import preprocess_volume, read_case
     from medvox.evaluation.features import fuse_probs
     from medvox.evaluation.inference import ensemble_predict
@@ -100,7 +103,7 @@ def _explain_case(members, case, out_dir: Path, target_class: int | str | None, 
         probs = fuse_probs(fusion, probs[None], features[None])[0]
     predicted = int(decide(probs[None], decision_cut(decision))[0])
     target = _class_index(target_class, classes, predicted)
-    explained = _ensemble_map(members, torch.from_numpy(x)[None], target)
+    explained = _ensemble_map(members, torch.from_numpy(x)[None], target, layer)
     method = explained["method"]
     original = to_input_grid(explained["map"], array.shape[-3:], spacing, plan)
     name = re.sub(r"[^A-Za-z0-9._-]+", "_", case.id).strip("._") or "case"
@@ -118,8 +121,9 @@ def _explain_case(members, case, out_dir: Path, target_class: int | str | None, 
             "predicted": classes[predicted], "decision": decision,
             "probabilities": {c: float(p) for c, p in zip(classes, probs, strict=True)}, "tta": tta,
             "cam_nifti": str(nifti), "cam_png": str(png), "peak_voxel": peak, "peak_world_mm": world,
-            "attention": explained["attention"], "cam_resolution": explained["cam_resolution"],
-            "warning": explained["warning"], "members": [str(m.path) for m in members],
+            "attention": explained["attention"], "cam_layer": explained["cam_layer"],
+            "cam_resolution": explained["cam_resolution"],
+            "note": explained["note"], "warning": explained["warning"], "members": [str(m.path) for m in members],
             "approximation": APPROXIMATION, **extra}
 
 
@@ -139,42 +143,82 @@ def _class_index(target: int | str | None, classes: list[str], predicted: int) -
     raise ValueError(f"unknown target class {target!r}; the model's classes are {classes}")
 
 
-def _ensemble_map(members, x: torch.Tensor, target: int) -> dict[str, Any]:
-    """Mean over members of Grad-CAM (each scaled to max 1) or of the MIL attention maps."""
+def _ensemble_map(members, x: torch.Tensor, target: int, layer: str | None = None) -> dict[str, Any]:
+    """Mean over members of Grad-CAM (each scaled to max 1, at :func:`cam_layer` unless ``layer``) or of the
+    MIL attention maps."""
     maps, attentions, grids = [], [], []
+    chosen, note = None, None
     for m in members:
         if hasattr(m.model, "last_attention"):
             cam, att = attention_map(m.model, x)
             attentions.append(att)
         else:
-            cam, grid = gradcam_map(m.model, x, target)
+            if chosen is None:
+                chosen, note = (layer, None) if layer else cam_layer(m.model, x)
+            cam, grid = gradcam_map(m.model, x, target, chosen)
             grids.append(grid)
         maps.append(cam)
     out = {"map": np.mean(maps, axis=0), "method": "attention" if attentions else "gradcam",
            "attention": np.mean(attentions, axis=0).tolist() if attentions else None,
-           "cam_resolution": grids[0] if grids else None, "warning": None}
+           "cam_layer": chosen, "cam_resolution": grids[0] if grids else None, "note": note, "warning": None}
     if grids and int(np.prod(grids[0])) == 1:
-        out["warning"] = (f"the target layer's feature map is 1 x 1 x 1 for a {tuple(x.shape[2:])} input: the "
-                          "Grad-CAM is flat and cannot localise (use a larger target shape or variant='faithful')")
+        out["warning"] = (f"{chosen}'s feature map is 1 x 1 x 1 for a {tuple(x.shape[2:])} input: the Grad-CAM is "
+                          "flat and cannot localise (use a larger target shape, variant='faithful', or --layer)")
     return out
 
 
-def gradcam_map(model: torch.nn.Module, x: torch.Tensor, class_idx: int) -> tuple[np.ndarray, list[int]]:
-    """3D Grad-CAM of one preprocessed volume ``x (1, C, D, H, W)``.
+MIN_CAM_GRID = 4  # voxels along every axis for a Grad-CAM that can point somewhere
+
+
+def cam_layer(model: torch.nn.Module, x: torch.Tensor) -> tuple[str, str | None]:
+    """The layer Grad-CAM reads for input ``x``: the model's ``cam_target_layer`` (its last feature map) when
+    that map has at least ``MIN_CAM_GRID`` voxels along every axis, else the first of ``cam_fallback_layers``
+    (shallower, finer, e.g. a ResNet's layer3 then layer2) that has, else the finest of them. A small input
+    (the CPU recipe's 28^3, the demo's 32^3) leaves a ResNet's layer4 at 1 x 1 x 1: a map that cannot localise.
+
+    Returns:
+        ``(layer name, note saying why another layer was read, or None)``.
+    """
+    candidates = [model.cam_target_layer, *getattr(model, "cam_fallback_layers", ())]
+    if len(candidates) == 1:
+        return candidates[0], None
+    shapes: dict[str, list[int]] = {}
+    hooks = [model.get_submodule(name).register_forward_hook(
+        lambda _m, _i, out, name=name: shapes.__setitem__(name, [int(n) for n in out.shape[2:]]))
+        for name in candidates]
+    try:
+        with torch.no_grad():
+            model.eval()(x.float())
+    finally:
+        for h in hooks:
+            h.remove()
+    chosen = next((n for n in candidates if min(shapes[n]) >= MIN_CAM_GRID), candidates[-1])
+    if chosen == candidates[0]:
+        return chosen, None
+    grid = " x ".join(map(str, shapes[candidates[0]]))
+    return chosen, (f"{candidates[0]}'s feature map is {grid} for a {tuple(x.shape[2:])} input: Grad-CAM read at "
+                    f"{chosen} ({' x '.join(map(str, shapes[chosen]))}), finer but less class-specific")
+
+
+def gradcam_map(model: torch.nn.Module, x: torch.Tensor, class_idx: int,
+                layer: str | None = None) -> tuple[np.ndarray, list[int]]:
+    """3D Grad-CAM of one preprocessed volume ``x (1, C, D, H, W)`` at ``layer`` (default: the model's
+    ``cam_target_layer``).
 
     Returns:
         ``(map (D, H, W) in [0, 1], spatial shape of the target layer's feature map)``.
     """
     from monai.visualize import GradCAM
 
+    layer = layer or model.cam_target_layer
     # a copy: MONAI leaves hooks on the module and turns in-place ops of the target layer off
     model = copy.deepcopy(model).eval()
     # MONAI's default post-processing maps (min, max) to (1, 0), flipping the map: scale by the max instead
-    cam = GradCAM(nn_module=model, target_layers=model.cam_target_layer, postprocessing=lambda t: t)
+    cam = GradCAM(nn_module=model, target_layers=layer, postprocessing=lambda t: t)
     with torch.enable_grad():
         # an input that requires grad lets the full backward hook fire the usual way (no warning)
         out = cam(x.detach().float().requires_grad_(True), class_idx=class_idx)
-    grid = [int(n) for n in cam.nn_module.activations[model.cam_target_layer].shape[2:]]
+    grid = [int(n) for n in cam.nn_module.activations[layer].shape[2:]]
     out = out[0, 0].detach().cpu().numpy().astype(np.float32)
     peak = float(out.max())
     return (out / peak if peak > 0 else out), grid

@@ -158,6 +158,7 @@ class MedResNet3D(ClassifierBase):
     """
 
     cam_target_layer = "layer4"
+    cam_fallback_layers = ("layer3", "layer2")  # finer maps for small inputs (28^3: layer4 is 1 x 1 x 1)
     stem_key = "conv1.weight"
     drop_prefixes = ("conv_seg.",)  # MedicalNet's segmentation decoder
 
