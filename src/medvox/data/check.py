@@ -3,8 +3,9 @@
 Found per row: missing / unreadable / truncated files, a text file named like an image, images
 that are not 3D (2D and 5D are rejected; 4D is channels), NaN/Inf voxels, constant volumes (an
 error: a blank scan is almost always a failed export; ``--skip-bad`` drops them), empty or unknown
-labels, labels spelled two ways ("Malignant" / "malignant"), duplicate ids or images, paths escaping the data folder, broken DICOM series (missing
-slices, mixed series), a channel count different from the other cases.
+labels, labels spelled two ways ("Malignant" / "malignant"), duplicate ids or images, paths escaping
+the data folder, broken DICOM series (missing slices, mixed series), a channel count different from
+the other cases.
 Found over the dataset: a patient in two provided folds or in both the pool and the test split, a
 fold column filled on some rows only, a class absent from a provided fold, too few patients of a
 class for ``k`` folds, fewer than two classes, missing columns (naming those present and the flag).
