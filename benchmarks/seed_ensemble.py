@@ -21,7 +21,8 @@ Usage::
     python benchmarks/seed_ensemble.py benchmarks/accuracy_runs/cpu_2026-11-26-auto64aa/kept/auto64aa_s0 \\
         benchmarks/accuracy_runs/cpu_2026-11-27-auto64aa1/kept/auto64aa_s1 \\
         benchmarks/accuracy_runs/cpu_2026-11-27-auto64aa2/kept/auto64aa_s2 \\
-        --out benchmarks/accuracy_runs/cpu_2026-11-27-auto64aa2/seed_ensemble.json
+        benchmarks/accuracy_runs/cpu_2026-11-27-auto64aa3/kept/auto64aa_s3 \\
+        --out benchmarks/accuracy_runs/cpu_2026-11-27-auto64aa3/seed_ensemble.json
 """
 
 from __future__ import annotations
