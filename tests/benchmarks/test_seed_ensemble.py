@@ -44,7 +44,8 @@ def test_runs_are_averaged_per_case_whatever_their_row_order(rng):
     a, b = noisy(), noisy()
     order = rng.permutation(n)  # run b lists its cases in another order
     run_a = (_run(ids, y, a), _run(ids, y, a))
-    run_b = ({ids[i]: v for i, v in ((i, _run(ids, y, b)[ids[i]]) for i in order)},) * 2
+    in_order_b = _run(ids, y, b)
+    run_b = ({ids[i]: in_order_b[ids[i]] for i in order},) * 2
     got_ids, got_y, mean = se.average([run_a[0], run_b[0]], "OOF")
     assert got_ids == sorted(ids) and np.array_equal(got_y, y)
     assert np.allclose(mean[:, 1], (a + b) / 2) and np.allclose(mean.sum(1), 1)

@@ -242,13 +242,12 @@ class MedResNet3D(ClassifierBase):
         if found is None:
             return None
         shortcut = "B" if downsample else "A"
-        what = f"a ResNet-{found} ({block} blocks {'-'.join(map(str, counts))}, shortcut {shortcut})"
+        what = f"the checkpoint holds a ResNet-{found} ({block} blocks {'-'.join(map(str, counts))}, shortcut {shortcut})"
+        set_shortcut = f"--set model.kwargs='{{\"shortcut_type\": \"{shortcut}\"}}'"
         if found != self.depth:
-            extra = "" if shortcut == RESNET_DEPTHS[found][2] else f" --set model.kwargs='{{\"shortcut_type\": \"{shortcut}\"}}'"
-            return f"the checkpoint holds {what}: use --model resnet{found}{extra}"
-        if shortcut != self.shortcut_type:
-            return f"the checkpoint holds {what}: use --set model.kwargs='{{\"shortcut_type\": \"{shortcut}\"}}'"
-        return None
+            extra = "" if shortcut == RESNET_DEPTHS[found][2] else f" {set_shortcut}"
+            return f"{what}: use --model resnet{found}{extra}"
+        return f"{what}: use {set_shortcut}" if shortcut != self.shortcut_type else None
 
     def checkpoint_source(self, raw_keys: list[str]) -> str | None:
         # MedicalNet's files: DataParallel "module." keys, and no classifier
