@@ -17,15 +17,15 @@ from tests.data.conftest import lesion_volume, write_nifti
 
 @pytest.fixture
 def count_reads(monkeypatch):
-    """Count every image decode (check and preprocessing both go through ``io.read_image``)."""
+    """Count every image decode (check and preprocessing both go through ``io.open_image``)."""
     calls = []
-    real = image_io.read_image
+    real = image_io.open_image
 
-    def counting(path):
+    def counting(path, *args, **kwargs):
         calls.append(os.path.basename(str(path)))
-        return real(path)
+        return real(path, *args, **kwargs)
 
-    monkeypatch.setattr(image_io, "read_image", counting)
+    monkeypatch.setattr(image_io, "open_image", counting)
     return calls
 
 
@@ -39,10 +39,10 @@ def test_second_run_decodes_nothing_and_rewrites_nothing(small_dataset, data_cfg
     root = first.cache_dir.parents[1]
     before = _mtimes(root)
 
-    def refuse(path):
+    def refuse(path, *args, **kwargs):
         raise AssertionError(f"decoded {path} on a cache hit")
 
-    monkeypatch.setattr(image_io, "read_image", refuse)
+    monkeypatch.setattr(image_io, "open_image", refuse)
     second = prepare(data_cfg(small_dataset), progress=False)
     assert second.cache_hit and second.n_built == 0 and second.cache_dir == first.cache_dir
     np.testing.assert_array_equal(second.images, first.images)

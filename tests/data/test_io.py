@@ -54,7 +54,7 @@ def test_dicom_meta_holds_no_patient_tags(tmp_path):
     for value in PATIENT_TAGS.values():
         assert value not in text
     assert set(meta) == {"format", "source_orientation", "modality", "spacing", "affine", "orientation",
-                         "shape", "channels"}
+                         "shape", "channels", "dtype", "shear_deg"}
 
 
 def test_dicom_missing_slice_and_mixed_series_are_errors(tmp_path):

@@ -16,6 +16,18 @@ reorientation as NIfTI, so both formats of one volume give the same array. Patie
 id, birth date, dates) are never read into ``meta``: only geometry and the Modality tag.
 ``.npy`` arrays are taken as already ``(D, H, W)`` / ``(C, D, H, W)`` with spacing 1.
 
+Before a voxel is decoded, the header is checked: voxels must be real numbers (complex, RGB and other
+structured types are refused: a cast would drop the imaginary part or fail), a NIfTI voxel size
+(pixdim) must be positive (nibabel silently reads 0 as 1 mm and -1 as 1 mm), the affine must be finite
+and invertible, and the memory that reading needs (:func:`read_memory_mb`: the voxels as stored plus
+their float32 copy) must stay under ``max_mb`` (``data.max_volume_mb``). A sheared affine is read
+without its shear (the grid is resampled along its own axes): ``meta["shear_deg"]`` says by how much
+the axes are off 90 degrees, and ``check`` warns.
+
+:func:`open_image` reads the voxels in their stored type and reorients them with views only
+(:class:`Volume`); ``check`` computes its statistics slab by slab from it, so a 640^3 int16 volume
+(524 MB) is inspected in about its own size. :func:`read_image` makes the one float32 copy.
+
 Example:
     >>> array, meta = read_image("ct.nii.gz")  # array: (D, H, W) float32
     >>> meta["spacing"], meta["source_orientation"]
@@ -24,7 +36,10 @@ Example:
 
 from __future__ import annotations
 
+import io
+import math
 import os
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +54,9 @@ IMAGE_SUFFIXES = NIFTI_SUFFIXES + ITK_SUFFIXES + (".npy",)
 _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 # only these DICOM tags are ever read into meta: geometry is taken from the image itself
 _MODALITY_TAG = "0008|0060"
+_RAS = [[0, 1], [1, 1], [2, 1]]
+SLAB_VOXELS = 4 << 20  # voxels per float32 slab when a volume is converted or inspected piecewise (16 MB)
+SHEAR_TOLERANCE_DEG = 0.1  # axes within this of 90 degrees count as orthogonal (float32 rounding in headers)
 
 
 def _sitk():
@@ -86,52 +104,253 @@ def _looks_like_dicom_dir(path: Path, probe: int = 3) -> bool:
     return False
 
 
-def read_image(path: str | Path) -> tuple[np.ndarray, dict[str, Any]]:
+class Volume:
+    """An opened image: its voxels in the stored dtype, reoriented to RAS array order by views only.
+
+    Attributes:
+        data: ``(D, H, W)`` or ``(C, D, H, W)`` in the file's dtype (often a view or a memory map).
+        meta: as :func:`read_image` describes it, plus ``dtype`` (stored) and ``shear_deg``.
+    """
+
+    def __init__(self, data: np.ndarray, meta: dict[str, Any],
+                 convert: Callable[[np.ndarray], np.ndarray] | None = None, keep: Any = None) -> None:
+        self.data, self.meta = data, meta
+        self._convert = convert  # stored values -> float32 (a NIfTI's read scaling); None: a plain cast
+        self._keep = keep  # the object the view's memory belongs to (a SimpleITK image)
+
+    @property
+    def channels(self) -> int:
+        return 1 if self.data.ndim == 3 else int(self.data.shape[0])
+
+    def channel(self, c: int) -> np.ndarray:
+        """Channel ``c`` as ``(D, H, W)`` in the stored dtype."""
+        return self.data if self.data.ndim == 3 else self.data[c]
+
+    def float32(self, x: np.ndarray) -> np.ndarray:
+        """Stored values -> C-contiguous float32 (with the file's scaling)."""
+        if self._convert is not None:
+            return np.ascontiguousarray(self._convert(x), dtype=np.float32)
+        return np.ascontiguousarray(x, dtype=np.float32)
+
+    def slabs(self, c: int, voxels: int = SLAB_VOXELS) -> Iterator[np.ndarray]:
+        """Channel ``c`` as consecutive float32 slabs along D (each C-contiguous, about ``voxels`` big)."""
+        x = self.channel(c)
+        step = max(1, voxels // max(1, x.shape[1] * x.shape[2]))
+        for start in range(0, x.shape[0], step):
+            yield self.float32(x[start:start + step])
+
+    def to_float32(self) -> np.ndarray:
+        """The whole volume as one C-contiguous float32 array (the only full-size copy)."""
+        if self._convert is None:
+            return np.ascontiguousarray(self.data, dtype=np.float32)
+        out = np.empty(self.data.shape, np.float32)
+        for c in range(self.channels):
+            target = out if self.data.ndim == 3 else out[c]
+            start = 0
+            for slab in self.slabs(c):
+                target[start:start + len(slab)] = slab
+                start += len(slab)
+        return out
+
+
+def read_image(path: str | Path, max_mb: float | None = None) -> tuple[np.ndarray, dict[str, Any]]:
     """Read a NIfTI file, a DICOM series folder, an ITK image or a ``.npy`` array.
 
     Args:
         path: the image file or DICOM series folder.
+        max_mb: refuse, before decoding, an image whose reading needs more than this many MB
+            (:func:`read_memory_mb`); None: no limit.
 
     Returns:
         ``(array, meta)``: float32 ``(D, H, W)`` or ``(C, D, H, W)``, and a JSON-safe dict with
         ``spacing`` (array axis order, mm), ``affine`` (array index -> RAS+ mm), ``orientation``
-        ("RAS"), ``source_orientation`` (the file's axis codes), ``modality`` (or None) and
-        ``format``.
+        ("RAS"), ``source_orientation`` (the file's axis codes), ``modality`` (or None), ``format``,
+        ``dtype`` (as stored) and ``shear_deg`` (0 for an orthogonal grid).
 
     Raises:
-        ImageError: the file is missing, unreadable, or not a 3D volume (2D, 5D).
+        ImageError: the file is missing, unreadable, not a 3D volume (2D, 5D), of a voxel type that is not
+            a real number, with a non-positive voxel size or a singular / non-finite affine, or too big.
     """
+    volume = open_image(path, max_mb)
+    return volume.to_float32(), volume.meta
+
+
+def open_image(path: str | Path, max_mb: float | None = None) -> Volume:
+    """Open an image as :func:`read_image` does, without the float32 copy (see :class:`Volume`)."""
     path = Path(path)
     if not path.exists():
         raise ImageError(path, "file not found", "check the path and the manifest's folder")
     if path.is_dir():
-        return _read_dicom_series(path)
+        return _read_dicom_series(path, max_mb)
     suffix = suffix_of(path)
     if suffix in NIFTI_SUFFIXES:
-        return _read_nifti(path)
+        return _read_nifti(path, max_mb)
     if suffix in ITK_SUFFIXES:
-        return _read_itk_file(path)
+        return _read_itk_file(path, max_mb)
     if suffix == ".npy":
-        return _read_npy(path)
+        return _read_npy(path, max_mb)
     raise ImageError(path, f"unknown image type {suffix!r}", f"use one of {', '.join(IMAGE_SUFFIXES)}")
 
 
-def _read_nifti(path: Path) -> tuple[np.ndarray, dict[str, Any]]:
+def read_memory_mb(shape: tuple[int, ...], dtype: np.dtype | str) -> float:
+    """MB (2^20 bytes) that reading an image needs at its peak: the voxels as stored (decompressed) plus
+    their float32 copy. ``check`` needs only the first part; ``prepare`` and ``predict`` both."""
+    return math.prod(int(n) for n in shape) * (np.dtype(dtype).itemsize + 4) / 2**20
+
+
+def _check_memory(path: Path, shape: tuple[int, ...], dtype: np.dtype, max_mb: float | None) -> None:
+    if max_mb is None:
+        return
+    need = read_memory_mb(shape, dtype)
+    if need > max_mb:
+        voxels = math.prod(int(n) for n in shape)
+        stored, as_float = voxels * np.dtype(dtype).itemsize / 2**20, voxels * 4 / 2**20
+        raise ImageError(path, f"too big: {' x '.join(str(int(n)) for n in shape)} voxels of {np.dtype(dtype)} need "
+                         f"about {need:,.0f} MB to read ({stored:,.0f} MB as stored + {as_float:,.0f} MB as float32), "
+                         f"above the limit of {max_mb:,.0f} MB (data.max_volume_mb)",
+                         f"raise the limit with --max-volume-mb {_round_up(need)} (or data.max_volume_mb in the "
+                         "config) on a machine with that memory free, or crop / downsample the image")
+
+
+def _round_up(mb: float) -> int:
+    """A limit a little above ``mb``: two significant digits, rounded up."""
+    scale = 10 ** max(0, len(str(int(mb))) - 2)
+    return int(math.ceil(mb * 1.05 / scale) * scale)
+
+
+def dtype_problem(dtype: np.dtype | str) -> tuple[str, str] | None:
+    """``(what, fix)`` when voxels of ``dtype`` are not real numbers medvox can use, else None."""
+    dtype = np.dtype(dtype)
+    if dtype.names is not None:
+        if tuple(n.upper() for n in dtype.names) in (("R", "G", "B"), ("R", "G", "B", "A")):
+            return (f"RGB voxels ({dtype.itemsize * 8}-bit colour): medvox needs one intensity per voxel",
+                    "convert the image to greyscale, or save the colours as channels (a 4th axis)")
+        return (f"structured voxels ({dtype}): medvox needs one number per voxel",
+                "save the image with a plain numeric voxel type")
+    if dtype.kind == "c":
+        return (f"complex voxels ({dtype}): medvox needs real intensities (a cast would drop the imaginary part)",
+                "save the magnitude (numpy.abs) or the real part as a float image")
+    if dtype.kind == "O":
+        return ("an array of Python objects, not numbers", "save a numeric array (numpy.save of a float/int array)")
+    if dtype.kind not in "biuf":
+        return f"voxels of type {dtype}, not numbers", "save the image with a numeric voxel type"
+    return None
+
+
+def _check_header(path: Path, shape: tuple[int, ...], dtype: np.dtype, max_mb: float | None,
+                  channels_first: bool = False) -> None:
+    """What the header alone tells: voxel type, dimensionality, memory."""
+    problem = dtype_problem(dtype)
+    if problem is not None:
+        raise ImageError(path, *problem)
+    shape = tuple(int(n) for n in shape)
+    if not channels_first:
+        while len(shape) > 3 and shape[-1] == 1:
+            shape = shape[:-1]
+    _require_3d(path, shape, channels_first)
+    _check_memory(path, shape, dtype, max_mb)
+
+
+def _check_affine(path: Path, affine: np.ndarray) -> float:
+    """Refuse a non-finite or singular affine; return how far the voxel axes are from orthogonal (degrees)."""
+    affine = np.asarray(affine, dtype=float)
+    if not np.all(np.isfinite(affine)):
+        raise ImageError(path, "the affine (voxel -> world transform) holds NaN or Inf values",
+                         "re-export the image with a valid orientation (sform/qform)")
+    m = affine[:3, :3]
+    norms = np.sqrt((m**2).sum(axis=0))
+    if np.any(norms <= 0) or abs(np.linalg.det(m)) <= 1e-9 * float(np.prod(norms)):
+        what = ("a voxel axis of length 0" if np.any(norms <= 0) else "two voxel axes point the same way")
+        raise ImageError(path, f"singular affine (voxel -> world transform): {what}, so the grid has no volume",
+                         "re-export the image with its real voxel size and orientation")
+    unit = m / norms
+    cosines = np.abs(unit.T @ unit)[np.triu_indices(3, 1)]
+    return float(90.0 - np.degrees(np.arccos(np.clip(cosines.max(), 0.0, 1.0))))
+
+
+def _check_pixdim(path: Path) -> None:
+    """A NIfTI's stored voxel size must be positive: nibabel reads pixdim 0 as 1 and -2 as 2 with a log line,
+    and the volume would be resampled at a size nobody wrote."""
+    try:
+        with nib.openers.ImageOpener(str(path)) as fh:
+            head = fh.read(540)
+    except Exception:  # noqa: BLE001 - the full read that follows reports an unreadable file
+        return
+    if len(head) < 348:
+        return
+    for order in ("little", "big"):
+        size = int.from_bytes(head[:4], order)
+        if size in (348, 540):
+            break
+    else:
+        return
+    klass = nib.Nifti2Header if size == 540 else nib.Nifti1Header
+    header = klass.from_fileobj(io.BytesIO(head[:size]), check=False)
+    ndim = int(header["dim"][0])
+    pixdim = [float(v) for v in header["pixdim"][1:1 + min(3, max(ndim, 0))]]
+    if any(not v > 0 or not math.isfinite(v) for v in pixdim):
+        sizes = " x ".join(f"{v:g}" for v in pixdim)
+        raise ImageError(path, f"voxel size (pixdim) {sizes} in the header: a voxel size must be positive",
+                         "re-export the image with its real voxel size (nibabel: header.set_zooms)")
+
+
+def _read_nifti(path: Path, max_mb: float | None) -> Volume:
+    _check_pixdim(path)
     try:
         img = nib.load(str(path))
-        source_orientation = "".join(nib.aff2axcodes(img.affine))
-        data = np.asarray(img.dataobj)
+        shape, dtype = tuple(img.shape), img.get_data_dtype()
     except Exception as exc:  # nibabel raises many types for broken files
         raise ImageError(path, _diagnose_unreadable(path, exc), "re-export or remove the file") from exc
+    _check_header(path, shape, dtype, max_mb)
+    shear = _check_affine(path, img.affine)
+    try:
+        source_orientation = "".join(nib.aff2axcodes(img.affine))
+        raw = _read_voxels(path, img.dataobj)
+    except Exception as exc:
+        raise ImageError(path, _diagnose_unreadable(path, exc), "re-export or remove the file") from exc
     meta = {"format": "nifti", "source_orientation": source_orientation, "modality": None}
-    return _canonical(path, data, img.affine, meta)
+    return _canonical(path, raw, img.affine, meta, shear, _read_scaling(img.dataobj))
 
 
-def _read_itk_file(path: Path) -> tuple[np.ndarray, dict[str, Any]]:
+def _read_voxels(path: Path, proxy: Any, chunk: int = 16 << 20) -> np.ndarray:
+    """A NIfTI's voxels as stored. An uncompressed file is memory-mapped (nibabel); a gzipped one is inflated
+    into the array chunk by chunk: nibabel's own read inflates it all into a temporary ``bytes`` first, which
+    doubles the peak (1.06 GB for a 524 MB volume instead of 0.55 GB)."""
+    if not str(path).lower().endswith(".gz"):
+        return proxy.get_unscaled()
+    raw = np.empty(proxy.shape, dtype=proxy.dtype, order="F" if proxy.order == "F" else "C")
+    buf = memoryview(raw.reshape(-1, order="A").view(np.uint8))
+    with nib.openers.ImageOpener(str(path)) as fh:
+        fh.seek(proxy.offset)
+        pos = 0
+        while pos < len(buf):
+            got = fh.readinto(buf[pos:pos + chunk])
+            if not got:
+                raise EOFError(f"the data ends after {pos:,} of {len(buf):,} bytes (truncated)")
+            pos += got
+    return raw
+
+
+def _read_scaling(proxy: Any) -> Callable[[np.ndarray], np.ndarray] | None:
+    """The NIfTI read scaling (``raw * slope + inter``) as nibabel applies it for a float32 read, or None."""
+    from nibabel.volumeutils import apply_read_scaling
+
+    slope, inter = np.asanyarray(proxy.slope), np.asanyarray(proxy.inter)
+    if (float(slope), float(inter)) == (1.0, 0.0):
+        return None
+    # the same casts as nibabel's ArrayProxy._get_scaled(dtype=float32): identical values, slab by slab
+    slope = slope.astype(np.float32) if np.can_cast(slope, np.float32) else slope
+    inter = inter.astype(np.float32) if np.can_cast(inter, np.float32) else inter
+    return lambda raw: apply_read_scaling(raw, slope, inter)
+
+
+def _read_itk_file(path: Path, max_mb: float | None) -> Volume:
     sitk = _sitk()
     try:
         reader = sitk.ImageFileReader()
         reader.SetFileName(str(path))
+        reader.ReadImageInformation()
+        _check_itk_header(path, reader.GetSize(), reader.GetNumberOfComponents(), reader.GetPixelID(), max_mb)
         image = reader.Execute()
     except RuntimeError as exc:
         raise ImageError(path, _diagnose_unreadable(path, exc), "re-export or remove the file") from exc
@@ -139,7 +358,22 @@ def _read_itk_file(path: Path) -> tuple[np.ndarray, dict[str, Any]]:
     return _from_sitk(path, image, modality or None, "itk")
 
 
-def _read_dicom_series(folder: Path) -> tuple[np.ndarray, dict[str, Any]]:
+def _check_itk_header(path: Path, size: tuple[int, ...], components: int, pixel_id: int,
+                      max_mb: float | None) -> None:
+    """Voxel type and memory of an ITK image from its header (``ReadImageInformation``)."""
+    sitk = _sitk()
+    name = sitk.GetPixelIDValueAsString(pixel_id)
+    if "complex" in name.lower():
+        raise ImageError(path, f"complex voxels ({name}): medvox needs real intensities",
+                         "save the magnitude or the real part as a float image")
+    bits = {"8": 1, "16": 2, "32": 4, "64": 8}
+    itemsize = next((v for k, v in bits.items() if f"{k}-bit" in name or f"{k} bit" in name), 4)
+    shape = (*[int(n) for n in size], *([components] if components > 1 else []))
+    if len(size) == 3:
+        _check_memory(path, shape, np.dtype(f"u{itemsize}"), max_mb)
+
+
+def _read_dicom_series(folder: Path, max_mb: float | None) -> Volume:
     sitk = _sitk()
     reader = sitk.ImageSeriesReader()
     series = reader.GetGDCMSeriesIDs(str(folder))
@@ -149,6 +383,15 @@ def _read_dicom_series(folder: Path) -> tuple[np.ndarray, dict[str, Any]]:
         raise ImageError(folder, f"mixed DICOM series: {len(series)} series UIDs in one folder",
                          "move each series into its own folder, one row per series")
     files = reader.GetGDCMSeriesFileNames(str(folder), series[0])
+    try:  # the first slice's header: voxel type and the volume's size before any slice is decoded
+        first = sitk.ImageFileReader()
+        first.SetFileName(files[0])
+        first.ReadImageInformation()
+        width, height = first.GetSize()[:2]
+        _check_itk_header(folder, (width, height, len(files)), first.GetNumberOfComponents(), first.GetPixelID(),
+                          max_mb)
+    except RuntimeError:
+        pass  # reading the series below says what is wrong with it
     reader.SetFileNames(files)
     reader.MetaDataDictionaryArrayUpdateOn()  # per-slice tags, to check the slice positions
     try:
@@ -180,11 +423,14 @@ def _check_slice_positions(folder: Path, reader: Any, image: Any, n: int) -> Non
         raise ImageError(folder, what, "re-export the complete series")
 
 
-def _from_sitk(path: Path, image: Any, modality: str | None, fmt: str):
+def _from_sitk(path: Path, image: Any, modality: str | None, fmt: str) -> Volume:
     """SimpleITK image (LPS+ world, array [k, j, i]) -> the same path as a NIfTI."""
     if image.GetDimension() != 3:
         raise ImageError(path, f"not a 3D volume ({image.GetDimension()}D image)", "medvox needs 3D volumes")
-    data = _sitk().GetArrayFromImage(image)
+    data = _sitk().GetArrayViewFromImage(image)  # a view: the image keeps the memory (Volume holds it)
+    problem = dtype_problem(data.dtype)
+    if problem is not None:
+        raise ImageError(path, *problem)
     if image.GetNumberOfComponentsPerPixel() > 1:  # (k, j, i, c) -> (i, j, k, c)
         data = np.transpose(data, (2, 1, 0, 3))
     else:
@@ -193,30 +439,42 @@ def _from_sitk(path: Path, image: Any, modality: str | None, fmt: str):
     lps[:3, :3] = np.asarray(image.GetDirection()).reshape(3, 3) @ np.diag(image.GetSpacing())
     lps[:3, 3] = image.GetOrigin()
     affine = _LPS_TO_RAS @ lps
+    shear = _check_affine(path, affine)
     meta = {"format": fmt, "source_orientation": "".join(nib.aff2axcodes(affine)), "modality": modality}
-    return _canonical(path, data, affine, meta)
+    return _canonical(path, data, affine, meta, shear, keep=image)
 
 
-def _canonical(path: Path, data: np.ndarray, affine: np.ndarray, meta: dict[str, Any]):
-    """Voxel array ``(i, j, k[, c])`` + affine -> RAS-canonical ``([C,] D, H, W)`` + meta."""
+def _canonical(path: Path, data: np.ndarray, affine: np.ndarray, meta: dict[str, Any], shear: float = 0.0,
+               convert: Callable | None = None, keep: Any = None) -> Volume:
+    """Voxel array ``(i, j, k[, c])`` + affine -> RAS-canonical ``([C,] D, H, W)`` + meta, by views only.
+
+    The reorientation is nibabel's ``as_closest_canonical`` (the same flips, transposes and affine), done on
+    the array directly: building a ``Nifti1Image`` from the data would refuse int64 voxels and copy.
+    """
     while data.ndim > 3 and data.shape[-1] == 1:  # (x, y, z, 1) is a plain volume
         data = data[..., 0]
     _require_3d(path, data.shape)
-    img = nib.as_closest_canonical(nib.Nifti1Image(np.asarray(data), affine))
-    array = np.asarray(img.dataobj, dtype=np.float32)
-    zooms = [float(z) for z in img.header.get_zooms()[:3]]
+    affine = np.asarray(affine, dtype=float)
+    ornt = nib.orientations.io_orientation(affine)
+    if not np.array_equal(ornt, _RAS):
+        affine = affine @ nib.orientations.inv_ornt_aff(ornt, data.shape[:3])
+        data = nib.orientations.apply_orientation(data, ornt)
+    # the zooms a NIfTI header would store for this affine: float32 column norms
+    zooms = [float(z) for z in np.sqrt((affine[:3, :3] ** 2).sum(axis=0)).astype(np.float32)]
     # (i, j, k[, c]) -> ([c,] k, j, i); the affine gets the same axis permutation
-    array = np.ascontiguousarray(array.T if array.ndim == 3 else np.transpose(array, (3, 2, 1, 0)))
+    view = data.T if data.ndim == 3 else np.transpose(data, (3, 2, 1, 0))
     perm = np.zeros((4, 4))
     perm[0, 2] = perm[1, 1] = perm[2, 0] = perm[3, 3] = 1.0
     meta.update(
         spacing=zooms[::-1],
-        affine=(img.affine @ perm).tolist(),
+        affine=(affine @ perm).tolist(),
         orientation="RAS",
-        shape=list(array.shape[-3:]),
-        channels=1 if array.ndim == 3 else int(array.shape[0]),
+        shape=list(view.shape[-3:]),
+        channels=1 if view.ndim == 3 else int(view.shape[0]),
+        dtype=str(view.dtype),
+        shear_deg=round(shear, 3) if shear > SHEAR_TOLERANCE_DEG else 0.0,
     )
-    return array, meta
+    return Volume(view, meta, convert, keep)
 
 
 def _require_3d(path: Path, shape: tuple[int, ...], channels_first: bool = False) -> None:
@@ -229,19 +487,25 @@ def _require_3d(path: Path, shape: tuple[int, ...], channels_first: bool = False
                          "medvox takes 3D volumes or 4D with channels; split or remove it")
 
 
-def _read_npy(path: Path) -> tuple[np.ndarray, dict[str, Any]]:
+def _read_npy(path: Path, max_mb: float | None) -> Volume:
     try:
-        data = np.load(path, allow_pickle=False)
+        with open(path, "rb") as fh:
+            version = np.lib.format.read_magic(fh)
+            read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shape, _, dtype = read(fh)
     except Exception as exc:
         raise ImageError(path, _diagnose_unreadable(path, exc), "re-save it with numpy.save") from exc
-    _require_3d(path, data.shape, channels_first=True)
-    array = np.ascontiguousarray(data, dtype=np.float32)
+    _check_header(path, shape, dtype, max_mb, channels_first=True)
+    try:
+        data = np.load(path, mmap_mode="r", allow_pickle=False)  # a memory map: no copy until float32
+    except Exception as exc:
+        raise ImageError(path, _diagnose_unreadable(path, exc), "re-save it with numpy.save") from exc
     affine = np.eye(4)
     affine[:3, :3] = np.fliplr(np.eye(3))  # (d, h, w) -> (k, j, i) with unit spacing
     meta = {"format": "npy", "source_orientation": "RAS", "orientation": "RAS", "modality": None,
-            "spacing": [1.0, 1.0, 1.0], "affine": affine.tolist(), "shape": list(array.shape[-3:]),
-            "channels": 1 if array.ndim == 3 else int(array.shape[0])}
-    return array, meta
+            "spacing": [1.0, 1.0, 1.0], "affine": affine.tolist(), "shape": list(data.shape[-3:]),
+            "channels": 1 if data.ndim == 3 else int(data.shape[0]), "dtype": str(data.dtype), "shear_deg": 0.0}
+    return Volume(data, meta)
 
 
 def _diagnose_unreadable(path: Path, exc: BaseException) -> str:
@@ -254,7 +518,8 @@ def _diagnose_unreadable(path: Path, exc: BaseException) -> str:
             return f"not an image: the file holds text, not {suffix_of(path)} data"
         if suffix_of(path) == ".nii.gz" and head[:2] != b"\x1f\x8b":
             return "not gzip-compressed although named .nii.gz"
-        if isinstance(exc, EOFError) or "end-of-stream" in str(exc) or "truncat" in str(exc).lower():
+        if (isinstance(exc, EOFError) or "end-of-stream" in str(exc) or "truncat" in str(exc).lower()
+                or "mmap length is greater than file size" in str(exc)):
             return "truncated file (the data ends early; an interrupted copy or download?)"
     msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
     return f"unreadable or truncated ({type(exc).__name__}: {msg[:120]})"
