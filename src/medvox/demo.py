@@ -10,7 +10,8 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from medvox.config import resolve
+from medvox.config import ExperimentConfig, resolve
+from medvox.machine import cpu_bf16_native
 
 log = logging.getLogger("medvox")
 
@@ -22,11 +23,21 @@ DEMO_OVERRIDES = {
     "train.grad_accum": 1,
     "train.early_stopping": 0,
     "train.ema_decay": 0.99,
-    "train.amp": True,  # bf16: faster than fp32 on CPUs with avx512_bf16/AMX (benchmarks/RESULTS.md)
     "train.plots": "best_last",
     "optim.lr": 5e-4,
     "augment.flip_axes": [2],
 }
+
+
+def demo_config(manifest: Path, out: Path, model: str = "resnet10", epochs: int | None = None) -> ExperimentConfig:
+    """The demo's config: :data:`DEMO_OVERRIDES` on ``manifest``, writing ``out/<model>``."""
+    overrides = {**DEMO_OVERRIDES, "data.path": str(manifest), "train.output": str(out), "model.name": model}
+    # mixed precision only where this CPU runs bf16 natively (faster than fp32 there, benchmarks/RESULTS.md);
+    # elsewhere oneDNN emulates it at ~26x the fp32 step time, so the demo trains in fp32
+    overrides["train.amp"] = cpu_bf16_native()
+    if epochs is not None:
+        overrides["train.epochs"] = epochs
+    return resolve(overrides=overrides)
 
 
 def run_demo(out: Path, data_dir: Path = Path("demo_data"), epochs: int | None = None,
@@ -39,11 +50,7 @@ def run_demo(out: Path, data_dir: Path = Path("demo_data"), epochs: int | None =
     if not manifest.exists():
         log.info("writing the demo dataset to %s", data_dir)
         make_demo_data(data_dir)
-    overrides = {**DEMO_OVERRIDES, "data.path": str(manifest), "train.output": str(out), "model.name": model}
-    if epochs is not None:
-        overrides["train.epochs"] = epochs
-    cfg = resolve(overrides=overrides)
-    summary = run_cv(cfg)
+    summary = run_cv(demo_config(manifest, out, model, epochs))
     run_dir = out / model
     report = _report(run_dir)
     print(f"\ndemo finished: results in {run_dir}" + (f", report {report}" if report else ""))

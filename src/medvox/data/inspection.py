@@ -9,7 +9,6 @@ In-memory arrays (MedMNIST) are checked vectorised, in chunks.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -22,6 +21,7 @@ from medvox.data import io as image_io
 from medvox.data.cache import inspection_key
 from medvox.data.report import Problem
 from medvox.data.sources import Case
+from medvox.machine import available_cpus
 
 _SAMPLE_VOXELS = 256_000  # percentiles from a strided subsample of at most this many voxels
 _FG_SAMPLE = 400  # foreground voxels kept per case and channel for the global intensity statistics
@@ -40,7 +40,7 @@ def inspect_cases(cases: list[Case], workers: int | None = None, cache: dict[str
 
     Args:
         cases: the cases, files or in-memory arrays.
-        workers: reader threads (default: CPU count).
+        workers: reader threads (default: the CPUs granted to this process, `medvox.machine.available_cpus`).
         cache: ``{case signature: record}`` from an earlier run; hits are not decoded. Updated in place
             with the new good records.
         progress: show a progress bar for large sets.
@@ -67,7 +67,7 @@ def inspect_cases(cases: list[Case], workers: int | None = None, cache: dict[str
     for i, record, found in _inspect_arrays([cases[i] for i in in_memory], in_memory):
         keep(i, record)
         problems += found
-    workers = max(1, min(workers or os.cpu_count() or 1, len(todo) or 1))
+    workers = max(1, min(workers or available_cpus(), len(todo) or 1))
     with progress_bar(progress and len(todo) >= 50) as bar, ThreadPoolExecutor(workers) as pool:
         task = bar.add_task("checking images", total=len(todo))
         for i, (record, found) in zip(todo, pool.map(inspect_case, [cases[i] for i in todo]), strict=True):

@@ -17,7 +17,6 @@ Example:
 from __future__ import annotations
 
 import multiprocessing
-import os
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
@@ -30,6 +29,7 @@ from medvox.data import io as image_io
 from medvox.data.inspection import progress_bar
 from medvox.data.sources import Case
 from medvox.errors import DataError
+from medvox.machine import available_cpus
 
 _FLOAT16_MAX = 60000.0
 # below this many files, spawning workers (about 2 s of imports each) costs more than it saves
@@ -162,7 +162,7 @@ def build_images(store: Path, cases: list[Case], plan: dict[str, Any], rows: lis
     """
     memory = [r for r in rows if cases[r].array is not None]
     files = [r for r in rows if cases[r].array is None]
-    workers = max(1, min(workers or os.cpu_count() or 1, len(files) or 1))
+    workers = max(1, min(workers or available_cpus(), len(files) or 1))
     with progress_bar(progress and len(rows) >= 50) as bar:
         task = bar.add_task("preprocessing", total=len(rows))
         if memory:

@@ -94,7 +94,7 @@ def train(cfg: ExperimentConfig) -> dict:
         >>> metrics = train(cfg)  # writes results/resnet10/fold_0/{best,best_ema,last}.pt, metrics.json, ...
     """
     from medvox.data import prepare
-    from medvox.engine.setup import fold_dir, make_fabric, resume_state, seed_everything
+    from medvox.engine.setup import choose_precision, fold_dir, make_fabric, resume_state, seed_everything
     from medvox.engine.trainer import FoldTrainer
 
     if not cfg.data.path:
@@ -105,7 +105,8 @@ def train(cfg: ExperimentConfig) -> dict:
     _check_model_and_weights(cfg)
     fabric = make_fabric(cfg.train)
     fabric.launch()
-    seed_everything(cfg.train.seed, cfg.train.deterministic, cfg.train.threads)
+    seed_everything(cfg.train.seed, cfg.train.deterministic, cfg.train.threads,
+                    processes=getattr(fabric.strategy, "num_processes", 1))  # the ranks on this node share its CPUs
     _setup_logging(None, fabric.is_global_zero)
     run_dir = fold_dir(cfg)
     done = _finished(run_dir) if cfg.train.resume else None
@@ -126,8 +127,13 @@ def train(cfg: ExperimentConfig) -> dict:
     if prepared.skipped:
         log.warning("--skip-bad: skipped %d bad case(s), listed with the reasons in %s", len(prepared.skipped),
                     prepared.cache_dir / "skipped_cases.json")
+    precision = choose_precision(cfg.train, fabric.device.type)  # what make_fabric chose, with its reason
+    if precision.warning:
+        log.warning(precision.warning)
     log.info("training %s on fold %d of %d (%s, precision %s, %d process(es)) -> %s", cfg.model.name,
              cfg.train.fold, cfg.data.folds, fabric.device, fabric._precision.precision, fabric.world_size, run_dir)
+    if cfg.train.amp or cfg.train.precision != "auto":  # mixed precision was asked for: say what it became
+        log.info("precision: %s", precision.reason)
     try:
         trainer = FoldTrainer(cfg, fabric, prepared, run_dir)
         if state is not None:

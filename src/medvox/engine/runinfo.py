@@ -62,12 +62,17 @@ def content_hash(prepared: Any) -> str:
     return digest.hexdigest()
 
 
-def run_info(data_hash: str | None = None, cache_dataset: str | None = None) -> dict[str, Any]:
+def run_info(data_hash: str | None = None, cache_dataset: str | None = None,
+             precision: dict[str, str] | None = None) -> dict[str, Any]:
     """A JSON-safe record of the software, hardware and command behind a run.
 
     ``data_hash`` is :func:`content_hash` of the prepared data; ``cache_dataset`` the name of the
-    dataset's folder in the preprocessing cache (where its fingerprint and splits live).
+    dataset's folder in the preprocessing cache (where its fingerprint and splits live); ``precision``
+    the precision used and why (``PrecisionChoice.record()``). The hardware part names the CPU's ATen
+    capability and whether it runs bf16 natively: what the precision was chosen from.
     """
+    from medvox.machine import available_cpus, cpu_bf16_basis, cpu_bf16_native, cpu_capability
+
     gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
     return {
         "started": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -85,10 +90,15 @@ def run_info(data_hash: str | None = None, cache_dataset: str | None = None) -> 
             "platform": platform.platform(),
             "cpu": _cpu_name(),
             "cpu_count": os.cpu_count(),
+            "cpus_available": available_cpus(),  # affinity, SLURM_CPUS_PER_TASK, cgroup quota
+            "cpu_capability": cpu_capability(),
+            "cpu_bf16_native": cpu_bf16_native(),
+            "cpu_bf16_basis": cpu_bf16_basis(),
             "torch_threads": torch.get_num_threads(),
             "gpus": gpus,
             "cuda": torch.version.cuda,
         },
+        "precision": precision,
         "data_hash": data_hash,
         "cache_dataset": cache_dataset,
     }

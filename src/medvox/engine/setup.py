@@ -7,6 +7,7 @@ import contextvars
 import logging
 import os
 import random
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,23 +28,65 @@ _RESUME_FREE_KEYS = {"train.resume", "train.threads", "data.workers", "data.cach
                      "train.keep_last"}
 
 
-def resolve_precision(tc: TrainConfig, accelerator: str) -> str:
-    """Fabric precision string: bf16 where supported, fp16 with a grad scaler otherwise, fp32 on request.
+@dataclass(frozen=True)
+class PrecisionChoice:
+    """The Fabric precision a run uses, why, and the warning to give (explicit bf16 on an emulating CPU)."""
 
-    ``auto`` means mixed precision on a GPU or with ``--amp``, fp32 otherwise.
+    precision: str  # "bf16-mixed" | "16-mixed" | "32-true"
+    reason: str
+    warning: str | None = None
+
+    def record(self) -> dict[str, str]:
+        """What ``run_info.json`` keeps: the precision and the reason."""
+        return {"used": self.precision, "reason": self.reason}
+
+
+_FABRIC = {"bf16": "bf16-mixed", "fp16": "16-mixed", "fp32": "32-true"}
+
+
+def choose_precision(tc: TrainConfig, accelerator: str) -> PrecisionChoice:
+    """The precision for ``tc`` on ``accelerator`` ("cpu" | "cuda"), with its reason.
+
+    On a GPU: bf16 where supported, fp16 with a grad scaler otherwise. On a CPU: ``--amp`` means bf16 only
+    where the CPU runs it natively (:func:`medvox.machine.cpu_bf16_native`), fp32 elsewhere; an explicit
+    ``--precision bf16`` is honoured everywhere, with a warning where it is emulated. ``auto`` without
+    ``--amp`` is fp32 on a CPU and mixed precision on a GPU.
     """
+    from medvox.machine import EMULATED_BF16_SLOWDOWN, cpu_bf16_basis, cpu_bf16_native
+
     choice = tc.precision.lower()
     if choice not in CHOICES["train.precision"]:
         raise ValueError(f"unknown precision {tc.precision!r}; choose auto, bf16, fp16 or fp32")
-    if choice == "auto":
-        if not (tc.amp or accelerator == "cuda"):
-            return "32-true"
-        bf16_ok = accelerator == "cpu" or torch.cuda.is_bf16_supported()
-        choice = "bf16" if bf16_ok else "fp16"
-    if choice == "fp16" and accelerator == "cpu":
-        log.info("fp16 autocast is a GPU feature; using bf16 on the CPU instead")
-        choice = "bf16"
-    return {"bf16": "bf16-mixed", "fp16": "16-mixed", "fp32": "32-true"}[choice]
+    if choice == "fp32":
+        return PrecisionChoice("32-true", "fp32: --precision fp32")
+    if accelerator == "cuda":
+        if choice == "auto":
+            if torch.cuda.is_bf16_supported():
+                return PrecisionChoice("bf16-mixed", "bf16: mixed precision on a GPU that supports bf16")
+            return PrecisionChoice("16-mixed", "fp16 + grad scaler: mixed precision on a GPU without bf16")
+        return PrecisionChoice(_FABRIC[choice], f"{choice}: --precision {choice}")
+    if choice == "auto" and not tc.amp:
+        return PrecisionChoice("32-true", "fp32: no mixed precision asked for (--amp or --precision) on the CPU")
+    native = cpu_bf16_native()
+    basis = cpu_bf16_basis()
+    if choice == "bf16":
+        if native:
+            return PrecisionChoice("bf16-mixed", f"bf16: --precision bf16, native on this CPU ({basis})")
+        return PrecisionChoice(
+            "bf16-mixed", f"bf16: --precision bf16, emulated on this CPU ({basis})",
+            warning=f"--precision bf16: this CPU has no native bf16 ({basis}); oneDNN emulates it, "
+                    f"{EMULATED_BF16_SLOWDOWN} slower per step than fp32 on such CPUs (ResNet-10, 8 x 32^3). "
+                    "Leave --precision out (or use --amp) to let medvox choose fp32 here")
+    asked = "--amp" if choice == "auto" else "--precision fp16 (a GPU feature)"
+    if native:
+        return PrecisionChoice("bf16-mixed", f"bf16: {asked} on a CPU with native bf16 ({basis})")
+    return PrecisionChoice("32-true", f"fp32: {asked}, but this CPU has no native bf16 ({basis}); emulated bf16 "
+                                      f"runs {EMULATED_BF16_SLOWDOWN} slower than fp32")
+
+
+def resolve_precision(tc: TrainConfig, accelerator: str) -> str:
+    """The Fabric precision string of :func:`choose_precision`."""
+    return choose_precision(tc, accelerator).precision
 
 
 def fabric_module():
@@ -103,8 +146,21 @@ def make_fabric(tc: TrainConfig):
     return lf.Fabric(accelerator=accelerator, devices=devices, strategy=strategy, precision=precision)
 
 
-def seed_everything(seed: int, deterministic: bool, threads: int | None) -> None:
-    torch.set_num_threads(threads or os.cpu_count() or 1)
+def compute_threads(threads: int | None, processes: int = 1) -> int:
+    """Intra-op threads for each of ``processes`` on this machine: ``threads`` when given, else an equal share
+    of the CPUs granted to the process (:func:`medvox.machine.available_cpus`); never more than that share,
+    so a job granted 4 cores does not start 64 threads (or 2 DDP ranks 4 each)."""
+    from medvox.machine import available_cpus
+
+    share = max(1, available_cpus() // max(1, processes))
+    if threads and threads > share:
+        log.warning("--threads %d: %d CPU(s) are granted to each of %d process(es) here (affinity, "
+                    "SLURM_CPUS_PER_TASK, cgroup quota); using %d", threads, share, processes, share)
+    return min(threads or share, share)
+
+
+def seed_everything(seed: int, deterministic: bool, threads: int | None, processes: int = 1) -> None:
+    torch.set_num_threads(compute_threads(threads, processes))
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)

@@ -27,7 +27,7 @@ from medvox.engine.compat import guard_cpu_bf16_conv3d
 from medvox.engine.ema import create_ema, update_ema
 from medvox.engine.optim import Schedule, build_optimizer, param_groups
 from medvox.engine.runinfo import content_hash, run_info
-from medvox.engine.setup import epoch_seed
+from medvox.engine.setup import choose_precision, epoch_seed
 from medvox.errors import TrainingError
 
 log = logging.getLogger("medvox")
@@ -282,7 +282,8 @@ class FoldTrainer:
 
     def _write_start(self) -> None:
         save(self.cfg, self.run_dir / "config.json")
-        artifacts.write_json(run_info(content_hash(self.data), cache_dataset=self.data.data_hash),
+        precision = choose_precision(self.cfg.train, self.fabric.device.type).record()
+        artifacts.write_json(run_info(content_hash(self.data), cache_dataset=self.data.data_hash, precision=precision),
                              self.run_dir / "run_info.json")
         if self.data.skipped:  # what --skip-bad dropped belongs to the run's record, not only to the cache
             artifacts.write_json(self.data.skipped, self.run_dir / "skipped_cases.json")
