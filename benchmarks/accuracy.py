@@ -304,15 +304,15 @@ def _append_column(path: Path, name: str, values: list[str]) -> None:
 
 def fuse_kept(src: Path, out: Path, rule: str = "youden", name: str = "r18f", features_data: Path | None = None) -> str:
     """Fuse a finished run's kept predictions with the descriptor model, as ``medvox cv --set
-    train.feature_fusion=true`` does at its end (:func:`medvox.evaluation.summary.summarize`), into
+    train.feature_fusion=true`` does at its end (:func:`medvox.cv.summary.summarize`), into
     ``out/kept/<name>_s<seed>``. The kept folder has no checkpoints, so the CNN's test probabilities are its
     ``test_predictions.csv`` (the calibrated TTA ensemble, which is what ``summarize`` mixes). The time
     recorded is the source run's plus the fusion's."""
     from medvox.config import from_dict
     from medvox.data import prepare
     from medvox.engine.artifacts import write_json, write_predictions
-    from medvox.evaluation.metrics import compute_metrics
-    from medvox.evaluation.summary import (
+    from medvox.metrics.classification import compute_metrics
+    from medvox.cv.summary import (
         calibrated_oof,
         format_table,
         fuse_oof,
@@ -374,8 +374,8 @@ def fuse_kept(src: Path, out: Path, rule: str = "youden", name: str = "r18f", fe
 
 def medvox_result(kept: Path, rule: str = "youden") -> dict:
     """Test metrics of a finished cv run: single folds, ensemble, + TTA, + calibration, + OOF threshold."""
-    from medvox.evaluation.metrics import best_threshold, compute_metrics
-    from medvox.evaluation.summary import final_oof, load_predictions
+    from medvox.metrics.classification import best_threshold, compute_metrics
+    from medvox.cv.summary import final_oof, load_predictions
 
     summary = json.loads((kept / "cv_summary.json").read_text())
     classes = summary["classes"]
@@ -408,8 +408,8 @@ def fold_level(run: Path) -> dict:
     AUC of the folds' validation predictions pooled (``cv_summary.json``'s ``oof``: uncalibrated) and the test
     AUC of the fold ensemble without TTA or calibration (the mean of the folds' test probabilities: the
     ``ensemble`` variant of ``cv_summary.json``, which is read instead where the run has one)."""
-    from medvox.evaluation.metrics import compute_metrics
-    from medvox.evaluation.summary import load_predictions
+    from medvox.metrics.classification import compute_metrics
+    from medvox.cv.summary import load_predictions
 
     folds = sorted(run.glob("fold_*"), key=lambda d: int(d.name.split("_")[1]))
     finals = [json.loads((d / "metrics.json").read_text())["final"] for d in folds]
@@ -481,8 +481,8 @@ def paired_against(runs: dict[str, dict], reference: str = "r18", n_boot: int = 
     """``medvox compare`` of every medvox run with the ``reference`` recipe's run of the same seed (the same
     CV split, so the same out-of-fold cases): DeLong's test of the two correlated AUCs, out-of-fold (what a
     choice may rest on) and on test (for information), as recipe minus reference."""
-    from medvox.evaluation.compare import compare_runs
-    from medvox.evaluation.runs import load_run
+    from medvox.reporting.compare import compare_runs
+    from medvox.run import load_run
 
     refs = {r["seed"]: r for r in runs.values() if r["name"] == reference and "kept" in r}
     rows = []

@@ -10,7 +10,7 @@ their mean) through the recipe's own last steps, each on the same footing:
 1. per-fold temperature-scaled OOF probabilities (``calibration.json`` of each fold) and the test ensemble
    (mean of the folds' temperature-scaled test probabilities; the CPU run's is its TTA ensemble, recovered from
    its fused ``test_predictions.csv`` and its descriptor model's);
-2. the descriptor model (``medvox.evaluation.features``: 46 descriptors on the 64^3 grid, ``StandardScaler`` +
+2. the descriptor model (``medvox.descriptors``: 46 descriptors on the 64^3 grid, ``StandardScaler`` +
    logistic regression per fold on the same folds), mixed in at the weight with the best pooled OOF AUC;
 3. the Youden threshold on the pooled OOF probabilities, then test AUC, ACC, balanced ACC and F1 at it.
 
@@ -51,7 +51,7 @@ class CNN:
 
 def cpu_run(kept: Path):
     """(ids, labels, folds, calibrated OOF, test ids, test labels, CNN test ensemble) of a fused ``medvox cv`` run."""
-    from medvox.evaluation.summary import calibrated_oof, load_predictions
+    from medvox.cv.summary import calibrated_oof, load_predictions
 
     summary = json.loads((kept / "cv_summary.json").read_text())
     y, p = calibrated_oof(kept, summary["calibration"])
@@ -68,7 +68,7 @@ def cpu_run(kept: Path):
 
 def fold_folders(folds_dir: Path, ids: list[str], labels: np.ndarray, folds: np.ndarray, test_ids: list[str]) -> CNN:
     """The fold folders' calibrated OOF and test ensemble, reordered to ``ids`` / ``test_ids``; refuses another split."""
-    from medvox.evaluation.summary import load_predictions, rescale
+    from medvox.cv.summary import load_predictions, rescale
 
     oof, fold_of, label_of, test = {}, {}, {}, []
     for k in range(int(folds.max()) + 1):
@@ -92,7 +92,7 @@ def descriptor_table(kept: Path, npz: Path) -> tuple[dict[str, int], np.ndarray]
     with ``kept``'s data settings: (case id -> row, matrix)."""
     from medvox.config import from_dict
     from medvox.data import prepare
-    from medvox.evaluation.features import feature_matrix
+    from medvox.descriptors import feature_matrix
 
     cfg = from_dict(json.loads((kept / "fold_0" / "config.json").read_text()))
     data = dataclasses.replace(cfg.data, path=str(npz), target_shape=None, target_spacing=None, cache_dir=None)
@@ -109,7 +109,7 @@ def descriptors(table: tuple[dict[str, int], np.ndarray], ids: list[str], test_i
 
 def descriptor_probs(y, folds, x, xt) -> tuple[np.ndarray, np.ndarray]:
     """The descriptor model per fold, as ``medvox cv`` fits it: (OOF probabilities, mean of the folds' on test)."""
-    from medvox.evaluation.features import fit_fold_models
+    from medvox.descriptors import fit_fold_models
 
     classes = [str(c) for c in range(int(np.max(y)) + 1)]
     p_oof, p_test, _ = fit_fold_models(x, y, folds, xt, [f"x{i}" for i in range(x.shape[1])], classes)
@@ -120,8 +120,8 @@ def recipe_tail(y, folds, oof, yt, test, x, xt, fuse: bool) -> dict:
     """Steps 2-3 of the module docstring for one CNN: the fusion (when ``fuse``), the OOF threshold, test metrics."""
     from sklearn.metrics import roc_auc_score
 
-    from medvox.evaluation.features import choose_weight
-    from medvox.evaluation.metrics import best_threshold, compute_metrics
+    from medvox.descriptors import choose_weight
+    from medvox.metrics.classification import best_threshold, compute_metrics
 
     w = 0.0
     if fuse:
@@ -137,7 +137,7 @@ def recipe_tail(y, folds, oof, yt, test, x, xt, fuse: bool) -> dict:
 
 def oracle_accuracy(yt, test) -> float | None:
     """The best test ACC over thresholds chosen *on test* with balanced ACC >= ``TARGET_BA`` (a diagnosis only)."""
-    from medvox.evaluation.metrics import compute_metrics
+    from medvox.metrics.classification import compute_metrics
 
     at = [compute_metrics(yt, test, threshold=float(t)) for t in np.unique(test[:, 1])]
     ok = [a["accuracy"] for a in at if a["balanced_accuracy"] >= TARGET_BA]

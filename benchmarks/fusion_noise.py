@@ -1,7 +1,7 @@
 """What the descriptor fusion costs on data whose descriptors say nothing about the label.
 
 ``medvox cv --recipe auto`` mixes a descriptor model into the CNN at the weight with the best pooled OOF AUC
-(``medvox.evaluation.features.choose_weight``). On AdrenalMNIST3D the descriptors carry the thickness the CNN's
+(``medvox.descriptors.choose_weight``). On AdrenalMNIST3D the descriptors carry the thickness the CNN's
 28^3 input blurs (+0.03 test AUC), but the recipe is meant for any dataset, where they may be noise. This
 script takes finished runs of the default recipe (their calibrated OOF and CNN test ensembles, as
 ``benchmarks/cnn64_fusion.py`` reads them), replaces the descriptors by those of randomly permuted cases (same
@@ -33,7 +33,7 @@ def permuted_trial(y, folds, oof, yt, test, x, xt, seed: int) -> dict:
     """One trial: descriptors of permuted cases, the descriptor model per fold, the OOF-chosen weight."""
     from sklearn.metrics import roc_auc_score
 
-    from medvox.evaluation.features import choose_weight
+    from medvox.descriptors import choose_weight
 
     rng = np.random.default_rng(seed)
     pf, pft = cf.descriptor_probs(y, folds, x[rng.permutation(len(x))], xt[rng.permutation(len(xt))])

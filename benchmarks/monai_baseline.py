@@ -74,7 +74,7 @@ def run(npz: Path, seed: int, loss: str, epochs: int = 20, batch: int = 32, lr: 
     from monai.networks.nets import resnet18
     from monai.utils import set_determinism
 
-    from medvox.evaluation.metrics import compute_metrics
+    from medvox.metrics.classification import compute_metrics
 
     started, cpu0 = time.perf_counter(), time.process_time()
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))

@@ -43,7 +43,7 @@ def make_graded(src: Path, out: Path) -> dict[str, list[int]]:
 
 
 def scores(y: np.ndarray, probs: np.ndarray, cut) -> dict[str, float]:
-    from medvox.evaluation.metrics import compute_metrics
+    from medvox.metrics.classification import compute_metrics
 
     m = compute_metrics(y, probs, threshold=cut)
     return {k: round(float(m[k]), 4) for k in ("accuracy", "balanced_accuracy", "f1")} | {
@@ -70,8 +70,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     from medvox.cli import main as medvox
-    from medvox.evaluation.metrics import best_class_weights
-    from medvox.evaluation.summary import load_predictions
+    from medvox.metrics.classification import best_class_weights
+    from medvox.cv.summary import load_predictions
 
     args.out.mkdir(parents=True, exist_ok=True)
     npz = args.out / "graded.npz"

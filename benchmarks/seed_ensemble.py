@@ -40,7 +40,7 @@ from benchmarks import cnn64_fusion as cf  # noqa: E402
 
 def fused_run(kept: Path) -> tuple[dict[str, tuple[int, np.ndarray]], dict[str, tuple[int, np.ndarray]]]:
     """A fused run's final OOF and test probabilities: ``{case_id: (label, probabilities)}`` each."""
-    from medvox.evaluation.summary import load_predictions
+    from medvox.cv.summary import load_predictions
 
     out = []
     for name in ("oof_fused_predictions.csv", "test_predictions.csv"):
@@ -65,7 +65,7 @@ def evaluate(runs: list[tuple[dict, dict]]) -> dict:
     """The recipe's decision on the averaged OOF, applied to the averaged test probabilities."""
     from sklearn.metrics import roc_auc_score
 
-    from medvox.evaluation.metrics import best_threshold, compute_metrics
+    from medvox.metrics.classification import best_threshold, compute_metrics
 
     _, y, oof = average([r[0] for r in runs], "OOF")
     _, yt, test = average([r[1] for r in runs], "test")

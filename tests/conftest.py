@@ -57,3 +57,18 @@ def tiny_medmnist(medmnist_28, tmp_path_factory) -> Path:
     """A small slice of the real AdrenalMNIST3D (28^3): 80 train + 20 val (the CV pool) and 30 test volumes."""
     return medmnist_subset(medmnist_28, {"train": 80, "val": 20, "test": 30},
                            tmp_path_factory.mktemp("tiny_medmnist") / "adrenal_tiny.npz")
+
+
+@pytest.fixture(scope="session")
+def tiny_npz(medmnist_28: Path, tmp_path_factory) -> Path:
+    from tests.conftest_runs import make_tiny_npz
+
+    return make_tiny_npz(medmnist_28, tmp_path_factory.getbasetemp() / "tiny_data")
+
+
+@pytest.fixture(scope="session")
+def cv_runs(tiny_npz: Path, tmp_path_factory) -> dict[str, Path]:
+    """``{"resnet10": run folder, "mil": run folder}``, made once per session by ``medvox cv``."""
+    from tests.conftest_runs import run_cv_pair
+
+    return run_cv_pair(tiny_npz, tmp_path_factory.getbasetemp() / "cv_runs")

@@ -111,8 +111,8 @@ def _randomise_batchnorm(model: torch.nn.Module, seed: int) -> None:
 def write_synthetic_run(path: Path, ids: list[str], labels: list[int], probs: np.ndarray, classes=("0", "1"),
                         test: tuple[list[str], list[int], np.ndarray] | None = None) -> Path:
     """A minimal run folder written by hand (no training): cv_summary.json, one fold, prediction CSVs."""
-    from medvox.evaluation.metrics import compute_metrics
-    from medvox.evaluation.summary import fold_table
+    from medvox.metrics.classification import compute_metrics
+    from medvox.cv.summary import fold_table
 
     classes = list(classes)
     path.mkdir(parents=True, exist_ok=True)

@@ -31,7 +31,7 @@ def test_every_listed_choice_is_accepted_by_the_code_that_reads_it():
     from medvox.data.preprocess import normalize
     from medvox.engine.optim import Schedule, build_optimizer
     from medvox.engine.setup import resolve_precision
-    from medvox.evaluation.metrics import best_threshold, compute_metrics
+    from medvox.metrics.classification import best_threshold, compute_metrics
     from medvox.losses import build_loss
 
     for name in CHOICES["loss.name"]:

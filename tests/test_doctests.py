@@ -14,8 +14,8 @@ import pytest
 
 RUNNABLE = (
     "medvox.config", "medvox.losses", "medvox.recipe",
-    "medvox.evaluation.calibration", "medvox.evaluation.features", "medvox.evaluation.metrics",
-    "medvox.evaluation.plots", "medvox.evaluation.predict", "medvox.evaluation.stats",
+    "medvox.metrics.calibration", "medvox.descriptors", "medvox.metrics.classification",
+    "medvox.plots", "medvox.inference.predict", "medvox.metrics.stats",
     "medvox.models", "medvox.models.base", "medvox.models.densenet", "medvox.models.mil",
     "medvox.models.registry", "medvox.models.resnet", "medvox.models.swin",
     "medvox.transforms", "medvox.transforms.affine", "medvox.transforms.batch", "medvox.transforms.flips",

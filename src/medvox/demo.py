@@ -44,7 +44,7 @@ def run_demo(out: Path, data_dir: Path = Path("demo_data"), epochs: int | None =
              model: str = "resnet10") -> dict:
     """Run the demo; returns the cross-validation summary."""
     from medvox.data.demo import make_demo_data
-    from medvox.engine.cv import run_cv
+    from medvox.cv.crossval import run_cv
 
     manifest = data_dir / "manifest.csv"
     if not manifest.exists():
@@ -59,7 +59,7 @@ def run_demo(out: Path, data_dir: Path = Path("demo_data"), epochs: int | None =
 
 def _report(run_dir: Path) -> Path | None:
     try:
-        from medvox.evaluation.report import write_report
+        from medvox.reporting.report import write_report
     except ImportError:  # the report module is optional in a minimal install
         return None
     return write_report(run_dir)

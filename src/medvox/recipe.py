@@ -25,10 +25,10 @@ the cross-validation pool), and leaves every setting the user gave (flag, ``--se
 * augmentation: the original affine ranges, plus left-right flips (axis W of the RAS grid: anatomy is
   close to mirror-symmetric, the other axes are not);
 * decision: the threshold that maximises Youden's J on validation / out-of-fold predictions (more than two
-  classes: the class weights that maximise balanced accuracy, :func:`~medvox.evaluation.metrics.best_class_weights`);
+  classes: the class weights that maximise balanced accuracy, :func:`~medvox.metrics.classification.best_class_weights`);
 * fusion (``medvox cv``): a logistic regression on shape and intensity descriptors, fitted on the same
   folds, mixed into the fold ensemble at the weight with the best pooled out-of-fold AUC (the lowest
-  log-loss for more than two classes; :mod:`medvox.evaluation.features`; weight 0 keeps the CNN alone). The descriptors are computed on the
+  log-loss for more than two classes; :mod:`medvox.descriptors`; weight 0 keeps the CNN alone). The descriptors are computed on the
   plan's native grid (``train.feature_grid = "native"``) even when the CNN's input is made coarser with
   ``data.target_shape`` to save compute: they cost milliseconds per case and see thickness and surface
   better on the finer grid.

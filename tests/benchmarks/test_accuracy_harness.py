@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -16,7 +17,7 @@ import numpy as np
 import pytest
 
 from benchmarks import accuracy
-from medvox.evaluation.metrics import best_threshold, compute_metrics
+from medvox.metrics.classification import best_threshold, compute_metrics
 
 CLASSES = ["0", "1"]
 
@@ -52,6 +53,24 @@ def _fake_cv(kept, rng, temps=(0.5, 2.0)):
         (kept / f"fold_{k}").mkdir()
         (kept / f"fold_{k}" / "metrics.json").write_text(json.dumps({"epochs_run": 10 + k}))
     return np.concatenate(y_all), np.concatenate(p_all), np.concatenate(f_all), yt, pt
+
+
+def _sharper_copy(src, dest):
+    """``src``'s run with the same cases and labels and sharper out-of-fold probabilities."""
+    shutil.copytree(src, dest)
+    rows = list(csv.DictReader(open(dest / "oof_predictions.csv")))
+    for r in rows:
+        p = float(r["prob_1"]) * 0.5 + 0.5 * (r["label"] == "1")
+        r["prob_1"], r["prob_0"] = p, 1 - p
+    _write_csv(dest / "oof_predictions.csv", rows)
+    return dest
+
+
+def _write_timings(out, names, seed=0):
+    """``run``'s timings.json for finished jobs ``{key: recipe name}``."""
+    timings = {k: {"name": n, "seed": seed, "rc": 0, "wall_seconds": 1.0, "cpu_seconds": 1.0, "device": "cpu"}
+               for k, n in names.items()}
+    (out / "timings.json").write_text(json.dumps(timings))
 
 
 def test_threshold_is_chosen_on_per_fold_calibrated_oof(tmp_path):
@@ -144,22 +163,12 @@ def test_preflight_names_the_interpreter_and_the_missing_module(tmp_path):
 
 def test_recipes_are_compared_with_the_reference_of_the_same_seed(tmp_path):
     """The paired section is `medvox compare`'s DeLong test of the same cases, signed recipe minus r18."""
-    from medvox.evaluation.stats import delong_test
+    from medvox.metrics.stats import delong_test
 
     rng = np.random.default_rng(3)
     _fake_cv(tmp_path / "kept" / "r18_s0", rng)
-    other = tmp_path / "kept" / "r18_mixup_s0"
-    import shutil
-
-    shutil.copytree(tmp_path / "kept" / "r18_s0", other)  # same cases and labels, sharper probabilities
-    rows = list(csv.DictReader(open(other / "oof_predictions.csv")))
-    for r in rows:
-        p = float(r["prob_1"]) * 0.5 + 0.5 * (r["label"] == "1")
-        r["prob_1"], r["prob_0"] = p, 1 - p
-    _write_csv(other / "oof_predictions.csv", rows)
-    timings = {k: {"name": n, "seed": 0, "rc": 0, "wall_seconds": 1.0, "cpu_seconds": 1.0, "device": "cpu"}
-               for k, n in (("r18_s0", "r18"), ("r18_mixup_s0", "r18_mixup"))}
-    (tmp_path / "timings.json").write_text(json.dumps(timings))
+    other = _sharper_copy(tmp_path / "kept" / "r18_s0", tmp_path / "kept" / "r18_mixup_s0")
+    _write_timings(tmp_path, {"r18_s0": "r18", "r18_mixup_s0": "r18_mixup"})
     results = accuracy.collect(tmp_path, "youden")
     (row,) = results["paired"]
     assert row["recipe"] == "r18_mixup" and row["seed"] == 0
@@ -181,9 +190,63 @@ def test_recipes_are_compared_with_the_reference_of_the_same_seed(tmp_path):
     assert "## Paired against r18" in md and f"| r18_mixup | 0 | {row['oof']['auc_reference']:.3f} -> " in md
 
 
+def test_report_writes_the_results_json_and_rebuilds_the_tables_from_it_alone(tmp_path, capsys):
+    """`report --out` keeps one compact summary per run (accuracy.json); `report` without --out renders the same
+    Markdown from that file once the run folders are gone."""
+    rng = np.random.default_rng(4)
+    acc = tmp_path / "acc"
+    _fake_cv(acc / "kept" / "r18_s0", rng)
+    _sharper_copy(acc / "kept" / "r18_s0", acc / "kept" / "r18_mixup_s0")
+    _write_timings(acc, {"r18_s0": "r18", "r18_mixup_s0": "r18_mixup"})
+    md = tmp_path / "report" / "accuracy.md"
+    md.parent.mkdir()
+    assert accuracy.main(["report", "--out", str(acc), "--md", str(md)]) == 0
+    first, results = md.read_text(), json.loads(md.with_suffix(".json").read_text())
+    assert set(results["runs"]) == {"r18_s0", "r18_mixup_s0"} and len(results["paired"]) == 1
+    shutil.rmtree(acc)
+    md.unlink()
+    assert accuracy.main(["report", "--md", str(md)]) == 0
+    assert md.read_text() == first and "## Paired against r18" in first
+    assert json.loads(md.with_suffix(".json").read_text()) == results  # read, not rewritten
+    capsys.readouterr()
+
+
+def test_report_merge_adds_new_runs_to_the_kept_results(tmp_path):
+    """`report --out NEW --merge`: the runs and paired rows already in accuracy.json stay (their folders are
+    gone), a run of the same name in NEW replaces its entry, and the per-recipe means cover them all."""
+    rng = np.random.default_rng(6)
+    old, new = tmp_path / "old", tmp_path / "new"
+    _fake_cv(old / "kept" / "r18_s0", rng)
+    _sharper_copy(old / "kept" / "r18_s0", old / "kept" / "r18_mixup_s0")
+    _write_timings(old, {"r18_s0": "r18", "r18_mixup_s0": "r18_mixup"})
+    md = tmp_path / "accuracy.md"
+    assert accuracy.main(["report", "--out", str(old), "--md", str(md)]) == 0
+    before = json.loads(md.with_suffix(".json").read_text())
+    shutil.rmtree(old)
+    _fake_cv(new / "kept" / "r18_s1", rng)
+    _write_timings(new, {"r18_s1": "r18"}, seed=1)
+    assert accuracy.main(["report", "--out", str(new), "--md", str(md), "--merge"]) == 0
+    after = json.loads(md.with_suffix(".json").read_text())
+    assert list(after["runs"]) == ["r18_s0", "r18_mixup_s0", "r18_s1"]
+    assert after["runs"]["r18_s0"] == before["runs"]["r18_s0"]
+    assert after["paired"] == before["paired"]  # r18_mixup's seed-0 pair kept, no pair for seed 1
+    assert after["recipes"]["r18"]["n_seeds"] == 2 and after["recipes"]["r18"]["seeds"] == [0, 1]
+    assert "| r18_mixup | 0 |" in md.read_text()
+    with pytest.raises(ValueError, match="--rule youden"):
+        accuracy.collect(new, "f1", after)
+
+
+def test_the_committed_report_is_what_its_results_json_renders():
+    """benchmarks/accuracy.md is `accuracy.py report` of benchmarks/accuracy.json (+ accuracy_notes.md): edit the
+    notes, then run `python benchmarks/accuracy.py report`."""
+    md = Path(accuracy.__file__).with_name("accuracy.md")
+    results = json.loads(md.with_suffix(".json").read_text(encoding="utf-8"))
+    assert accuracy.report_text(results, md) == md.read_text(encoding="utf-8")
+
+
 def test_paired_section_falls_back_to_the_bootstrap_for_three_classes(tmp_path):
     """DeLong is binary: with three classes the row carries the paired bootstrap of the macro AUC."""
-    from medvox.evaluation.stats import paired_bootstrap_auc
+    from medvox.metrics.stats import paired_bootstrap_auc
     from tests.conftest_runs import write_synthetic_run
 
     rng = np.random.default_rng(5)

@@ -11,8 +11,8 @@ import pytest
 from sklearn.metrics import roc_auc_score
 
 from benchmarks import cnn64_fusion as cf
-from medvox.evaluation.metrics import best_threshold, compute_metrics
-from medvox.evaluation.summary import load_predictions, rescale
+from medvox.metrics.classification import best_threshold, compute_metrics
+from medvox.cv.summary import load_predictions, rescale
 
 RUNS = Path(__file__).resolve().parents[2] / "benchmarks" / "accuracy_runs"
 CPU = RUNS / "cpu_2026-11-26-auto64aa" / "kept" / "auto64aa_s0"

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from benchmarks import multiclass_decision as mc
-from medvox.evaluation.summary import load_predictions
+from medvox.cv.summary import load_predictions
 
 
 def test_the_three_classes_split_the_abnormal_cases_by_size(medmnist_28, tmp_path):

@@ -141,7 +141,8 @@ def test_resume_refuses_a_run_started_on_another_preprocessing_plan(tiny_medmnis
     """Same config, other plan (the data changed, or an upgrade plans differently: 2026-11-26 added
     anti-aliased downsampling): --resume used to continue on the new inputs; it now refuses, names what
     changed and leaves the run as it was."""
-    cmd = _train_cmd(tiny_medmnist, tmp_path, "--epochs", "2")
+    # keep_resume_state: the last.pt of a fold killed after its last epoch, before it finished
+    cmd = _train_cmd(tiny_medmnist, tmp_path, "--epochs", "2", "--set", "train.keep_resume_state=true")
     subprocess.run(cmd, check=True, capture_output=True)
     run = tmp_path / "resnet10" / "fold_0"
     (run / "metrics.json").unlink()  # as if killed after its last epoch's last.pt

@@ -63,7 +63,9 @@ class DeterministicRuns:
 def deterministic_runs(small_npz: Path, tmp_path_factory) -> DeterministicRuns:
     """The same deterministic run twice, in two processes started together (one thread each)."""
     root = tmp_path_factory.mktemp("deterministic")
-    argv = {name: deterministic_cmd(small_npz, root / name, root / f"cache_{name}") for name in ("a", "b")}
+    # --safetensors: the reproducibility and safe-loading tests compare the twins as well
+    argv = {name: deterministic_cmd(small_npz, root / name, root / f"cache_{name}", "--safetensors")
+            for name in ("a", "b")}
     procs = {name: subprocess.Popen([sys.executable, "-m", "medvox.cli", *args], cwd=root, stdout=subprocess.PIPE,
                                     stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONHASHSEED": "0"})
              for name, args in argv.items()}
@@ -82,7 +84,8 @@ def trained_run(small_npz: Path, tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("trained16")
     threads = torch.get_num_threads()
     argv = ["train", "--data", str(small_npz), *MIL, *FAST, "--epochs", "1", "--folds", "2",
-            "--target-shape", "16", "16", "16", "--output", str(root / "out"), "--cache-dir", str(root / "cache")]
+            "--target-shape", "16", "16", "16", "--output", str(root / "out"), "--cache-dir", str(root / "cache"),
+            "--safetensors"]
     try:
         assert main(argv) == 0
     finally:

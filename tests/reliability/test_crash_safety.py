@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 
 from medvox.cli import main
 from medvox.engine.checkpoint import load_checkpoint, safetensors_epoch
-from medvox.evaluation.inference import final_checkpoint
+from medvox.inference.models import final_checkpoint
 from tests.reliability.conftest import deterministic_cmd
 from tests.reliability.helpers import FAST, MIL, comparable, medvox, popen_medvox, read_json
 
@@ -88,7 +88,8 @@ def _kill_at(proc, event: str, run: Path, rng: random.Random, stale: set[str]) -
 def test_sigkill_at_random_moments_and_mid_write_then_resume(small_npz, deterministic_runs, tmp_path):
     rng = random.Random(20261125)
     out, run = tmp_path / "out", tmp_path / "out" / "resnet10" / "fold_0"
-    argv = deterministic_cmd(small_npz, out, tmp_path / "cache", "--resume")  # --resume from the first start on
+    # --resume from the first start on; --safetensors: the twins must survive the kills too
+    argv = deterministic_cmd(small_npz, out, tmp_path / "cache", "--resume", "--safetensors")
     kills, left_behind = [], []
     for event in KILLS:
         stale = {p.name for p in _temp_files(run)}
@@ -162,7 +163,7 @@ def test_full_disk_during_a_checkpoint_write(small_npz, tmp_path, monkeypatch, c
     target = re.match(r"\.(.+)\.[^.]+\.tmp$", seen["file"].name).group(1)  # .best.pt.abc123.tmp -> best.pt
     assert err == (f"medvox: error: no space left on the device while writing {run / target}; the previous checkpoint "
                    "is intact. Free some space (or choose another --output) and continue with --resume.\n")
-    assert set(seen["before"]) == {"best.pt", "best_ema.pt", "best.safetensors", "best_ema.safetensors", "last.pt"}
+    assert set(seen["before"]) == {"best.pt", "best_ema.pt", "last.pt"}  # no safetensors twins without --safetensors
     assert _checkpoint_bytes(run) == seen["before"]
     assert _temp_files(run) == []
     assert _assert_every_checkpoint_loads(run) == {"best.pt": 1, "best_ema.pt": 1, "last.pt": 1}
@@ -195,7 +196,7 @@ class _NaNFromEpoch2(torch.nn.Module):
 @pytest.mark.parametrize("failure", ["nan_loss", "diverged_weights"])
 def test_non_finite_training_stops_with_exit_3_and_keeps_epoch_1(failure, small_npz, tmp_path, monkeypatch, capsys):
     """A NaN loss, or weights that turn Inf in the epoch's last step (the loss was still finite): the run stops
-    with a clear message and exit code 3; best.pt / best_ema.pt / last.pt (and the safetensors) of epoch 1
+    with a clear message and exit code 3; best.pt / best_ema.pt / last.pt of epoch 1
     are byte-identical afterwards: never overwritten with NaN weights."""
     from medvox import losses
     from medvox.engine.trainer import FoldTrainer
@@ -227,7 +228,7 @@ def test_non_finite_training_stops_with_exit_3_and_keeps_epoch_1(failure, small_
 
     assert main(_mil_train(tmp_path / "out", tmp_path / "cache", small_npz)) == 3
     assert capsys.readouterr().err == f"medvox: error: epoch 2: {message}\n"
-    assert set(seen["before"]) == {"best.pt", "best_ema.pt", "best.safetensors", "best_ema.safetensors", "last.pt"}
+    assert set(seen["before"]) == {"best.pt", "best_ema.pt", "last.pt"}  # no safetensors twins without --safetensors
     assert _checkpoint_bytes(run) == seen["before"]
     assert _assert_every_checkpoint_loads(run) == {"best.pt": 1, "best_ema.pt": 1, "last.pt": 1}
     assert _temp_files(run) == []

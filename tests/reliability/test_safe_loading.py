@@ -1,7 +1,7 @@
 """Safe loading: every ``torch.load`` in the package is ``weights_only=True``; a pickle whose ``__reduce__``
 would create a marker file is refused as ``--pretrained-path``, as a checkpoint for ``medvox predict`` and as
-``last.pt`` for ``--resume`` (the marker never appears); the best weights are also written as safetensors
-that rebuild the same model with identical outputs."""
+``last.pt`` for ``--resume`` (the marker never appears); with ``--safetensors`` the best weights are also
+written as safetensors that rebuild the same model with identical outputs."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 
 from medvox.cli import main
 from medvox.engine.checkpoint import load_checkpoint
-from medvox.evaluation.inference import build_from_checkpoint
+from medvox.inference.models import build_from_checkpoint
 from medvox.models import create_model
 from tests.reliability.helpers import FAST, MIL, Payload, assert_nothing_written, snapshot
 

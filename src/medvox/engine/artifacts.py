@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from medvox.engine.checkpoint import share_permissions
-from medvox.evaluation.metrics import to_jsonable
+from medvox.metrics.classification import to_jsonable
 
 
 def write_json(obj: Any, path: str | Path) -> None:
@@ -90,8 +90,8 @@ def write_predictions(path: Path, case_ids: list[str], groups: list[str], labels
                       threshold: float | list[float] | None = None) -> None:
     """A CSV with one row per case: id, patient, label, per-class probabilities, predicted class (at
     ``threshold`` for two classes or class weights for more when one is given, else the argmax:
-    :func:`~medvox.evaluation.metrics.decide`)."""
-    from medvox.evaluation.metrics import decide
+    :func:`~medvox.metrics.classification.decide`)."""
+    from medvox.metrics.classification import decide
 
     extra = extra or {}
     pred = decide(probs, threshold)
@@ -108,11 +108,11 @@ def write_predictions(path: Path, case_ids: list[str], groups: list[str], labels
 def epoch_plots(run_dir: Path, tag: str, labels: np.ndarray, probs: np.ndarray, metrics: dict,
                 classes: list[str]) -> list[Path]:
     """Confusion matrix and ROC curve images for one evaluation (``tag`` e.g. ``epoch_003``)."""
-    from medvox.evaluation import plots
+    from medvox import plots
 
     cm_path = run_dir / f"confusion_matrix_{tag}.png"
     roc_path = run_dir / f"roc_curve_{tag}.png"
-    from medvox.evaluation.metrics import decision_cut, decision_text
+    from medvox.metrics.classification import decision_cut, decision_text
 
     cut = decision_cut(metrics)
     at = f", {decision_text(cut, classes)}" if cut is not None else ""

@@ -156,7 +156,7 @@ class FoldTrainer:
 
     # ---------------------------------------------------------------- one epoch
     def _evaluate(self, model, split: str) -> tuple[dict, np.ndarray, np.ndarray, np.ndarray]:
-        from medvox.evaluation.metrics import compute_metrics
+        from medvox.metrics.classification import compute_metrics
 
         idx, labels, logits = loop.predict(self.fabric, model, self.loaders[split],
                                            channels_last=self.channels_last)
@@ -305,7 +305,7 @@ class FoldTrainer:
         log.info(_summary_line(entry, self.cfg.train.monitor))
 
     def _curves(self) -> None:
-        from medvox.evaluation import plots
+        from medvox import plots
 
         plots.plot_loss_curve(self.history, self.run_dir / "loss_curve.png")
         plots.plot_learning_curves(self.history, self.run_dir / "learning_curves.png")
@@ -336,7 +336,7 @@ class FoldTrainer:
         return artifacts.to_jsonable(doc)
 
     def _final_split(self, model, split: str) -> dict:
-        from medvox.evaluation.metrics import best_cut, compute_metrics, decision_cut
+        from medvox.metrics.classification import best_cut, compute_metrics, decision_cut
 
         metrics, idx, labels, probs = self._evaluate(model, split)
         if split == "val" and len(np.unique(labels)) >= 2:  # a threshold (binary) or class weights (more classes)

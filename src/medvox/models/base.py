@@ -77,7 +77,7 @@ class ClassifierBase(nn.Module):
     Attributes:
         cam_target_layer: module name for Grad-CAM (its output is ``(B, C', d, h, w)``).
         cam_fallback_layers: optional, shallower modules Grad-CAM reads instead when the target layer's map is
-            too coarse for the input (``medvox.evaluation.explain.cam_layer``).
+            too coarse for the input (``medvox.inference.explain.cam_layer``).
         stem_key: state-dict key of the first convolution's weight.
         head_prefixes: module names that make up the classifier head.
         drop_prefixes: checkpoint key prefixes that are dropped on purpose (foreign heads).

@@ -75,7 +75,7 @@ def read_predictions_csv(path: Path, classes: list[str] | None = None) -> Predic
     Raises:
         ValueError: the CSV's ``prob_`` columns do not match ``classes``.
     """
-    from medvox.evaluation.summary import read_predictions
+    from medvox.cv.summary import read_predictions
 
     if not Path(path).is_file():
         return None
@@ -125,7 +125,7 @@ def read_final_oof(path: Path, summary: dict[str, Any] | None, classes: list[str
     ones (``oof_fused_predictions.csv``, already calibrated) or ``oof_predictions.csv`` with each fold
     rescaled by its own temperature (``cv_summary.json``'s ``calibration``), so a plain run and a fused one
     are compared on the same footing. Raw while the run holds no temperatures (not finished)."""
-    from medvox.evaluation.summary import rescale_folds
+    from medvox.cv.summary import rescale_folds
 
     fused = read_predictions_csv(path / "oof_fused_predictions.csv", classes)
     if fused is not None:
@@ -209,7 +209,7 @@ def resolve_checkpoints(source: Path, fold: int | None = None) -> list[Path]:
         CheckpointError: nothing found.
     """
     from medvox.errors import CheckpointError
-    from medvox.evaluation.inference import final_checkpoint, find_checkpoints
+    from medvox.inference.models import final_checkpoint, find_checkpoints
 
     source = run_source(source, fold)
     if fold is not None and not re.fullmatch(rf"fold_{fold}", source.name):

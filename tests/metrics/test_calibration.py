@@ -10,7 +10,7 @@ import torch
 from monai.metrics import CalibrationErrorMetric
 from sklearn.metrics import brier_score_loss
 
-from medvox.evaluation.calibration import (
+from medvox.metrics.calibration import (
     apply_temperature,
     brier_score,
     calibration_metrics,

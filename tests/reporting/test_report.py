@@ -14,8 +14,8 @@ import matplotlib.image
 import numpy as np
 import pytest
 
-from medvox.evaluation.htmlpage import fmt
-from medvox.evaluation.report import write_report
+from medvox.reporting.htmlpage import fmt
+from medvox.reporting.report import write_report
 from tests.conftest_runs import assert_self_contained, image_sources, write_synthetic_run
 
 CHROMIUM = Path("/usr/bin/chromium")

@@ -14,9 +14,9 @@ from scipy import ndimage
 from torch import nn
 
 from medvox.data.preprocess import preprocess_volume
-from medvox.evaluation import explain as explain_mod
-from medvox.evaluation.explain import explain, gradcam_map, instance_map, to_input_grid
-from medvox.evaluation.inference import load_model
+from medvox.inference import explain as explain_mod
+from medvox.inference.explain import explain, gradcam_map, instance_map, to_input_grid
+from medvox.inference.models import load_model
 from tests.conftest_runs import make_checkpoint, tiny_plan
 
 
@@ -159,7 +159,7 @@ def test_a_small_input_reads_a_finer_layer_and_a_flat_gradcam_is_reported(tmp_pa
 
 
 def test_cam_layer_keeps_the_last_layer_when_its_map_is_fine_enough():
-    from medvox.evaluation.explain import cam_layer
+    from medvox.inference.explain import cam_layer
     from medvox.models import create_model
 
     model = create_model("resnet10", num_classes=2)  # fast: /32 at layer4

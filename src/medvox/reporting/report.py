@@ -23,10 +23,10 @@ from typing import Any
 
 import numpy as np
 
-from medvox.evaluation import htmlpage as html
-from medvox.evaluation.htmlpage import Html, fmt
-from medvox.evaluation.metrics import decision_cut
-from medvox.evaluation.runs import Run, load_run
+from medvox.reporting import htmlpage as html
+from medvox.reporting.htmlpage import Html, fmt
+from medvox.metrics.classification import decision_cut
+from medvox.run import Run, load_run
 
 _FOLD_COLS = ("auc", "accuracy", "balanced_accuracy", "f1", "sensitivity", "specificity", "loss")
 _TEST_VARIANTS = (("ensemble", "fold ensemble"), ("ensemble_tta", "ensemble + TTA"),
@@ -105,8 +105,8 @@ def _summary_section(run: Run) -> Html:
 def _decision_table(s: dict) -> str:
     """The threshold metrics at the run's decision (chosen on the pooled calibrated OOF predictions): each fold's
     validation cases, the pooled OOF, the final test ensemble; what ``cv_table.md`` shows."""
-    from medvox.evaluation.metrics import decision_text
-    from medvox.evaluation.summary import THRESHOLD_METRICS
+    from medvox.metrics.classification import decision_text
+    from medvox.cv.summary import THRESHOLD_METRICS
 
     decision = s.get("decision") or {}
     if not decision:
@@ -186,8 +186,8 @@ def _predictions_section(run: Run, which: str, tmp: Path) -> Html:
     name = "oof_predictions.csv" if which == "oof" else "test_predictions.csv"
     if preds is None:
         return html.note(f"{name} is missing: no curves for these predictions")
-    from medvox.evaluation import plots
-    from medvox.evaluation.metrics import compute_metrics, decision_text
+    from medvox import plots
+    from medvox.metrics.classification import compute_metrics, decision_text
 
     what = "pooled out-of-fold" if which == "oof" else "test ensemble"
     figs = [
@@ -231,7 +231,7 @@ def _consistency(run: Run, which: str, csv_auc: float | None) -> str:
 
 def _errors_table(preds, classes: list[str], which: str, threshold: float | list[float] | None = None, k: int = 10) -> str:
     """The most confident wrong predictions (at the run's decision ``threshold``): the cases worth a second look."""
-    from medvox.evaluation.metrics import decide
+    from medvox.metrics.classification import decide
 
     pred = decide(preds.probs, threshold)
     wrong = np.flatnonzero(pred != preds.labels)
@@ -275,7 +275,7 @@ def _calibration_section(run: Run, tmp: Path) -> Html:
     body = html.para(text) + html.table(["fold", *cols], rows)
     if run.oof is not None and "fold" in run.oof.rows[0]:
         before, after = _oof_calibrated(run, [c.get("temperature") for c in calib])
-        from medvox.evaluation.plots import plot_reliability
+        from medvox.plots import plot_reliability
 
         png = plot_reliability(run.oof.labels, before, after, tmp / "reliability.png",
                                title="Reliability, pooled OOF (before/after each fold's temperature)")

@@ -93,8 +93,8 @@ def export_model(checkpoint_or_run: Path, out_dir: Path, formats: tuple[str, ...
         ValueError: an unknown format.
         CheckpointError: no checkpoint found, or members trained with different plans/classes.
     """
-    from medvox.evaluation.inference import load_model
-    from medvox.evaluation.runs import resolve_checkpoints
+    from medvox.inference.models import load_model
+    from medvox.run import resolve_checkpoints
 
     unknown = sorted(set(formats) - set(FORMATS))
     if unknown:
@@ -152,9 +152,9 @@ def _check_members(loaded) -> None:
 
 def _decision(source: Path, fold: int | None, loaded, calibrated: bool) -> tuple[dict[str, Any], dict[str, Any] | None]:
     """(the decision rule for the exported probabilities, the fusion the export leaves out or None)."""
-    from medvox.evaluation.features import load_fusion
-    from medvox.evaluation.predict import run_decision
-    from medvox.evaluation.runs import run_source
+    from medvox.descriptors import load_fusion
+    from medvox.inference.predict import run_decision
+    from medvox.run import run_source
 
     folder = run_source(source, fold)
     fusion = load_fusion(folder) if folder.is_dir() else None

@@ -36,8 +36,8 @@ import numpy as np  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from sklearn import metrics as skm  # noqa: E402
 
-from medvox.evaluation.calibration import expected_calibration_error, reliability_bins  # noqa: E402
-from medvox.evaluation.metrics import _class_names, _validate  # noqa: E402
+from medvox.metrics.calibration import expected_calibration_error, reliability_bins  # noqa: E402
+from medvox.metrics.classification import _class_names, _validate  # noqa: E402
 
 _CURVES = (("loss", "Loss"), ("accuracy", "Accuracy"), ("auc", "AUC"), ("f1", "F1"),
            ("balanced_accuracy", "Balanced accuracy"))

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from medvox.engine.artifacts import write_json, write_predictions
-from medvox.evaluation.metrics import compute_metrics, decision_cut, to_jsonable
+from medvox.metrics.classification import compute_metrics, decision_cut, to_jsonable
 
 T_BOUNDS = (0.05, 20.0)
 SUMMARY_METRICS = ("auc", "accuracy", "balanced_accuracy", "f1", "sensitivity", "specificity", "precision", "loss")
@@ -68,7 +68,7 @@ def load_predictions(path: Path) -> tuple[np.ndarray, np.ndarray, list[str], lis
 
 def rescale(probs: np.ndarray, temperature: float) -> np.ndarray:
     """Probabilities after temperature scaling: softmax(log p / T) (log-probabilities are valid logits)."""
-    from medvox.evaluation.calibration import apply_temperature
+    from medvox.metrics.calibration import apply_temperature
 
     z = apply_temperature(np.log(np.clip(probs, 1e-12, 1.0)), temperature)
     z = np.exp(z - z.max(axis=1, keepdims=True))
@@ -80,7 +80,7 @@ def fit_fold_calibration(fold_dir: Path) -> dict[str, Any]:
 
     Log-probabilities are valid logits (softmax is shift-invariant), so the saved probabilities suffice.
     """
-    from medvox.evaluation.calibration import brier_score, expected_calibration_error, fit_temperature
+    from medvox.metrics.calibration import brier_score, expected_calibration_error, fit_temperature
 
     labels, probs, _, _ = load_predictions(fold_dir / "val_predictions.csv")
     logits = np.log(np.clip(probs, 1e-12, 1.0))
@@ -115,10 +115,10 @@ def write_oof(run_dir: Path, fold_dirs: list[Path]) -> tuple[dict, np.ndarray, n
 
 def fuse_oof(run_dir: Path, prepared, labels: np.ndarray, probs: np.ndarray, progress: bool = True,
              seed: int = 0, features_from=None) -> dict[str, Any]:
-    """:func:`~medvox.evaluation.features.fit_fusion` on the run's pooled OOF cases (ids and folds from
+    """:func:`~medvox.descriptors.fit_fusion` on the run's pooled OOF cases (ids and folds from
     ``oof_predictions.csv``, whose rows it keeps as ``oof_rows``); ``labels``, ``probs``: the calibrated OOF;
     ``features_from``: the dataset on the descriptors' grid (None: ``prepared``)."""
-    from medvox.evaluation.features import fit_fusion
+    from medvox.descriptors import fit_fusion
 
     rows, _ = read_predictions(run_dir / "oof_predictions.csv")
     fusion = fit_fusion(run_dir, prepared, [r["case_id"] for r in rows], np.array([int(r["fold"]) for r in rows]),
@@ -152,7 +152,7 @@ def write_fused_oof(run_dir: Path, rows: list[dict], probs: np.ndarray, classes:
     """``oof_fused_predictions.csv``: the rows of ``oof_predictions.csv`` with the final (calibrated, fused)
     probabilities, which ``medvox compare`` and ``medvox report`` then use for the run, and ``predicted`` at
     ``threshold`` (binary; class weights for more classes; None: the argmax)."""
-    from medvox.evaluation.metrics import decide
+    from medvox.metrics.classification import decide
 
     rows = [dict(r) for r in rows]
     for r, p, k in zip(rows, probs, decide(probs, threshold), strict=True):
@@ -169,8 +169,8 @@ def write_fused_oof(run_dir: Path, rows: list[dict], probs: np.ndarray, classes:
 def final_oof(run_dir: Path, summary: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
     """The pooled OOF (labels, probabilities) the decision threshold rests on: per-fold calibrated, and mixed
     with the feature model where the run was fused; read the way ``medvox compare`` reads them
-    (:func:`~medvox.evaluation.runs.read_final_oof`)."""
-    from medvox.evaluation.runs import read_final_oof
+    (:func:`~medvox.run.read_final_oof`)."""
+    from medvox.run import read_final_oof
 
     if not summary.get("calibration"):
         raise ValueError(f"{run_dir}: cv_summary.json has no calibration (an unfinished cross-validation)")
@@ -197,9 +197,9 @@ def rescale_folds(probs: np.ndarray, folds: np.ndarray, calibration: list[dict])
 
 def oof_decision(labels: np.ndarray, probs: np.ndarray, rule: str) -> dict[str, Any] | None:
     """The decision chosen on calibrated OOF predictions: a threshold on ``p1`` for two classes
-    (:func:`~medvox.evaluation.metrics.best_threshold`), class weights for more
-    (:func:`~medvox.evaluation.metrics.best_class_weights`); None when the OOF labels hold one class."""
-    from medvox.evaluation.metrics import best_cut, decision_fields
+    (:func:`~medvox.metrics.classification.best_threshold`), class weights for more
+    (:func:`~medvox.metrics.classification.best_class_weights`); None when the OOF labels hold one class."""
+    from medvox.metrics.classification import best_cut, decision_fields
 
     if len(np.unique(labels)) < 2:
         return None
@@ -225,9 +225,9 @@ def test_ensemble(run_dir: Path, fold_dirs: list[Path], prepared, tta: bool,
     """Average the fold models' (calibrated) probabilities on the held-out test set (the models on ``device``).
 
     ``threshold`` (chosen on OOF data) adds ``final_at_threshold``: the final variant's metrics at it.
-    ``fusion`` (from :func:`~medvox.evaluation.features.fit_fusion`) adds the variant ``fused``: the
+    ``fusion`` (from :func:`~medvox.descriptors.fit_fusion`) adds the variant ``fused``: the
     calibrated ensemble mixed with the feature model's test probabilities at the OOF-chosen weight."""
-    from medvox.evaluation.inference import ensemble_predict, final_checkpoint, load_model
+    from medvox.inference.models import ensemble_predict, final_checkpoint, load_model
 
     test_idx = prepared.test_idx
     if len(test_idx) == 0:
@@ -280,9 +280,9 @@ def summarize(run_dir: Path, fold_dirs: list[Path], prepared=None, tta: bool = T
     the argmax an imbalanced task's models often predict the majority class only.
 
     ``feature_fusion`` (needs ``prepared``): a descriptor model on the same folds, mixed in at the weight
-    with the best pooled OOF AUC, or log-loss for more than two classes (:mod:`medvox.evaluation.features`); the threshold, ``oof_fused`` and the
+    with the best pooled OOF AUC, or log-loss for more than two classes (:mod:`medvox.descriptors`); the threshold, ``oof_fused`` and the
     test variant ``fused`` then use the mixture, and ``fusion`` records the weight; ``features_from``: the
-    same cases on the descriptors' grid (:func:`~medvox.evaluation.features.feature_data`; None: ``prepared``);
+    same cases on the descriptors' grid (:func:`~medvox.descriptors.feature_data`; None: ``prepared``);
     ``device``: where the test ensemble runs (``medvox cv --gpu``: the GPU it trained on)."""
     folds = [json.loads((d / "metrics.json").read_text()) for d in fold_dirs]
     fold_val = [f["final"]["val"] for f in folds]
@@ -337,7 +337,7 @@ def format_table(summary: dict) -> str:
         tv = test_best.get(name)
         lines.append(f"| {name} | {cell} | {'' if ov is None else f'{ov:.3f}'} | {'' if tv is None else f'{tv:.3f}'} |")
     if decision:
-        from medvox.evaluation.metrics import decision_text
+        from medvox.metrics.classification import decision_text
 
         cut = decision_cut(decision)
         lines.append(f"\nOOF and test ensemble {'at the threshold ' if np.ndim(cut) == 0 else 'decided by '}"
@@ -348,7 +348,7 @@ def format_table(summary: dict) -> str:
                                           "the folds column is at the argmax."))
     fusion = summary.get("fusion")
     if fusion:
-        from medvox.evaluation.features import fusion_scores
+        from medvox.descriptors import fusion_scores
 
         lines.append(f"\nOOF and test ensemble include the descriptor model at weight {fusion['weight']:.2f} (chosen on "
                      f"the pooled OOF {fusion_scores(fusion, features='descriptors')}); the folds column's AUC and loss "

@@ -10,7 +10,7 @@ import pytest
 from matplotlib import image as mpimg
 from sklearn.metrics import roc_auc_score
 
-from medvox.evaluation import plots
+from medvox import plots
 
 
 def _check_png(path, min_side=150):

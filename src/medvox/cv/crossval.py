@@ -27,8 +27,8 @@ def run_cv(cfg: ExperimentConfig, tta: bool = True) -> dict:
 def _run_cv(cfg: ExperimentConfig, tta: bool) -> dict:
     from medvox.data import prepare
     from medvox.engine import train
-    from medvox.evaluation.inference import inference_device
-    from medvox.evaluation.summary import format_table, summarize
+    from medvox.inference.models import inference_device
+    from medvox.cv.summary import format_table, summarize
 
     run_dir = Path(cfg.train.output) / (cfg.train.run_name or cfg.model.name)
     fold_dirs = []
@@ -40,7 +40,7 @@ def _run_cv(cfg: ExperimentConfig, tta: bool) -> dict:
     prepared = prepare(cfg.data, progress=False)
     features_from = None
     if cfg.train.feature_fusion:
-        from medvox.evaluation.features import feature_data
+        from medvox.descriptors import feature_data
 
         features_from = feature_data(cfg.data, prepared, cfg.train.feature_grid)
     summary = summarize(run_dir, fold_dirs, prepared, tta=tta, threshold_rule=cfg.train.threshold_rule,

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from medvox.evaluation.features import (
+from medvox.descriptors import (
     WEIGHT_GRID,
     choose_weight,
     feature_matrix,
@@ -125,7 +125,7 @@ def test_feature_grid_is_the_cnns_input_unless_the_user_made_the_input_coarser(t
     target_shape/target_spacing given), and refuses an unknown grid before any training (as `medvox train`)."""
     from medvox.cli import main
     from medvox.config import DataConfig
-    from medvox.evaluation.features import feature_data
+    from medvox.descriptors import feature_data
 
     prepared = object()  # never read: no preparation happens on these routes
     assert feature_data(DataConfig(path="x.npz"), prepared, "native") is prepared
@@ -144,8 +144,8 @@ def test_fusion_weight_criterion_is_auc_for_two_classes_and_log_loss_for_more():
     the descriptors' ranking, so AUC takes the smallest such w; with three classes no threshold repairs that
     mixture's argmax (the CNN's share, the class prior, dominates it: the majority class everywhere), so there
     the log-loss chooses, and takes the descriptors."""
-    from medvox.evaluation.features import weight_criterion
-    from medvox.evaluation.metrics import compute_metrics
+    from medvox.descriptors import weight_criterion
+    from medvox.metrics.classification import compute_metrics
 
     rng = np.random.default_rng(1)
     for k in (2, 3):

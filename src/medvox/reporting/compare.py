@@ -23,10 +23,10 @@ from typing import Any
 
 import numpy as np
 
-from medvox.evaluation import htmlpage as html
-from medvox.evaluation.htmlpage import Html, fmt
-from medvox.evaluation.runs import Predictions, Run, load_run
-from medvox.evaluation.stats import delong_test, paired_bootstrap_auc
+from medvox.reporting import htmlpage as html
+from medvox.reporting.htmlpage import Html, fmt
+from medvox.run import Predictions, Run, load_run
+from medvox.metrics.stats import delong_test, paired_bootstrap_auc
 
 _CV_METRICS = ("auc", "accuracy", "balanced_accuracy", "f1")
 _TEST_ORDER = ("fused", "ensemble_tta_calibrated", "ensemble_tta", "ensemble")
@@ -142,7 +142,7 @@ def _names(runs: list[Run]) -> list[str]:
 
 
 def _run_row(run: Run, name: str) -> dict[str, Any]:
-    from medvox.evaluation.metrics import compute_metrics
+    from medvox.metrics.classification import compute_metrics
 
     s = run.summary or {}
     cv = {m: {k: (s.get("cv", {}).get(m) or {}).get(k) for k in ("mean", "std", "ci95")} for m in _CV_METRICS}

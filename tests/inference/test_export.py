@@ -11,19 +11,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from medvox.evaluation.inference import load_model
-from medvox.export import ProbabilityModel, export_model, load_exported
+from medvox.inference.models import load_model
+from medvox.inference.export import ProbabilityModel, export_model, load_exported
 from medvox.models import create_model
-from tests.conftest_runs import MIL_KWARGS, make_checkpoint, make_tiny_npz, run_cv_pair, tiny_plan
+from tests.conftest_runs import MIL_KWARGS, make_checkpoint, tiny_plan
 
 ort = pytest.importorskip("onnxruntime")
 
-
-@pytest.fixture(scope="session")
-def cv_runs(medmnist_28: Path, tmp_path_factory) -> dict[str, Path]:
-    """The same two real runs as ``tests/evaluation`` (made once per session, whichever asks first)."""
-    base = tmp_path_factory.getbasetemp()
-    return run_cv_pair(make_tiny_npz(medmnist_28, base / "tiny_data"), base / "cv_runs")
 
 
 def _inputs(shape, n=3, seed=1) -> torch.Tensor:

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from medvox.evaluation.metrics import _validate, to_jsonable
+from medvox.metrics.classification import _validate, to_jsonable
 
 
 def reliability_bins(y_true: Any, probs: Any, n_bins: int = 15, mode: str = "top") -> dict[str, list]:

@@ -7,7 +7,7 @@ import pytest
 from scipy import stats as sps
 from sklearn.metrics import roc_auc_score
 
-from medvox.evaluation.stats import delong_ci, delong_test, fast_delong, paired_bootstrap_auc
+from medvox.metrics.stats import delong_ci, delong_test, fast_delong, paired_bootstrap_auc
 
 
 def _psi(x: float, y: float) -> float:

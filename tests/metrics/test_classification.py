@@ -11,7 +11,7 @@ import pytest
 import torch
 from sklearn import metrics as skm
 
-from medvox.evaluation.metrics import best_threshold, compute_metrics, to_jsonable
+from medvox.metrics.classification import best_threshold, compute_metrics, to_jsonable
 
 
 def _assert_plain(obj, where="out"):
@@ -164,7 +164,7 @@ def test_bad_inputs(y, probs, match):
 
 
 def test_decide_applies_a_binary_threshold_and_otherwise_the_argmax():
-    from medvox.evaluation.metrics import decide
+    from medvox.metrics.classification import decide
 
     probs = np.array([[0.9, 0.1], [0.7, 0.3], [0.45, 0.55], [0.2, 0.8]])
     assert decide(probs).tolist() == [0, 0, 1, 1]
@@ -182,9 +182,9 @@ def test_decide_applies_a_binary_threshold_and_otherwise_the_argmax():
 def test_a_threshold_moved_through_the_temperature_makes_the_same_decisions():
     """`medvox predict` on a fold folder: the fold's threshold was chosen on raw probabilities; on the
     same model's calibrated ones (temperature T) the moved threshold cuts between the same cases."""
-    from medvox.evaluation.metrics import decide
-    from medvox.evaluation.predict import _through_temperature
-    from medvox.evaluation.summary import rescale
+    from medvox.metrics.classification import decide
+    from medvox.inference.predict import _through_temperature
+    from medvox.cv.summary import rescale
 
     rng = np.random.default_rng(3)
     logits = rng.normal(0, 2, (400, 2))
@@ -209,7 +209,7 @@ def _leaning(n: int, prior: list[float], seed: int, signal: float = 1.2) -> tupl
 def test_class_weights_lift_balanced_accuracy_out_of_sample():
     """The multi-class decision: weights fitted on one sample (the pooled OOF predictions) raise balanced
     accuracy on another from the same model (the test set), as the binary Youden threshold does."""
-    from medvox.evaluation.metrics import best_class_weights
+    from medvox.metrics.classification import best_class_weights
 
     prior = [0.6, 0.25, 0.1, 0.05]
     y_fit, p_fit = _leaning(4000, prior, seed=0)
@@ -228,7 +228,7 @@ def test_class_weights_lift_balanced_accuracy_out_of_sample():
 
 
 def test_class_weights_match_a_brute_force_search_and_the_binary_threshold():
-    from medvox.evaluation.metrics import best_class_weights, decide
+    from medvox.metrics.classification import best_class_weights, decide
 
     y, p = _leaning(600, [0.7, 0.2, 0.1], seed=2)
     weights = best_class_weights(y, p)
@@ -249,7 +249,7 @@ def test_class_weights_match_a_brute_force_search_and_the_binary_threshold():
 
 
 def test_class_weights_keep_the_argmax_when_nothing_gains():
-    from medvox.evaluation.metrics import best_class_weights, decide
+    from medvox.metrics.classification import best_class_weights, decide
 
     y = np.array([0, 0, 1, 1, 2, 2])
     p = np.array([[0.8, 0.1, 0.1], [0.6, 0.3, 0.1], [0.2, 0.7, 0.1], [0.3, 0.5, 0.2], [0.1, 0.2, 0.7], [0.2, 0.2, 0.6]])
@@ -267,9 +267,9 @@ def test_class_weights_keep_the_argmax_when_nothing_gains():
 def test_class_weights_moved_through_the_temperature_make_the_same_decisions():
     """`medvox predict` on a fold folder of more than two classes: weights chosen on raw probabilities, applied
     to the calibrated ones (temperature T) as w ** (1 / T), decide every case as before."""
-    from medvox.evaluation.metrics import decide
-    from medvox.evaluation.predict import _weights_through_temperature
-    from medvox.evaluation.summary import rescale
+    from medvox.metrics.classification import decide
+    from medvox.inference.predict import _weights_through_temperature
+    from medvox.cv.summary import rescale
 
     rng = np.random.default_rng(4)
     logits = rng.normal(0, 2, (500, 4))

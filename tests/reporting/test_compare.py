@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from medvox.evaluation.compare import write_comparison
-from medvox.evaluation.runs import load_run
-from medvox.evaluation.stats import delong_test
+from medvox.reporting.compare import write_comparison
+from medvox.run import load_run
+from medvox.metrics.stats import delong_test
 from tests.conftest_runs import assert_self_contained, image_sources, write_synthetic_run
 
 

@@ -78,7 +78,7 @@ def test_cv_writes_summary_oof_and_test_ensemble(cv_run, tiny_medmnist):
 def test_cv_decision_threshold_is_chosen_on_calibrated_oof(cv_run):
     """The threshold comes from the pooled OOF predictions, each fold rescaled by its own temperature;
     the test ensemble's threshold metrics are those of test_predictions.csv at that threshold."""
-    from medvox.evaluation.metrics import best_threshold, compute_metrics
+    from medvox.metrics.classification import best_threshold, compute_metrics
 
     summary = json.loads((cv_run / "cv_summary.json").read_text())
     decision = summary["decision"]
@@ -164,7 +164,7 @@ def test_cv_runs_its_test_ensemble_on_the_device_it_trained_on(cv_run, tiny_medm
 
     import torch
 
-    from medvox.evaluation import inference
+    from medvox.inference import models as inference
 
     shutil.copytree(cv_run, tmp_path / "resnet10")
     asked, real_load, real_device = [], inference.load_model, inference.inference_device
@@ -221,7 +221,7 @@ def fused_run(cv_run, tmp_path_factory):
 
     from medvox.config import from_dict
     from medvox.data import prepare
-    from medvox.evaluation.summary import summarize
+    from medvox.cv.summary import summarize
 
     run = tmp_path_factory.mktemp("fused") / "resnet10"
     shutil.copytree(cv_run, run)
@@ -234,9 +234,9 @@ def fused_run(cv_run, tmp_path_factory):
 def test_cv_feature_fusion_is_fitted_out_of_fold_and_mixed_at_the_oof_weight(fused_run):
     """Each fold's feature model is fitted without that fold's cases; the weight is the best OOF AUC of the
     mixture with the calibrated CNN; threshold and test ensemble use the mixture."""
-    from medvox.evaluation.features import feature_matrix, make_feature_model, predict_json
-    from medvox.evaluation.metrics import best_threshold, compute_metrics
-    from medvox.evaluation.summary import calibrated_oof, load_predictions
+    from medvox.descriptors import feature_matrix, make_feature_model, predict_json
+    from medvox.metrics.classification import best_threshold, compute_metrics
+    from medvox.cv.summary import calibrated_oof, load_predictions
 
     run, prepared = fused_run
     summary = json.loads((run / "cv_summary.json").read_text())
@@ -326,9 +326,9 @@ def test_summarised_again_without_fusion_the_run_forgets_it(fused_run, tmp_path)
     report do not mix in a feature model the summary no longer has."""
     import shutil
 
-    from medvox.evaluation.features import load_fusion
-    from medvox.evaluation.runs import load_run
-    from medvox.evaluation.summary import calibrated_oof, summarize
+    from medvox.descriptors import load_fusion
+    from medvox.run import load_run
+    from medvox.cv.summary import calibrated_oof, summarize
 
     src, prepared = fused_run
     run = tmp_path / "resnet10"
@@ -409,7 +409,7 @@ def test_descriptors_stay_on_the_native_grid_when_the_cnn_input_is_coarser(nativ
 
     from medvox.config import from_dict
     from medvox.data import prepare
-    from medvox.evaluation.features import feature_matrix, make_feature_model
+    from medvox.descriptors import feature_matrix, make_feature_model
 
     cfg = from_dict(json.loads((native_run / "fold_0" / "config.json").read_text()))
     cnn = prepare(cfg.data, progress=False)
@@ -449,7 +449,7 @@ def test_prediction_csvs_label_cases_at_the_decision_threshold(tmp_path):
     """test_predictions.csv and oof_fused_predictions.csv name the class the run decides on: p1 >= its
     threshold (a low one, as an imbalanced task's OOF gives), not the argmax; without one, the argmax."""
     from medvox.engine.artifacts import write_predictions
-    from medvox.evaluation.summary import write_fused_oof
+    from medvox.cv.summary import write_fused_oof
 
     probs = np.array([[0.9, 0.1], [0.75, 0.25], [0.6, 0.4], [0.2, 0.8]])
     ids, labels, classes = ["a", "b", "c", "d"], np.array([0, 1, 1, 1]), ["benign", "malignant"]

@@ -60,7 +60,7 @@ def explain(checkpoint_or_run: Path, inputs: list[Path | str], out_dir: Path, *,
 
     Returns:
         One dict per input: ``case_id``, ``source``, ``method`` (``"gradcam"``/``"attention"``),
-        ``target_class``, ``predicted``, ``decision`` (:func:`~medvox.evaluation.predict.run_decision`),
+        ``target_class``, ``predicted``, ``decision`` (:func:`~medvox.inference.predict.run_decision`),
         ``probabilities`` (the run's final ones), ``tta``, ``cam_nifti``, ``cam_png``, ``peak_voxel`` (index into the
         NIfTI's data array), ``peak_world_mm`` (RAS), ``attention`` (MIL: the instance weights, mean over
         members), ``cam_layer`` and ``cam_resolution`` (Grad-CAM: the layer read and its spatial size), ``note`` (why another
@@ -69,10 +69,10 @@ def explain(checkpoint_or_run: Path, inputs: list[Path | str], out_dir: Path, *,
         (the map in the input array's own ``(D, H, W)`` order; the NIfTI holds it as ``(W, H, D)``).
     """
     from medvox.data import cases_from_paths
-    from medvox.evaluation.features import load_fusion
-    from medvox.evaluation.inference import load_model
-    from medvox.evaluation.predict import run_decision
-    from medvox.evaluation.runs import resolve_checkpoints, run_source
+    from medvox.descriptors import load_fusion
+    from medvox.inference.models import load_model
+    from medvox.inference.predict import run_decision
+    from medvox.run import resolve_checkpoints, run_source
 
     members = [load_model(p) for p in resolve_checkpoints(Path(checkpoint_or_run), fold)]
     source = run_source(Path(checkpoint_or_run), fold)
@@ -89,9 +89,9 @@ def explain(checkpoint_or_run: Path, inputs: list[Path | str], out_dir: Path, *,
 def _explain_case(members, case, out_dir: Path, target_class: int | str | None, decision: dict[str, Any],
                   fusion: dict[str, Any] | None, tta: bool = False, layer: str | None = None) -> dict[str, Any]:
     from medvox.data.preprocess import preprocess_volume, read_case
-    from medvox.evaluation.features import fuse_probs
-    from medvox.evaluation.inference import ensemble_predict
-    from medvox.evaluation.metrics import decide, decision_cut
+    from medvox.descriptors import fuse_probs
+    from medvox.inference.models import ensemble_predict
+    from medvox.metrics.classification import decide, decision_cut
 
     plan, classes = members[0].plan, members[0].classes
     array, meta = read_case(case)

@@ -242,7 +242,7 @@ def choose_weight(labels: np.ndarray, cnn: np.ndarray, features: np.ndarray) -> 
         >>> choose_weight(y, flat, sharp)[0]  # macro AUC is 1.0 from w = 0.05 on; log-loss is lowest at w = 1
         1.0
     """
-    from medvox.evaluation.metrics import compute_metrics
+    from medvox.metrics.classification import compute_metrics
 
     rows = np.arange(len(labels))
     curve = []

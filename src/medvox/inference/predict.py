@@ -44,7 +44,7 @@ def _check_plans(models) -> dict[str, Any]:
 def run_decision(checkpoints: list[str], models, calibrated: bool = True) -> dict[str, Any]:
     """The decision rule the run itself reported, to apply to its predictions: ``{"rule", "threshold", "from"}``,
     with ``class_weights`` for more than two classes (``threshold`` None and no weights: the argmax;
-    :func:`~medvox.evaluation.metrics.decision_cut` gives what :func:`~medvox.evaluation.metrics.decide` takes).
+    :func:`~medvox.metrics.classification.decision_cut` gives what :func:`~medvox.metrics.classification.decide` takes).
 
     * a ``medvox cv`` run folder: the threshold (two classes) or class weights (more) chosen on its pooled,
       calibrated out-of-fold predictions (``cv_summary.json``'s ``decision``), the one its test metrics are
@@ -55,8 +55,8 @@ def run_decision(checkpoints: list[str], models, calibrated: bool = True) -> dic
     * otherwise (checkpoint files, several folders, or a cv decision
       with ``--uncalibrated``, whose probabilities it was not chosen on): the argmax, with the reason in ``from``.
     """
-    from medvox.evaluation.metrics import decision_cut, decision_fields
-    from medvox.evaluation.runs import read_json
+    from medvox.metrics.classification import decision_cut, decision_fields
+    from medvox.run import read_json
 
     def argmax(why: str) -> dict[str, Any]:
         return {"rule": "argmax", "threshold": None, "from": why}
@@ -92,7 +92,7 @@ def _through_temperature(threshold: float, temperature: float) -> float:
         >>> _through_temperature(0.3, 1.0), round(_through_temperature(0.3, 2.0), 4)
         (0.3, 0.3956)
     """
-    from medvox.evaluation.summary import rescale
+    from medvox.cv.summary import rescale
 
     if temperature == 1.0 or threshold in (0.0, 1.0):
         return threshold
@@ -130,9 +130,9 @@ def predict_cases(checkpoints: list[str], inputs: list[str], out: str | Path, *,
     """
     from medvox.data import preprocess_case
     from medvox.data.inspection import progress_bar
-    from medvox.evaluation.features import fuse_probs, load_fusion
-    from medvox.evaluation.inference import ensemble_predict, find_checkpoints, inference_device, load_model
-    from medvox.evaluation.metrics import decision_cut, decision_text
+    from medvox.descriptors import fuse_probs, load_fusion
+    from medvox.inference.models import ensemble_predict, find_checkpoints, inference_device, load_model
+    from medvox.metrics.classification import decision_cut, decision_text
 
     device = inference_device(gpu)
     models = [load_model(p, device) for p in find_checkpoints(checkpoints)]
@@ -192,7 +192,7 @@ def predict_cases(checkpoints: list[str], inputs: list[str], out: str | Path, *,
 
 def _write_rows(writer, cases, classes: list[str], mean: np.ndarray, per: np.ndarray,
                 threshold: float | None) -> None:
-    from medvox.evaluation.metrics import decide
+    from medvox.metrics.classification import decide
 
     pred = decide(mean, threshold)
     spread = per[:, np.arange(len(pred)), pred].std(0)

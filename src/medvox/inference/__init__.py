@@ -1,0 +1,1 @@
+"""Serving a trained run: Predictor, predict, explain, export."""

@@ -1,0 +1,1 @@
+"""Metric maths only: classification metrics, decisions, calibration, statistics. Imports nothing above it."""
