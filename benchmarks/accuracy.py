@@ -10,11 +10,14 @@ over seeds (``--seed`` and ``--split-seed`` of medvox; the seed of the MONAI scr
 Usage::
 
     python benchmarks/accuracy.py run --jobs default r18_ce monai_wce --seeds 0 1 2 --parallel 2 --out /tmp/acc
-    python benchmarks/accuracy.py report --out /tmp/acc   # -> benchmarks/accuracy.md + accuracy.json
+    python benchmarks/accuracy.py report --out /tmp/acc --merge   # -> benchmarks/accuracy.json + accuracy.md
+    python benchmarks/accuracy.py report                          # accuracy.md again from accuracy.json alone
 
 ``run`` starts the jobs (``--parallel`` at a time, each in its own process, progress on stderr) and
 keeps only the small files of every finished run (summaries and predictions; checkpoints deleted
-with ``--drop-checkpoints``); ``report`` reads them and writes the tables. The decision threshold for
+with ``--drop-checkpoints``); ``report --out`` reads them into ``accuracy.json``, one compact summary per
+run (with ``--merge`` added to the runs already there), and writes the tables from it; the run folders
+themselves stay out of the repository. The decision threshold for
 ACC, balanced accuracy and F1 of an ensemble is chosen on the pooled, per-fold calibrated
 out-of-fold predictions (never on test); the rule is the recipe's (``youden`` by default).
 """
@@ -89,10 +92,10 @@ RECIPES: dict[str, dict] = {
                  "args": ["--recipe", "auto", "--amp", "--target-shape", "28", "28", "28"], "data": "64"},
     "auto64": {"desc": "`--recipe auto --amp` on the 64^3 release, CNN input 28^3: descriptors on the native 64^3 grid",
                "args": ["--recipe", "auto", "--amp", "--target-shape", "28", "28", "28"], "data": "64"},
-    # the same command since the plan anti-aliases downsampling (2026-11-26, eighth session): the auto64 rows
-    # above were made before, with plain linear interpolation from 64^3 to the CNN's 28^3
-    "auto64aa": {"desc": "auto64 with anti-aliased downsampling to the CNN's 28^3 (the plan's default since the "
-                         "eighth session; auto64's runs predate it)",
+    # the same command as auto64 once the plan anti-aliases downsampling: the auto64 rows were made with plain
+    # linear interpolation from 64^3 to the CNN's 28^3
+    "auto64aa": {"desc": "auto64 with anti-aliased downsampling to the CNN's 28^3 (the plan's default; auto64's "
+                         "runs used plain interpolation)",
                  "args": ["--recipe", "auto", "--amp", "--target-shape", "28", "28", "28"], "data": "64"},
 }
 BASELINES = {"monai_ce": "CE", "monai_wce": "weighted_CE"}
@@ -309,9 +312,6 @@ def fuse_kept(src: Path, out: Path, rule: str = "youden", name: str = "r18f", fe
     ``test_predictions.csv`` (the calibrated TTA ensemble, which is what ``summarize`` mixes). The time
     recorded is the source run's plus the fusion's."""
     from medvox.config import from_dict
-    from medvox.data import prepare
-    from medvox.engine.artifacts import write_json, write_predictions
-    from medvox.metrics.classification import compute_metrics
     from medvox.cv.summary import (
         calibrated_oof,
         format_table,
@@ -321,6 +321,9 @@ def fuse_kept(src: Path, out: Path, rule: str = "youden", name: str = "r18f", fe
         oof_decision,
         record_fusion,
     )
+    from medvox.data import prepare
+    from medvox.engine.artifacts import write_json, write_predictions
+    from medvox.metrics.classification import compute_metrics
 
     src, out = src.resolve(), out.resolve()
     timings_src = json.loads((src.parent.parent / "timings.json").read_text())[src.name]
@@ -374,8 +377,8 @@ def fuse_kept(src: Path, out: Path, rule: str = "youden", name: str = "r18f", fe
 
 def medvox_result(kept: Path, rule: str = "youden") -> dict:
     """Test metrics of a finished cv run: single folds, ensemble, + TTA, + calibration, + OOF threshold."""
-    from medvox.metrics.classification import best_threshold, compute_metrics
     from medvox.cv.summary import final_oof, load_predictions
+    from medvox.metrics.classification import best_threshold, compute_metrics
 
     summary = json.loads((kept / "cv_summary.json").read_text())
     classes = summary["classes"]
@@ -408,8 +411,8 @@ def fold_level(run: Path) -> dict:
     AUC of the folds' validation predictions pooled (``cv_summary.json``'s ``oof``: uncalibrated) and the test
     AUC of the fold ensemble without TTA or calibration (the mean of the folds' test probabilities: the
     ``ensemble`` variant of ``cv_summary.json``, which is read instead where the run has one)."""
-    from medvox.metrics.classification import compute_metrics
     from medvox.cv.summary import load_predictions
+    from medvox.metrics.classification import compute_metrics
 
     folds = sorted(run.glob("fold_*"), key=lambda d: int(d.name.split("_")[1]))
     finals = [json.loads((d / "metrics.json").read_text())["final"] for d in folds]
@@ -435,8 +438,27 @@ def render_fold_level(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def collect(outs: Path | list[Path], rule: str) -> dict:
-    """Every finished run under the ``outs`` folders: per run and, per recipe, mean and std over seeds."""
+def collect(outs: Path | list[Path], rule: str, previous: dict | None = None) -> dict:
+    """Every finished run under the ``outs`` folders: per run and, per recipe, mean and std over seeds.
+
+    ``previous``: an earlier result of this function (``accuracy.json``), whose runs are kept where ``outs``
+    holds no run of the same name, so new runs are added to the report without the old runs' folders. Their
+    paired rows are kept as well unless both runs of a pair can be read again."""
+    runs = collect_runs(outs, rule)
+    if previous is not None:
+        if previous["rule"] != rule:
+            raise ValueError(f"the previous results were made with --rule {previous['rule']}, not {rule}")
+        runs = {**previous["runs"], **runs}
+    paired = paired_against({k: r for k, r in runs.items() if "kept" not in r or Path(r["kept"]).is_dir()})
+    if previous is not None:
+        fresh = {(row["recipe"], row["seed"]) for row in paired}
+        paired += [row for row in previous.get("paired", []) if (row["recipe"], row["seed"]) not in fresh]
+        paired.sort(key=lambda row: f"{row['recipe']}_s{row['seed']}")
+    return {"rule": rule, "runs": runs, "recipes": recipe_table(runs), "paired": paired}
+
+
+def collect_runs(outs: Path | list[Path], rule: str) -> dict[str, dict]:
+    """The finished runs under the ``outs`` folders (``run --out``), each with its test figures."""
     runs: dict[str, dict] = {}
     for out in [outs] if isinstance(outs, Path) else outs:
         timings = json.loads((out / "timings.json").read_text()) if (out / "timings.json").is_file() else {}
@@ -449,6 +471,11 @@ def collect(outs: Path | list[Path], rule: str) -> dict:
             elif (out / "kept" / key / "cv_summary.json").is_file():
                 res = medvox_result(out / "kept" / key, rule)
                 runs[key] = {**t, **res, "test": res["chosen"], "kept": str(out / "kept" / key)}
+    return runs
+
+
+def recipe_table(runs: dict[str, dict]) -> dict[str, dict]:
+    """Per recipe: the mean and std over its runs (seeds) of every figure the report shows."""
     recipes: dict[str, dict] = {}
     for r in runs.values():
         recipes.setdefault(r["name"], []).append(r)
@@ -474,7 +501,7 @@ def collect(outs: Path | list[Path], rule: str) -> dict:
                 row[label] = {m: float(np.mean([r[label][m] for r in rs]))
                               for m in ("accuracy", "balanced_accuracy", "f1")}
         table[name] = row
-    return {"rule": rule, "runs": runs, "recipes": table, "paired": paired_against(runs)}
+    return table
 
 
 def paired_against(runs: dict[str, dict], reference: str = "r18", n_boot: int = 1000) -> list[dict]:
@@ -607,10 +634,15 @@ def main(argv: list[str] | None = None) -> int:
                     help="compute the descriptors on this file's version of the cases (e.g. the 64^3 release)")
     fl = sub.add_parser("folds", help="fold-level figures of run folders (kept runs, or fold folders alone)")
     fl.add_argument("runs", type=Path, nargs="+")
-    rep = sub.add_parser("report", help="write the tables")
-    rep.add_argument("--out", type=Path, nargs="+", required=True, help="one or more `run --out` folders")
+    rep = sub.add_parser("report", help="write the tables",
+                         description="With --out: read the runs' folders and write --results and --md. Without: "
+                                     "write --md again from --results alone (no run folder needed).")
+    rep.add_argument("--out", type=Path, nargs="+", help="one or more `run --out` folders")
+    rep.add_argument("--merge", action="store_true",
+                     help="with --out: keep the runs already in --results that the folders do not hold")
     rep.add_argument("--rule", default="youden", choices=["youden", "f1", "accuracy"])
     rep.add_argument("--md", type=Path, default=REPO / "benchmarks" / "accuracy.md")
+    rep.add_argument("--results", type=Path, help="the per-run summary JSON (default: --md's name with .json)")
     args = p.parse_args(argv)
     if args.cmd == "run":
         jobs = []
@@ -635,15 +667,28 @@ def main(argv: list[str] | None = None) -> int:
     if args.cmd == "folds":
         print(render_fold_level([fold_level(run) for run in args.runs]))
         return 0
-    results = collect(args.out, args.rule)
-    notes = REPO / "benchmarks" / "accuracy_notes.md"  # hand-written findings, appended to the generated tables
-    text = render(results, _commands(list(results["recipes"])))
-    if notes.is_file() and args.md == REPO / "benchmarks" / "accuracy.md":
-        text += "\n" + notes.read_text(encoding="utf-8")
-    args.md.write_text(text, encoding="utf-8")
-    args.md.with_suffix(".json").write_text(json.dumps(results, indent=1, default=float) + "\n", encoding="utf-8")
+    results_path = args.results or args.md.with_suffix(".json")
+    if args.out:
+        previous = json.loads(results_path.read_text(encoding="utf-8")) if args.merge else None
+        results = collect(args.out, args.rule, previous)
+        results_path.write_text(json.dumps(results, indent=1, default=float) + "\n", encoding="utf-8")
+    elif args.merge:
+        p.error("--merge adds the runs of --out folders: give --out")
+    else:
+        results = json.loads(results_path.read_text(encoding="utf-8"))
+    args.md.write_text(report_text(results, args.md), encoding="utf-8")
     print(args.md.read_text())
     return 0
+
+
+def report_text(results: dict, md: Path) -> str:
+    """The Markdown report of ``results`` (:func:`collect`), with the hand-written ``accuracy_notes.md``
+    appended when ``md`` is the repository's ``accuracy.md``."""
+    notes = REPO / "benchmarks" / "accuracy_notes.md"  # hand-written findings, appended to the generated tables
+    text = render(results, _commands(list(results["recipes"])))
+    if notes.is_file() and md.resolve() == (REPO / "benchmarks" / "accuracy.md").resolve():
+        text += "\n" + notes.read_text(encoding="utf-8")
+    return text
 
 
 if __name__ == "__main__":
