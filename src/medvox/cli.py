@@ -69,6 +69,7 @@ _TRAIN_FLAGS = {
     "plots": "train.plots",
     "compile": "train.compile",
     "threads": "train.threads",
+    "safetensors": "train.safetensors",
     "no_augment": "augment.enabled",
 }
 
@@ -147,6 +148,8 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
                    help="per-epoch confusion/ROC images to keep (final: none; curves drawn once at the end)")
     p.add_argument("--compile", action="store_const", const=True, help="torch.compile the model")
     p.add_argument("--threads", type=int, help="CPU threads (default: all cores)")
+    p.add_argument("--safetensors", action="store_const", const=True,
+                   help="also write the best weights as best.safetensors / best_ema.safetensors (no pickle)")
     p.add_argument("--no-augment", "--no_augment", dest="no_augment", action="store_const", const=False)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="any config key, e.g. --set augment.prob=0.5")

@@ -27,6 +27,22 @@ from medvox.errors import (
 
 TEMP_SUFFIX = ".tmp"  # what the atomic writers name their temp files: .<name>.<random>.tmp
 
+# What last.pt holds only so that --resume continues exactly; a finished fold's last.pt drops it (for a
+# ResNet-10 the optimizer's two moments and the EMA copy are 3 of its 4 model-sized parts).
+RESUME_STATE_KEYS = ("optimizer", "schedule", "scaler", "rng", "ema", "bad_epochs")
+
+
+def without_resume_state(state: dict[str, Any], status: str) -> dict[str, Any]:
+    """``state`` (a full last.pt) without :data:`RESUME_STATE_KEYS`: the weights of its epoch, the config,
+    plan, classes and history, marked with the fold's final ``status`` ("complete" | "early_stopped")."""
+    return {**{k: v for k, v in state.items() if k not in RESUME_STATE_KEYS}, "status": status}
+
+
+def finished_status(state: dict[str, Any]) -> str | None:
+    """The status a finished fold's slim last.pt records ("complete" | "early_stopped"): it cannot be resumed
+    from. None for a last.pt that still holds the optimizer state."""
+    return state.get("status") if "optimizer" not in state else None
+
 
 def _check_finite(state: dict[str, Any], what: str) -> None:
     for key, value in state.items():
@@ -155,7 +171,7 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     except Exception as exc:  # corrupt or cut-off files raise OSError, RuntimeError, KeyError, EOFError, ...
         damaged = exc
     raise CheckpointError(damaged_file_message(path, damaged, "checkpoint", "use another checkpoint of the run "
-                                               "(best.pt, best_ema.pt or their .safetensors twins).")) from damaged
+                                               "(best.pt or best_ema.pt).")) from damaged
 
 
 def share_permissions(path) -> None:

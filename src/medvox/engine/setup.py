@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from medvox.config import CHOICES, ExperimentConfig, TrainConfig, from_dict, to_dict
-from medvox.engine.checkpoint import load_checkpoint
+from medvox.engine.checkpoint import finished_status, load_checkpoint
 from medvox.errors import TrainingError
 
 log = logging.getLogger("medvox")
@@ -25,7 +25,7 @@ _MACHINE_RECIPE_KEYS = {"data.target_shape", "train.batch_size", "train.grad_acc
                         "train.ema_decay"}
 # Keys that may differ between an interrupted run and its --resume without changing the result.
 _RESUME_FREE_KEYS = {"train.resume", "train.threads", "data.workers", "data.cache_dir", "train.plots",
-                     "train.keep_last"}
+                     "train.keep_last", "train.keep_resume_state", "train.safetensors"}
 
 
 @dataclass(frozen=True)
@@ -212,6 +212,14 @@ def resume_state(cfg: ExperimentConfig, run_dir: Path) -> dict[str, Any] | None:
         log.info("--resume: no last.pt in %s, starting a fresh run", run_dir)
         return None
     state = load_checkpoint(last)
+    finished = finished_status(state)
+    if finished is not None:  # _finish slims last.pt only after metrics.json says the fold finished
+        raise TrainingError(
+            f"--resume: {last} holds only the last weights of a finished fold ({finished}; "
+            f"its optimizer and RNG state were dropped then), but {run_dir / 'metrics.json'} does not record the "
+            "finish; nothing was changed. The fold's results are its best.pt / best_ema.pt: to train it again, "
+            "choose another --output / --run-name."
+        )
     # settings added to medvox since the run started take their defaults: an upgrade does not block --resume
     try:
         previous = to_dict(from_dict(state["config"]))

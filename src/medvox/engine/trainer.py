@@ -1,10 +1,11 @@
 """Train one fold: the original ResNet50-3D pipeline's options, exact resume, per-fold artifacts.
 
 Per epoch: train (augmented on the device, accumulated, clipped, mixed precision), validate the raw
-and the EMA weights, keep ``best.pt`` / ``best_ema.pt`` by their own monitored metric (their weights also as
-``best.safetensors`` / ``best_ema.safetensors``: no pickle), write ``last.pt``
+and the EMA weights, keep ``best.pt`` / ``best_ema.pt`` by their own monitored metric (with ``--safetensors``
+their weights also as ``best.safetensors`` / ``best_ema.safetensors``: no pickle), write ``last.pt``
 (everything needed to resume exactly), ``metrics.json``, logs and plots. At the end, the EMA weights
-(or the raw ones when EMA is off) at their best epoch are evaluated once more: that is the result.
+(or the raw ones when EMA is off) at their best epoch are evaluated once more: that is the result, and
+``last.pt`` keeps only the last epoch's weights (``train.keep_resume_state`` keeps all of it).
 """
 
 from __future__ import annotations
@@ -22,7 +23,13 @@ from medvox import __version__
 from medvox.config import ExperimentConfig, save, to_dict
 from medvox.data.loader import ArrayLoader
 from medvox.engine import artifacts, loop
-from medvox.engine.checkpoint import atomic_save, atomic_save_safetensors, load_checkpoint, safetensors_epoch
+from medvox.engine.checkpoint import (
+    atomic_save,
+    atomic_save_safetensors,
+    load_checkpoint,
+    safetensors_epoch,
+    without_resume_state,
+)
 from medvox.engine.compat import guard_cpu_bf16_conv3d
 from medvox.engine.ema import create_ema, update_ema
 from medvox.engine.optim import Schedule, build_optimizer, param_groups
@@ -217,22 +224,32 @@ class FoldTrainer:
                 improved = True
                 weights = (self.raw_model if kind == "raw" else self.ema.module).state_dict()
                 if self.fabric.is_global_zero:
-                    # with the same weights without pickle (best.safetensors / best_ema.safetensors):
+                    # --safetensors: the same weights without pickle (best.safetensors / best_ema.safetensors),
                     # loadable where unpickling is not allowed; the metadata says what to build them into
+                    twin = self._safetensors_metadata(kind, epoch) if self.cfg.train.safetensors else None
                     atomic_save({**self._common(), "kind": kind, "epoch": epoch, "model": weights,
-                                 "metrics": entry[key]}, self.run_dir / fname, self._safetensors_metadata(kind, epoch))
+                                 "metrics": entry[key]}, self.run_dir / fname, twin)
+                    if twin is None:  # a twin left by a start with --safetensors would now lag its .pt
+                        (self.run_dir / fname).with_suffix(".safetensors").unlink(missing_ok=True)
         return improved
 
     def _sync_safetensors(self) -> None:
         """On resume: rewrite a ``.safetensors`` twin that does not hold its ``.pt``'s epoch (a run killed
-        between the two renames, or one from before they were written together)."""
+        between the two renames, or one from before they were written together); without ``--safetensors``,
+        delete such a twin instead (a run started with the flag and resumed without it)."""
         for kind, fname in (("raw", "best.pt"), ("ema", "best_ema.pt")):
             pt = self.run_dir / fname
-            if not pt.is_file():
+            twin = pt.with_suffix(".safetensors")
+            if not pt.is_file() or not (self.cfg.train.safetensors or twin.exists()):
                 continue
             best = load_checkpoint(pt)
-            twin = pt.with_suffix(".safetensors")
-            if safetensors_epoch(twin) != int(best["epoch"]):
+            if safetensors_epoch(twin) == int(best["epoch"]):
+                continue
+            if not self.cfg.train.safetensors:
+                log.warning("%s did not hold the weights of %s (epoch %d): deleted (no --safetensors)", twin.name,
+                            fname, best["epoch"])
+                twin.unlink(missing_ok=True)
+            else:
                 log.warning("%s did not hold the weights of %s (epoch %d): rewritten", twin.name, fname, best["epoch"])
                 atomic_save_safetensors(best["model"], twin, self._safetensors_metadata(kind, int(best["epoch"])))
 
@@ -262,7 +279,8 @@ class FoldTrainer:
             self.bad_epochs = 0 if improved else self.bad_epochs + 1
             stop = tc.early_stopping > 0 and self.bad_epochs >= tc.early_stopping
             if f.is_global_zero:
-                atomic_save(self._state(epoch), self.run_dir / "last.pt")  # kept for --resume (train.keep_last)
+                # everything --resume needs; _finish drops the resume state once the fold has finished
+                atomic_save(self._state(epoch), self.run_dir / "last.pt")
                 self._write_epoch(entry, "early_stopped" if stop else "running")
             f.barrier()
             if stop:
@@ -328,12 +346,24 @@ class FoldTrainer:
                 artifacts.prune_epoch_plots(self.run_dir, {self.best["raw"]["epoch"], len(self.history)})
             if self.cfg.train.plots == "final" and self.history:
                 self._curves()
-            if not self.cfg.train.keep_last:  # the fold is finished: resume will not need it
-                (self.run_dir / "last.pt").unlink(missing_ok=True)
+            self._finish_last(status)
             self.logger.close()
             log.info("fold %d %s: final (%s) val %s=%s", self.cfg.train.fold, status, fname,
                      self.cfg.train.monitor, _fmt(final["val"].get(self.cfg.train.monitor)))
         return artifacts.to_jsonable(doc)
+
+    def _finish_last(self, status: str) -> None:
+        """The fold is finished (metrics.json says so, written just before): ``--resume`` will not read last.pt
+        again, so it keeps the last epoch's weights and drops the optimizer / schedule / scaler / RNG / EMA state
+        (``train.keep_resume_state`` keeps them; ``train.keep_last=false`` deletes the file). A kill before this
+        rewrite leaves the full last.pt of a finished fold: larger, never wrong."""
+        tc, last = self.cfg.train, self.run_dir / "last.pt"
+        if not tc.keep_last:
+            last.unlink(missing_ok=True)
+        elif not tc.keep_resume_state and last.is_file():
+            state = load_checkpoint(last)
+            if "optimizer" in state:
+                atomic_save(without_resume_state(state, status), last)
 
     def _final_split(self, model, split: str) -> dict:
         from medvox.metrics.classification import best_cut, compute_metrics, decision_cut
