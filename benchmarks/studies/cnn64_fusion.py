@@ -1,8 +1,12 @@
 """What a full-size (64^3) CNN adds to the default recipe once the descriptor model is fused, post hoc.
 
+A one-off study, not tested: the run folders it reads were removed from the tree (they are in the git
+history); ``benchmarks/studies/README.md`` says where, and ``cnn64_fusion.json`` beside it holds the figures it
+published.
+
 The default recipe on a CPU trains its CNN on the volume resized to 28^3 and fits the descriptor model on the
-native 64^3 grid (``medvox cv --recipe auto``). On a GPU the plan trains the CNN at 64^3. The ninth session's
-GPU sweep kept the fold predictions of a ResNet-18 trained at 64^3 on the same CV split as the CPU recipe's
+native 64^3 grid (``medvox cv --recipe auto``). On a GPU the plan trains the CNN at 64^3. A GPU sweep
+kept the fold predictions of a ResNet-18 trained at 64^3 on the same CV split as the CPU recipe's
 seed 0 (``accuracy_runs/h100_2026-11-26/folds/r18_64_s0``: validation and test predictions and each fold's
 temperature; no TTA ensemble or fusion, see ``accuracy_notes.md``). This script puts the three CNNs (28^3, 64^3,
 their mean) through the recipe's own last steps, each on the same footing:
@@ -19,7 +23,7 @@ with balanced ACC >= 0.82) is a diagnosis of the ranking only: could any thresho
 
 Usage::
 
-    python benchmarks/cnn64_fusion.py --cpu-run benchmarks/accuracy_runs/cpu_2026-11-26-auto64aa/kept/auto64aa_s0 \
+    python benchmarks/studies/cnn64_fusion.py --cpu-run benchmarks/accuracy_runs/cpu_2026-11-26-auto64aa/kept/auto64aa_s0 \
         --gpu-folds benchmarks/accuracy_runs/h100_2026-11-26/folds/r18_64_s0 \
         --out benchmarks/accuracy_runs/h100_2026-11-26/cnn64_fusion.json
 """
@@ -35,7 +39,7 @@ from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "src"))
 DATA = Path(os.environ.get("MEDVOX_MEDMNIST_DIR", REPO.parent / "shared" / "data" / "medmnist"))
 TARGET_BA = 0.82  # issue 8's balanced-accuracy target, for the oracle diagnosis

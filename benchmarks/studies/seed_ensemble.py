@@ -1,5 +1,9 @@
 """Does averaging several runs of the default recipe (other CV splits, other seeds) improve the ranking?
 
+A one-off study, not tested: the run folders it reads were removed from the tree (they are in the git
+history); ``benchmarks/studies/README.md`` says where, and ``seed_ensemble.json`` beside it holds the figures it
+published.
+
 Issue 8's accuracy target needs a better ranking than one run of the default recipe gives (no threshold reaches
 ACC >= 0.87 with balanced ACC >= 0.82 on its test predictions, see ``accuracy_notes.md``). If what limits a run
 were the variance of its models, more of them would help. This script takes finished, fused ``medvox cv --recipe
@@ -18,7 +22,7 @@ it is a diagnosis, not a candidate for the 2-hour recipe.
 
 Usage::
 
-    python benchmarks/seed_ensemble.py benchmarks/accuracy_runs/cpu_2026-11-26-auto64aa/kept/auto64aa_s0 \\
+    python benchmarks/studies/seed_ensemble.py benchmarks/accuracy_runs/cpu_2026-11-26-auto64aa/kept/auto64aa_s0 \\
         benchmarks/accuracy_runs/cpu_2026-11-27-auto64aa1/kept/auto64aa_s1 \\
         benchmarks/accuracy_runs/cpu_2026-11-27-auto64aa2/kept/auto64aa_s2 \\
         benchmarks/accuracy_runs/cpu_2026-11-27-auto64aa3/kept/auto64aa_s3 \\
@@ -34,8 +38,8 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks import cnn64_fusion as cf  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from benchmarks.studies import cnn64_fusion as cf  # noqa: E402
 
 
 def fused_run(kept: Path) -> tuple[dict[str, tuple[int, np.ndarray]], dict[str, tuple[int, np.ndarray]]]:

@@ -1,16 +1,20 @@
 """What the descriptor fusion costs on data whose descriptors say nothing about the label.
 
+A one-off study, not tested: the run folders it reads were removed from the tree (they are in the git
+history); ``benchmarks/studies/README.md`` says where, and ``fusion_noise.json`` beside it holds the figures it
+published.
+
 ``medvox cv --recipe auto`` mixes a descriptor model into the CNN at the weight with the best pooled OOF AUC
 (``medvox.descriptors.choose_weight``). On AdrenalMNIST3D the descriptors carry the thickness the CNN's
 28^3 input blurs (+0.03 test AUC), but the recipe is meant for any dataset, where they may be noise. This
 script takes finished runs of the default recipe (their calibrated OOF and CNN test ensembles, as
-``benchmarks/cnn64_fusion.py`` reads them), replaces the descriptors by those of randomly permuted cases (same
+``benchmarks/studies/cnn64_fusion.py`` reads them), replaces the descriptors by those of randomly permuted cases (same
 distribution, no relation to the labels), refits the descriptor model on the same folds, lets the recipe choose
 its weight on OOF, and reports the weight chosen and the change in test AUC against the CNN alone.
 
 Usage::
 
-    python benchmarks/fusion_noise.py benchmarks/accuracy_runs/cpu_2026-11-26-auto64aa/kept/auto64aa_s0 \
+    python benchmarks/studies/fusion_noise.py benchmarks/accuracy_runs/cpu_2026-11-26-auto64aa/kept/auto64aa_s0 \
         benchmarks/accuracy_runs/cpu_2026-11-27-auto64aa1/kept/auto64aa_s1 \
         benchmarks/accuracy_runs/cpu_2026-11-27-auto64aa2/kept/auto64aa_s2 \
         --trials 10 --out benchmarks/accuracy_runs/cpu_2026-11-27-auto64aa2/fusion_noise.json
@@ -25,8 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks import cnn64_fusion as cf  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from benchmarks.studies import cnn64_fusion as cf  # noqa: E402
 
 
 def permuted_trial(y, folds, oof, yt, test, x, xt, seed: int) -> dict:

@@ -1,5 +1,9 @@
 """The multi-class decision (class weights chosen on out-of-fold predictions) on real volumes.
 
+A one-off study, not tested: the run folders it reads were removed from the tree (they are in the git
+history); ``benchmarks/studies/README.md`` says where, and ``multiclass_decision.json`` beside it holds the figures it
+published.
+
 No three-class 3D dataset is stored here, so this makes one from AdrenalMNIST3D's official splits: normal
 (label 0, ~77 %), and the abnormal cases split at the median foreground size of the training split's abnormal
 ones (small / large, ~11.5 % each). Then ``medvox cv --recipe auto`` (the default recipe: weighted CE, EMA, fold
@@ -8,7 +12,7 @@ chose on its out-of-fold predictions (rule ``youden``: balanced accuracy) with t
 probabilities, and with the weights the other rules (``f1``: macro F1, ``accuracy``) choose on the same
 out-of-fold predictions. Nothing is chosen on test.
 
-    python benchmarks/multiclass_decision.py --out /tmp/mc [--epochs 12 --folds 3 --seed 0] [--reuse]
+    python benchmarks/studies/multiclass_decision.py --out /tmp/mc [--epochs 12 --folds 3 --seed 0] [--reuse]
 
 (``--epochs 0``: the recipe's own length instead of the shortened 12 epochs)
 
@@ -25,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 DEFAULT_NPZ = REPO.parent / "shared" / "data" / "medmnist" / "adrenalmnist3d.npz"
 CLASSES = ("normal", "abnormal_small", "abnormal_large")
 
@@ -70,8 +74,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     from medvox.cli import main as medvox
-    from medvox.metrics.classification import best_class_weights
     from medvox.cv.summary import load_predictions
+    from medvox.metrics.classification import best_class_weights
 
     args.out.mkdir(parents=True, exist_ok=True)
     npz = args.out / "graded.npz"
