@@ -33,6 +33,8 @@ _DATA_FLAGS = {
     "normalization": "data.normalization",
     "ct_window": "data.ct_window",
     "workers": "data.workers",
+    "classes": "data.classes",
+    "max_volume_mb": "data.max_volume_mb",
 }
 _TRAIN_FLAGS = {
     "recipe": "train.recipe",
@@ -99,6 +101,11 @@ def _add_data_args(p: argparse.ArgumentParser, positional: bool = False) -> None
     p.add_argument("--ct-window", "--ct_window", dest="ct_window", type=float, nargs=2, metavar=("LOW", "HIGH"),
                    help="CT intensity window in HU (default: from the fingerprint)")
     p.add_argument("--workers", type=int, help="preprocessing processes (default: auto)")
+    p.add_argument("--classes", type=lambda text: [c.strip() for c in text.split(",")], metavar="A,B",
+                   help="the expected labels, comma-separated, in class order; any other label is a row error "
+                        "(default: the labels found)")
+    p.add_argument("--max-volume-mb", "--max_volume_mb", dest="max_volume_mb", type=float, metavar="MB",
+                   help="refuse an image whose reading needs more memory, from its header (default 2048)")
 
 
 def _add_train_args(p: argparse.ArgumentParser) -> None:
@@ -256,7 +263,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_cv(args: argparse.Namespace) -> int:
-    from medvox.cv.crossval import run_cv
+    from medvox.engine.cv import run_cv
 
     if args.fold is not None:
         raise config_mod.ConfigError(f"--fold {args.fold}: `medvox cv` trains every fold in turn; give how many "
@@ -268,7 +275,7 @@ def _cmd_cv(args: argparse.Namespace) -> int:
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
-    from medvox.inference.predict import predict_cases
+    from medvox.evaluation.predict import predict_cases
 
     result = predict_cases(args.run, args.inputs, args.out, tta=args.tta, calibrated=not args.uncalibrated,
                            batch_size=args.batch_size, argmax=args.argmax, gpu=args.gpu)
@@ -289,7 +296,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from medvox.reporting.report import write_report
+    from medvox.evaluation.report import write_report
 
     path = write_report(Path(args.run_dir), Path(args.out) if args.out else None)
     print(f"report written: {path}")
@@ -297,7 +304,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
-    from medvox.reporting.compare import write_comparison
+    from medvox.evaluation.compare import write_comparison
 
     try:
         path = write_comparison([Path(r) for r in args.runs], Path(args.out), n_boot=args.n_boot, seed=args.seed)
@@ -309,7 +316,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from medvox.inference.export import FORMATS, export_model
+    from medvox.export import FORMATS, export_model
 
     info = export_model(Path(args.run), Path(args.out), formats=tuple(args.format or FORMATS), fold=args.fold,
                         calibrated=not args.uncalibrated)
@@ -331,7 +338,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _cmd_explain(args: argparse.Namespace) -> int:
-    from medvox.inference.explain import explain
+    from medvox.evaluation.explain import explain
 
     target = int(args.target_class) if args.target_class and args.target_class.isdigit() else args.target_class
     results = explain(Path(args.run), args.inputs, Path(args.out), fold=args.fold, target_class=target, tta=args.tta,

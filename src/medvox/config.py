@@ -41,6 +41,8 @@ class DataConfig:
     split_seed: int = 0
     skip_bad: bool = False  # drop bad cases (written to skipped_cases.json) instead of failing
     workers: int | None = None  # preprocessing processes; None: auto
+    classes: list[str] = field(default_factory=list)  # the expected labels, in class order; empty: inferred
+    max_volume_mb: float = 2048.0  # refuse an image whose reading needs more memory (MB, from its header)
 
 
 @dataclass
@@ -180,6 +182,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
 _RANGES: dict[str, tuple[float | None, float | None, bool, bool]] = {
     "data.folds": (2, None, False, False),
     "data.workers": (1, None, False, False),
+    "data.max_volume_mb": (0, None, True, False),
     "model.dropout": (0, 1, False, True),
     "model.head_lr_mult": (0, None, True, False),
     "optim.lr": (0, None, True, False),
@@ -266,6 +269,10 @@ def config_problems(cfg: ExperimentConfig) -> list[str]:
     for key, vec, kind in (("data.target_shape", d.target_shape, int), ("data.target_spacing", d.target_spacing, float)):
         if vec is not None and (len(vec) != 3 or any(not v > 0 for v in vec)):
             problems.append(f"{key} = {vec}: give three positive {kind.__name__}s (D H W)")
+    if any(not c.strip() for c in d.classes) or len({c.strip() for c in d.classes}) != len(d.classes):
+        problems.append(f"data.classes = {d.classes}: give distinct, non-empty class names")
+    if d.classes and len(d.classes) < 2:
+        problems.append(f"data.classes = {d.classes}: a classifier needs at least two classes")
     if d.ct_window is not None and (len(d.ct_window) != 2 or not d.ct_window[0] < d.ct_window[1]):
         problems.append(f"data.ct_window = {d.ct_window}: give [low, high] in HU with low < high")
     if len(cfg.optim.betas) != 2 or any(not 0 <= b < 1 for b in cfg.optim.betas):

@@ -87,7 +87,8 @@ def test_every_bad_row_is_reported_in_one_run(bad_manifest, data_cfg):
         assert name in found[0].file and found[0].fix  # names the file and says how to fix it
     assert not any(p.row in range(2, 9) for p in report.problems)  # the clean rows are clean
     dataset_wide = [p.what for p in report.problems if p.row is None]
-    assert "too few cases of class 'rare' for 3 folds: 1 patient(s), 1 case(s)" in dataset_wide
+    assert ("too few cases of class 'rare' for 3 folds: 1 patient(s), 1 case(s): row 8 (case r1, file "
+            "images/r1.nii.gz)") in dataset_wide  # a class this small names its rows
     assert {"class 'rare' is absent from provided fold 1", "class 'rare' is absent from provided fold 2"} <= set(
         dataset_wide)
     text = report.format()

@@ -1,14 +1,22 @@
 """``medvox check``: every problem of a dataset, by row and file, in one pass, before anything runs.
 
 Found per row: missing / unreadable / truncated files, a text file named like an image, images
-that are not 3D (2D and 5D are rejected; 4D is channels), NaN/Inf voxels, constant volumes (an
-error: a blank scan is almost always a failed export; ``--skip-bad`` drops them), empty or unknown
-labels, labels spelled two ways ("Malignant" / "malignant"), duplicate ids or images, paths escaping
-the data folder, broken DICOM series (missing slices, mixed series), a channel count different from
-the other cases.
+that are not 3D (2D and 5D are rejected; 4D is channels), voxels that are not real numbers (complex,
+RGB), a voxel size of 0 or below, a singular or NaN affine, an image too big for ``data.max_volume_mb``,
+NaN/Inf voxels, constant volumes (an error: a blank scan is almost always a failed export;
+``--skip-bad`` drops them), empty or unknown labels, labels outside the declared ``data.classes``,
+labels spelled two ways ("Malignant" / "malignant"; numbers are compared as numbers, so -1 and 1 are two
+classes), duplicate ids or images (one grouped problem beyond 10 repeats), paths escaping the data
+folder, broken DICOM series (missing slices, mixed series), a channel count different from the other
+cases, a fold that is not a whole number or outside 0..k-1.
+Warned per row: a sheared grid (the shear is dropped), extreme anisotropy or shape, a manifest that is
+not UTF-8 (read as Windows-1252 / Latin-1), one-hot ``.npz`` labels (converted), labels that look like
+probabilities (0 / 0.5 / 1).
 Found over the dataset: a patient in two provided folds or in both the pool and the test split, a
-fold column filled on some rows only, a class absent from a provided fold, too few patients of a
-class for ``k`` folds, fewer than two classes, missing columns (naming those present and the flag).
+fold column filled on some rows only, a class absent from a provided fold, a class without a case in
+the cross-validation pool (only in the test split, or declared but absent), too few patients of a class
+for ``k`` folds (naming its rows when it has 10 cases or fewer), fewer than two classes, missing columns
+(naming those present and the flag).
 
 ``check_data`` only reads: nothing is written, whatever it finds.
 
@@ -26,7 +34,7 @@ from typing import Any
 from medvox.config import DataConfig
 from medvox.data.inspection import inspect_cases
 from medvox.data.report import CheckReport, Problem
-from medvox.data.sources import Case, CaseSet, SourceError, load_source
+from medvox.data.sources import GROUP_AFTER, Case, CaseSet, SourceError, is_number, load_source, name_cases
 
 
 def check_data(cfg: DataConfig, require_labels: bool = True, cases: CaseSet | None = None,
@@ -51,7 +59,7 @@ def check_data(cfg: DataConfig, require_labels: bool = True, cases: CaseSet | No
         report.problems = list(exc.problems)
         return report
     report.cases = caseset
-    records, image_problems = inspect_cases(caseset.cases, cfg.workers, cache, progress)
+    records, image_problems = inspect_cases(caseset.cases, cfg.workers, cache, progress, cfg.max_volume_mb)
     report.inspections = records
     problems = list(caseset.problems) + image_problems + _channel_problems(caseset.cases, records)
     if require_labels:
@@ -86,17 +94,43 @@ def check_case_set(cases: list[Case], classes: list[str], cfg: DataConfig) -> li
     # a class that is only another spelling of one is not checked for its size or folds: its rows are the problem
     labeled = [(i, c) for i, c in labeled if c.label not in variants]
     pool = [(i, c) for i, c in labeled if c.subset != "test"]
+    problems += _classes_without_pool_cases(labeled, classes, variants, bool(cfg.classes))
     if len({c.label for _, c in pool}) < 2:
         problems.append(Problem(f"the cross-validation pool has {len({c.label for _, c in pool})} class(es)",
                                 "a classifier needs at least two classes with cases"))
         return problems
     folds = {c.fold for _, c in pool if c.fold is not None}
-    if folds:  # a provided fold column wins: k is its number of folds
+    if folds:  # a provided fold column: its values must be the folds 0..k-1
+        range_problems, valid = _fold_range_problems(pool, cfg)
+        problems += range_problems
+        pool = [(i, c) for i, c in pool if c.fold is None or c.fold in valid]  # the others are named already
+        folds = {c.fold for _, c in pool if c.fold is not None}
         problems += _provided_fold_problems(pool, classes, cfg)
         if len(folds) >= 2:
-            problems += _too_few_problems(pool, classes, len(folds), provided=True)
+            problems += _too_few_problems(pool, classes, len(folds), provided=True, declared=bool(cfg.classes))
     else:
-        problems += _too_few_problems(pool, classes, cfg.folds)
+        problems += _too_few_problems(pool, classes, cfg.folds, declared=bool(cfg.classes))
+    return problems
+
+
+def _classes_without_pool_cases(labeled: list[tuple[int, Case]], classes: list[str], variants: set[int],
+                                declared: bool) -> list[Problem]:
+    """A class no pool case has cannot be learned (its loss weight and margins divide by its count): one only
+    in the test split, or a declared class without cases. Dataset-wide: dropping cases does not fix it."""
+    pool_labels = {c.label for _, c in labeled if c.subset != "test"}
+    problems = []
+    for label, name in enumerate(classes):
+        if label in pool_labels or label in variants:
+            continue
+        in_test = [c for _, c in labeled if c.label == label and c.subset == "test"]
+        if in_test:
+            problems.append(Problem(
+                f"class {name!r} is only in the test split ({len(in_test)} case(s): {name_cases(in_test)}): no "
+                "cross-validation case teaches it", f"move patients of class {name!r} into the pool (the "
+                f"'split' column), or remove its test cases"))
+        elif declared:
+            problems.append(Problem(f"declared class {name!r} has no case",
+                                    f"add cases of class {name!r}, or remove it from --classes (data.classes)"))
     return problems
 
 
@@ -109,6 +143,8 @@ def _label_spelling_problems(labeled: list[tuple[int, Case]], classes: list[str]
     counts = Counter(c.label for _, c in labeled)
     groups: dict[str, list[int]] = defaultdict(list)
     for label in counts:
+        if is_number(classes[label]):  # numbers compare as numbers: -1 and 1 are two classes, not two spellings
+            continue
         groups[re.sub(r"[\s_-]+", " ", classes[label].casefold()).strip()].append(label)
     problems, variants = [], set()
     for labels in groups.values():
@@ -142,7 +178,7 @@ def _provided_fold_problems(pool: list[tuple[int, Case]], classes: list[str], cf
         Problem(f"no fold although other rows have one in column {cfg.fold_col!r}",
                 "fill in the fold of every pool row, or remove the column to let medvox split",
                 row=c.row, file=c.file, case_id=c.id, case_index=i)
-        for i, c in pool if c.fold is None
+        for i, c in pool if c.fold is None and "bad_fold" not in c.meta  # a fold like 1.7 is reported already
     ]
     with_fold = [(i, c) for i, c in pool if c.fold is not None]
     by_group: dict[str, Counter] = defaultdict(Counter)
@@ -169,8 +205,35 @@ def _provided_fold_problems(pool: list[tuple[int, Case]], classes: list[str], cf
     return problems
 
 
+def _fold_range_problems(pool: list[tuple[int, Case]], cfg: DataConfig) -> tuple[list[Problem], range]:
+    """Provided folds must be 0..k-1 (k = ``data.folds``): -1 or 7 with ``--folds 2`` is a typo or a marker
+    that medvox would otherwise read as a fold of its own. A column that counts 1..k is read as given.
+    Returns the problems and the valid fold values."""
+    k = cfg.folds
+    values = {c.fold for _, c in pool if c.fold is not None}
+    first = 1 if values <= set(range(1, k + 1)) and k in values else 0  # a column counting 1..k is read as given
+    valid = range(first, first + k)
+    bad = [(i, c) for i, c in pool if c.fold is not None and c.fold not in valid]
+    span = f"{first}..{first + k - 1}"
+    fix = (f"use folds {span} in column {cfg.fold_col!r}, or --folds to match the column; hold a case out "
+           "with split=test, not a negative fold")
+    if len(bad) <= GROUP_AFTER:
+        problems = [Problem(f"fold {c.fold} is out of range: folds are {span} (data.folds = {k})", fix, row=c.row,
+                            file=c.file, case_id=c.id, case_index=i) for i, c in bad]
+    else:
+        shown = sorted({c.fold for _, c in bad})
+        problems = [Problem(f"folds {', '.join(map(str, shown[:10]))} are out of range: folds are {span} (data.folds "
+                            f"= {k}); {len(bad)} rows: {name_cases([c for _, c in bad])}", fix)]
+    empty = [f for f in valid if f not in values]
+    if empty and len(values & set(valid)) >= 2:  # every fold is trained and validated: none may be empty
+        problems.append(Problem(f"no case in provided fold(s) {', '.join(map(str, empty))} of {span} "
+                                f"(data.folds = {k})", f"give --folds {len(values & set(valid))} to match the "
+                                f"column, or put patients in every fold of column {cfg.fold_col!r}"))
+    return problems, valid
+
+
 def _too_few_problems(pool: list[tuple[int, Case]], classes: list[str], k: int,
-                      provided: bool = False) -> list[Problem]:
+                      provided: bool = False, declared: bool = False) -> list[Problem]:
     if k < 2:
         return [Problem(f"folds = {k}", "use --folds 2 or more")]
     problems = []
@@ -180,6 +243,10 @@ def _too_few_problems(pool: list[tuple[int, Case]], classes: list[str], k: int,
         if members and patients < k:
             fix = (f"add patients of class {name!r} to every fold" if provided else
                    f"add cases of class {name!r}" + (f" or use --folds {patients}" if patients >= 2 else ""))
-            problems.append(Problem(
-                f"too few cases of class {name!r} for {k} folds: {patients} patient(s), {len(members)} case(s)", fix))
+            what = f"too few cases of class {name!r} for {k} folds: {patients} patient(s), {len(members)} case(s)"
+            if len(members) <= GROUP_AFTER:  # a stray value ('maybe') or a typo: which rows hold it
+                what += f": {name_cases(members)}"
+                if not declared:
+                    fix += "; if it is a typo, declare the classes (--classes) and it is reported as a row error"
+            problems.append(Problem(what, fix))
     return problems

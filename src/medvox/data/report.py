@@ -19,6 +19,8 @@ class Problem:
         case_id: the case it concerns, or None for a whole-dataset problem.
         level: "error" (stops ``prepare``) or "warning" (reported, nothing stops).
         case_index: position of the case in ``CaseSet.cases``: which case ``skip_bad`` drops.
+        also: ``(row, case_id, case_index)`` of further cases one grouped problem names (10,000 rows naming
+            one file are one problem, not 9,999); ``skip_bad`` drops them too.
     """
 
     what: str
@@ -28,9 +30,13 @@ class Problem:
     case_id: str | None = None
     level: str = "error"
     case_index: int | None = None
+    also: list[tuple[int | None, str | None, int | None]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
-        return {k: v for k, v in asdict(self).items() if k != "case_index"}
+        out = {k: v for k, v in asdict(self).items() if k not in ("case_index", "also")}
+        if self.also:
+            out["also"] = [{"row": row, "case_id": case_id} for row, case_id, _ in self.also]
+        return out
 
     def where(self) -> str:
         parts = []
@@ -72,7 +78,7 @@ class CheckReport:
     @property
     def bad_case_indices(self) -> set[int]:
         """Cases with at least one error: what ``skip_bad`` drops."""
-        return {p.case_index for p in self.errors if p.case_index is not None}
+        return {i for p in self.errors for i in (p.case_index, *(a[2] for a in p.also)) if i is not None}
 
     @property
     def dataset_errors(self) -> list[Problem]:
@@ -106,6 +112,7 @@ class CheckReport:
             return f"FAILED: the source could not be read ({levels['error']} error(s)); nothing was written."
         top = "; ".join(f"{k} x{n}" for k, n in kinds.most_common(4))
         # cases named by an error, whether --skip-bad could drop them (an image) or not (a label spelled two ways)
-        n_bad = len({(p.row, p.case_id) for p in self.errors if p.case_id is not None})
+        n_bad = len({(row, case_id) for p in self.errors for row, case_id in ((p.row, p.case_id), *(
+            (a[0], a[1]) for a in p.also)) if case_id is not None})
         return (f"FAILED: {levels['error']} error(s), {levels['warning']} warning(s), {n_bad} of {n_cases} cases "
                 f"affected ({top}); nothing was written.")
