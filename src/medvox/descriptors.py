@@ -45,13 +45,13 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from medvox.config import CHOICES
+from medvox.machine import available_cpus
 
 log = logging.getLogger("medvox")
 
@@ -177,7 +177,7 @@ def feature_matrix(images, progress: bool = True, workers: int | None = None) ->
     from medvox.data.inspection import progress_bar
 
     n = len(images)
-    workers = max(1, min(workers or os.cpu_count() or 1, n or 1))
+    workers = max(1, min(workers or available_cpus(), n or 1))
     done = []
     with progress_bar(progress and n > 0) as bar, ThreadPoolExecutor(workers) as pool:
         task = bar.add_task("features", total=n)
