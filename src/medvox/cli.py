@@ -263,7 +263,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_cv(args: argparse.Namespace) -> int:
-    from medvox.engine.cv import run_cv
+    from medvox.cv.crossval import run_cv
 
     if args.fold is not None:
         raise config_mod.ConfigError(f"--fold {args.fold}: `medvox cv` trains every fold in turn; give how many "
@@ -275,7 +275,7 @@ def _cmd_cv(args: argparse.Namespace) -> int:
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
-    from medvox.evaluation.predict import predict_cases
+    from medvox.inference.predict import predict_cases
 
     result = predict_cases(args.run, args.inputs, args.out, tta=args.tta, calibrated=not args.uncalibrated,
                            batch_size=args.batch_size, argmax=args.argmax, gpu=args.gpu)
@@ -296,7 +296,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from medvox.evaluation.report import write_report
+    from medvox.reporting.report import write_report
 
     path = write_report(Path(args.run_dir), Path(args.out) if args.out else None)
     print(f"report written: {path}")
@@ -304,7 +304,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
-    from medvox.evaluation.compare import write_comparison
+    from medvox.reporting.compare import write_comparison
 
     try:
         path = write_comparison([Path(r) for r in args.runs], Path(args.out), n_boot=args.n_boot, seed=args.seed)
@@ -316,7 +316,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from medvox.export import FORMATS, export_model
+    from medvox.inference.export import FORMATS, export_model
 
     info = export_model(Path(args.run), Path(args.out), formats=tuple(args.format or FORMATS), fold=args.fold,
                         calibrated=not args.uncalibrated)
@@ -338,7 +338,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _cmd_explain(args: argparse.Namespace) -> int:
-    from medvox.evaluation.explain import explain
+    from medvox.inference.explain import explain
 
     target = int(args.target_class) if args.target_class and args.target_class.isdigit() else args.target_class
     results = explain(Path(args.run), args.inputs, Path(args.out), fold=args.fold, target_class=target, tta=args.tta,
