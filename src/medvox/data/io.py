@@ -192,6 +192,38 @@ def open_image(path: str | Path, max_mb: float | None = None) -> Volume:
     raise ImageError(path, f"unknown image type {suffix!r}", f"use one of {', '.join(IMAGE_SUFFIXES)}")
 
 
+def from_array(data: Any, affine: Any, name: str = "<array>") -> tuple[np.ndarray, dict[str, Any]]:
+    """An in-memory volume in nibabel's voxel order, read as :func:`read_image` reads a NIfTI file holding it
+    (the same checks, the same reorientation to RAS array order).
+
+    Args:
+        data: ``(x, y, z)`` or ``(x, y, z, c)`` voxels, as nibabel's ``img.get_fdata()`` gives them.
+        affine: the ``4 x 4`` voxel -> world (RAS+ mm) transform, nibabel's ``img.affine``.
+        name: what error messages call the array.
+
+    Returns:
+        ``(array, meta)`` as :func:`read_image` returns them: float32 ``(D, H, W)`` / ``(C, D, H, W)``.
+
+    Raises:
+        ImageError: voxels that are not real numbers, not a 3D volume, or an affine that is not a finite,
+            invertible ``4 x 4`` matrix.
+
+    Example:
+        >>> img = nib.load("ct.nii.gz")                                   # doctest: +SKIP
+        >>> array, meta = from_array(img.get_fdata(), img.affine)         # doctest: +SKIP
+    """
+    data = np.asarray(data)
+    affine = np.asarray(affine, dtype=float)
+    if affine.shape != (4, 4):
+        raise ImageError(name, f"an affine of shape {affine.shape}",
+                         "give the 4 x 4 voxel -> world matrix (nibabel: img.affine)")
+    _check_header(Path(name), data.shape, data.dtype, None)
+    shear = _check_affine(Path(name), affine)
+    meta = {"format": "array", "source_orientation": "".join(nib.aff2axcodes(affine)), "modality": None}
+    volume = _canonical(Path(name), data, affine, meta, shear)
+    return volume.to_float32(), volume.meta
+
+
 def read_memory_mb(shape: tuple[int, ...], dtype: np.dtype | str) -> float:
     """MB (2^20 bytes) that reading an image needs at its peak: the voxels as stored (decompressed) plus
     their float32 copy. ``check`` needs only the first part; ``prepare`` and ``predict`` both."""
