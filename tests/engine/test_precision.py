@@ -91,7 +91,7 @@ def _train(data, out, *extra) -> int:
 @pytest.mark.parametrize(("native", "flag", "used", "reason_start"), [
     ("0", "--amp", "32-true", "fp32: --amp, but this CPU has no native bf16 (MEDVOX_CPU_BF16=0)"),
     ("1", "--amp", "bf16-mixed", "bf16: --amp on a CPU with native bf16 (MEDVOX_CPU_BF16=1)"),
-])
+], ids=["emulated", "native"])
 def test_amp_run_records_the_precision_and_why(native, flag, used, reason_start, tiny_medmnist, tmp_path,
                                                monkeypatch, capsys, clean_process):
     monkeypatch.setenv("MEDVOX_CPU_BF16", native)
