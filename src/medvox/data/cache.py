@@ -11,12 +11,24 @@ Layout (``root`` = ``cfg.cache_dir`` or ``$MEDVOX_CACHE`` or ``~/.cache/medvox``
             plan.json  fingerprint.json
             images.npy               (N, C, D, H, W) float16/float32, opened with mmap_mode="r"
             index.json               per-row case id, label and key = hash(plan, input file signature)
+            digest.json              blake2b of the whole store and a CRC-32 per row (see check_store)
             skipped_cases.json       only with skip_bad: what was dropped and why
 
 The dataset hash names the source (absolute path and columns), not its contents: a touched file keeps
 the folder and the splits, and only that case's row is rebuilt. The plan hash covers only what
 changes the arrays (spacing, shape, normalisation, dtype, code version), so a new config gets a new
 plan folder and an old config finds its old one again.
+
+The cache verifies what it serves (:func:`check_store`): on every hit the store's ``.npy`` header must
+match ``index.json`` and the file must hold exactly that many bytes (a truncated store would otherwise fail
+every later run with "mmap length is greater than file size"), and every row's CRC-32 must match the one
+written when the row was built (a store zeroed or overwritten in place would otherwise be served as a hit).
+``prepare`` rebuilds what is damaged, with a message: the bad rows, or the whole store when it cannot be
+read. Cost on a hit, AdrenalMNIST3D at 64^3 (1584 rows, a 792 MiB float16 store in the page cache), on a
+2-core AMD EPYC VM shared with other jobs (load ~5): ``prepare`` hit 0.46 s without, 0.98 s with the check
+(min of 7 interleaved runs; medians 0.55 / 1.08 s); :func:`row_checksums` alone 0.22-0.30 s (zlib CRC-32,
+~3 GB/s; blake2b-128 would take 1.0 s, sha1 0.47 s). From a cold disk the read dominates, and training
+reads those pages next anyway.
 """
 
 from __future__ import annotations
@@ -24,6 +36,7 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
+import math
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -111,6 +124,65 @@ def array_digest(images: Any, chunk_bytes: int = 64 << 20) -> str:
     for start in range(0, len(images), rows):
         digest.update(np.ascontiguousarray(images[start : start + rows]).tobytes())
     return digest.hexdigest()
+
+
+def row_checksums(images: Any, chunk_bytes: int = 64 << 20) -> list[int]:
+    """``zlib.crc32`` of each row's bytes (``images`` ``(N, ...)``, e.g. a memory map), read in chunks."""
+    return store_checksums(images, chunk_bytes, whole=False)["rows"]
+
+
+def store_checksums(images: Any, chunk_bytes: int = 64 << 20, whole: bool = True) -> dict[str, Any]:
+    """``{"blake2b": array_digest(images), "rows": row_checksums(images)}`` in one pass over the bytes
+    (``whole=False``: the rows only). What ``digest.json`` holds."""
+    import zlib
+
+    import numpy as np
+
+    digest = hashlib.blake2b(digest_size=16)
+    digest.update(f"{images.dtype}{tuple(images.shape)}".encode())
+    rows, per_chunk = [], max(1, chunk_bytes // max(1, images[:1].nbytes))
+    for start in range(0, len(images), per_chunk):
+        chunk = np.ascontiguousarray(images[start : start + per_chunk])
+        view = memoryview(chunk.reshape(-1).view(np.uint8))
+        if whole:
+            digest.update(view)
+        step = chunk[:1].nbytes
+        rows += [zlib.crc32(view[i : i + step]) for i in range(0, len(view), step)]
+    return {"blake2b": digest.hexdigest(), "rows": rows} if whole else {"rows": rows}
+
+
+def check_store(folder: Path, index: dict[str, Any]) -> tuple[str, list[int] | None] | None:
+    """What is wrong with ``folder/images.npy``, or None when it is what ``index.json`` and ``digest.json`` say.
+
+    Returns ``(what, bad_rows)``: ``bad_rows`` lists the rows whose CRC-32 differs from ``digest.json``'s, or is
+    None when the store cannot be used at all (a bad header, a shape or dtype other than the index's, a size other
+    than the header's). A ``digest.json`` without row checksums checks sizes only (the caller writes them).
+    """
+    import numpy as np
+
+    store = folder / "images.npy"
+    try:
+        with open(store, "rb") as fh:
+            version = np.lib.format.read_magic(fh)
+            read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shape, fortran, dtype = read(fh)
+            offset = fh.tell()
+    except (OSError, ValueError) as exc:
+        return f"images.npy has no valid .npy header ({type(exc).__name__}: {str(exc)[:80]})", None
+    want = (tuple(index.get("shape") or ()), str(np.dtype(index.get("dtype") or "V")))
+    if (tuple(shape), str(dtype)) != want or fortran:
+        return f"images.npy holds {tuple(shape)} {dtype}, index.json says {want[0]} {want[1]}", None
+    need = offset + math.prod(shape) * dtype.itemsize
+    size = store.stat().st_size
+    if size != need:
+        return f"images.npy is {size:,} bytes but its header needs {need:,} (truncated or overwritten)", None
+    known = read_json(folder / "digest.json")
+    rows = known.get("rows") if isinstance(known, dict) else None
+    if not isinstance(rows, list) or len(rows) != shape[0]:
+        return None
+    got = row_checksums(np.load(store, mmap_mode="r"))
+    bad = [i for i, (a, b) in enumerate(zip(got, rows, strict=True)) if a != b]
+    return (f"{len(bad)} of {shape[0]} rows differ from the checksums written when they were built", bad) if bad else None
 
 
 def store_digest(store: Path) -> str:

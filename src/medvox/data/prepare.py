@@ -3,8 +3,10 @@
 Everything after the source is read runs under a file lock on the dataset's cache folder, so two
 processes (DDP ranks) that start together build it once: the first builds, the second waits and
 then finds it all cached. A second run decodes no image: inspection records, the array store and
-the split are all found by key. On a failed check nothing is written (apart from the empty lock
-file next to the dataset folder).
+the split are all found by key; the store is verified first (sizes, per-row CRC-32: ``cache.check_store``)
+and what is damaged is rebuilt, with a warning. On a failed check nothing is written (apart from the
+empty lock file next to the dataset folder). The check's warnings (a sheared grid, a manifest that is not
+UTF-8, one-hot labels converted, ...) are logged once per call on the ``medvox`` logger.
 
 Example:
     >>> data = prepare(DataConfig(path="manifest.csv", folds=5))
@@ -14,6 +16,7 @@ Example:
 
 from __future__ import annotations
 
+import logging
 import multiprocessing
 import os
 import shutil
@@ -33,6 +36,8 @@ from medvox.data.sources import Case, CaseSet, SourceError, load_source
 from medvox.data.splits import load_or_make_splits
 from medvox.errors import DataError
 
+log = logging.getLogger("medvox")
+
 
 @dataclass
 class Prepared:
@@ -49,6 +54,8 @@ class Prepared:
         cache_hit: True when nothing had to be preprocessed.
         n_built: cases preprocessed by this call (0 on a hit).
         skipped: what ``skip_bad`` dropped (also in ``skipped_cases.json``).
+        warnings: the check's warnings, one line each (also logged).
+        repaired: what was found damaged in the store and rebuilt, or None.
         images_digest: blake2b of the store's bytes (``digest.json``, written when the store is built).
     """
 
@@ -65,6 +72,8 @@ class Prepared:
     n_built: int = 0
     skipped: list[dict[str, Any]] = field(default_factory=list)
     images_digest: str | None = None
+    warnings: list[str] = field(default_factory=list)
+    repaired: str | None = None
 
     def __post_init__(self) -> None:
         self._row = {c.id: i for i, c in enumerate(self.cases)}
@@ -114,6 +123,7 @@ class Prepared:
             lines.append(f"  fold {k}: train {len(train)} {self.class_counts(train)}, "
                          f"val {len(val)} {self.class_counts(val)}")
         state = "cache hit: nothing decoded" if self.cache_hit else f"built {self.n_built} case(s)"
+        state += f"; repaired: {self.repaired}" if self.repaired else ""
         lines.append(f"cache:    {self.cache_dir} ({state})")
         if self.skipped:
             lines.append(f"skipped:  {len(self.skipped)} bad case(s), listed in skipped_cases.json")
@@ -135,15 +145,16 @@ def prepare(cfg: DataConfig, progress: bool = True) -> Prepared:
     caseset, root, data_hash, ident = _open(cfg)
     dataset_dir = root / data_hash
     with cache.locked(root / f"{data_hash}.lock"):
-        cases, skipped, fingerprint, plan = _survey(cfg, caseset, dataset_dir, ident, progress)
-        plan_dir, n_built = _ensure_store(dataset_dir, cases, plan, fingerprint, skipped, cfg, progress)
+        cases, skipped, fingerprint, plan, warnings = _survey(cfg, caseset, dataset_dir, ident, progress)
+        plan_dir, n_built, repaired = _ensure_store(dataset_dir, cases, plan, fingerprint, skipped, cfg, progress)
         splits = load_or_make_splits(dataset_dir, cases, caseset.classes, cfg.folds, cfg.split_seed)
         images = np.load(plan_dir / "images.npy", mmap_mode="r")  # opened under the lock: never mid-swap
         images_digest = _ensure_digest(plan_dir)  # a new store (or one from before digest.json) gets one, once
     labels = np.array([-1 if c.label is None else c.label for c in cases], dtype=np.int64)
     return Prepared(classes=list(caseset.classes), cases=cases, images=images, labels=labels, plan=plan,
                     fingerprint=fingerprint, splits=splits, cache_dir=plan_dir, data_hash=data_hash,
-                    cache_hit=n_built == 0, n_built=n_built, skipped=skipped, images_digest=images_digest)
+                    cache_hit=n_built == 0, n_built=n_built, skipped=skipped, images_digest=images_digest,
+                    warnings=warnings, repaired=repaired)
 
 
 def plan_dataset(cfg: DataConfig, progress: bool = True) -> dict[str, Any]:
@@ -170,12 +181,16 @@ def _open(cfg: DataConfig) -> tuple[CaseSet, Path, str, dict]:
 
 
 def _survey(cfg: DataConfig, caseset: CaseSet, dataset_dir: Path, ident: dict, progress: bool,
-            ) -> tuple[list[Case], list[dict], dict, dict]:
-    """(kept cases, skipped, fingerprint, plan): check (cached inspections), fingerprint of the pool, plan;
-    saves the inspection records. Called under the dataset's lock."""
+            ) -> tuple[list[Case], list[dict], dict, dict, list[str]]:
+    """(kept cases, skipped, fingerprint, plan, warnings): check (cached inspections), fingerprint of the pool,
+    plan; saves the inspection records; logs the check's warnings. Called under the dataset's lock."""
     records_cache = cache.read_json(dataset_dir / "inspect.json", {})
-    known = set(records_cache)
+    known = dict(records_cache)
     report = check_data(cfg, cases=caseset, cache=records_cache, progress=progress)
+    warnings = [f"{p.where()}: {p.what}" + (f" (fix: {p.fix})" if p.fix else "")
+                for p in report.problems if p.level == "warning"]
+    for line in warnings:
+        log.warning("check: %s", line)
     kept, skipped = _kept_cases(report, caseset, cfg)
     cases = [caseset.cases[i] for i in kept]
     records = [report.inspections[i] for i in kept]
@@ -183,7 +198,7 @@ def _survey(cfg: DataConfig, caseset: CaseSet, dataset_dir: Path, ident: dict, p
     fingerprint = make_fingerprint([cases[j] for j in pool], [records[j] for j in pool], caseset.classes)
     _write_if_changed(dataset_dir / "dataset.json", ident)
     _save_records(dataset_dir, records_cache, known, cases)
-    return cases, skipped, fingerprint, make_plan(fingerprint, cfg)
+    return cases, skipped, fingerprint, make_plan(fingerprint, cfg), warnings
 
 
 def _kept_cases(report: CheckReport, caseset: CaseSet, cfg: DataConfig) -> tuple[list[int], list[dict]]:
@@ -206,53 +221,70 @@ def _kept_cases(report: CheckReport, caseset: CaseSet, cfg: DataConfig) -> tuple
     return kept, skipped
 
 
-def _save_records(dataset_dir: Path, records: dict[str, Any], known: set[str], cases: list[Case]) -> None:
-    """Keep the inspection records of the current files only; write when something changed."""
+def _save_records(dataset_dir: Path, records: dict[str, Any], known: dict[str, Any], cases: list[Case]) -> None:
+    """Keep the inspection records of the current files only; write when something changed (a record added,
+    dropped or inspected again, e.g. after ``RECORD_VERSION`` changed)."""
     current = {key for c in cases if (key := cache.inspection_key(c)) is not None}
     pruned = {k: v for k, v in records.items() if k in current}
-    if set(pruned) != known:
+    if pruned.keys() != known.keys() or any(pruned[k] is not known[k] for k in pruned):
         cache.write_json(dataset_dir / "inspect.json", pruned)
 
 
 def _ensure_store(dataset_dir: Path, cases: list[Case], plan: dict, fingerprint: dict, skipped: list[dict],
-                  cfg: DataConfig, progress: bool) -> tuple[Path, int]:
-    """The plan folder with an up-to-date store: reused, patched (changed cases only) or built."""
+                  cfg: DataConfig, progress: bool) -> tuple[Path, int, str | None]:
+    """The plan folder with an up-to-date, verified store: reused, patched (changed or damaged rows only) or
+    built. Returns the folder, the rows built and what was found damaged (None when nothing was)."""
     plan_id = cache.plan_hash(plan)
     plan_dir = dataset_dir / plan_id
     keys = [cache.case_key(plan_id, cache.case_signature(c)) for c in cases]
     index = cache.read_json(plan_dir / "index.json")
+    damaged, repaired = set(), None
     if index is not None and index.get("keys") == keys and (plan_dir / "images.npy").is_file():
-        _write_documents(plan_dir, cases, keys, plan, fingerprint, skipped)  # labels/counts may have changed
-        return plan_dir, 0
+        damage = cache.check_store(plan_dir, index)
+        if damage is None:
+            _write_documents(plan_dir, cases, keys, plan, fingerprint, skipped)  # labels/counts may have changed
+            return plan_dir, 0, None
+        what, bad = damage
+        repaired = f"{what}; rebuilt {'the whole store' if bad is None else f'{len(bad)} row(s)'}"
+        log.warning("cache: %s is damaged: %s; rebuilding %s", plan_dir / "images.npy", what,
+                    "it" if bad is None else "those rows")
+        if bad is None:
+            index = None  # nothing in it can be trusted
+        else:
+            damaged = set(bad)
     for stale in dataset_dir.glob(f".{plan_id}.*"):  # left by a killed build; we hold the lock
         shutil.rmtree(stale, ignore_errors=True)
     tmp = dataset_dir / f".{plan_id}.tmp-{os.getpid()}"
     tmp.mkdir(parents=True)
     try:
-        todo = _copy_unchanged(tmp / "images.npy", plan_dir, index, keys, plan)
+        todo = _copy_unchanged(tmp / "images.npy", plan_dir, index, keys, plan, damaged)
         build_images(tmp / "images.npy", cases, plan, todo, cfg.workers, progress)
         _write_documents(tmp, cases, keys, plan, fingerprint, skipped)
+        cache.write_json(tmp / "digest.json", cache.store_checksums(np.load(tmp / "images.npy", mmap_mode="r")))
         _swap(tmp, plan_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return plan_dir, len(todo)
+    return plan_dir, len(todo), repaired
 
 
 def _ensure_digest(folder: Path) -> str:
-    """The store's content digest from ``digest.json``; computed and written when missing (under the lock)."""
+    """The store's content digest from ``digest.json``; it and the per-row checksums are computed and written
+    when missing (a store from before them; under the lock)."""
     known = cache.read_json(folder / "digest.json")
-    if isinstance(known, dict) and isinstance(known.get("blake2b"), str):
+    if isinstance(known, dict) and isinstance(known.get("blake2b"), str) and isinstance(known.get("rows"), list):
         return known["blake2b"]
-    digest = cache.store_digest(folder / "images.npy")
-    cache.write_json(folder / "digest.json", {"blake2b": digest})
-    return digest
+    sums = cache.store_checksums(np.load(folder / "images.npy", mmap_mode="r"))
+    cache.write_json(folder / "digest.json", sums)
+    return sums["blake2b"]
 
 
-def _copy_unchanged(store: Path, plan_dir: Path, index: dict | None, keys: list[str], plan: dict) -> list[int]:
-    """Create the new store, copy rows whose key is in the old one; return the rows still to build."""
+def _copy_unchanged(store: Path, plan_dir: Path, index: dict | None, keys: list[str], plan: dict,
+                    damaged: set[int] = frozenset()) -> list[int]:
+    """Create the new store, copy rows whose key is in the old one (and whose old row is not ``damaged``);
+    return the rows still to build."""
     shape = (len(keys), plan["in_channels"], *plan["target_shape"])
     images = np.lib.format.open_memmap(store, mode="w+", dtype=np.dtype(plan["storage_dtype"]), shape=shape)
-    old_rows = {k: r for r, k in enumerate(index["keys"])} if index else {}
+    old_rows = {k: r for r, k in enumerate(index["keys"]) if r not in damaged} if index else {}
     old = np.load(plan_dir / "images.npy", mmap_mode="r") if old_rows and (plan_dir / "images.npy").is_file() else None
     todo = []
     for row, key in enumerate(keys):
