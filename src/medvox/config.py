@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from medvox.metrics.classification import THRESHOLD_RULES
+
 
 @dataclass
 class DataConfig:
@@ -113,6 +115,7 @@ class TrainConfig:
     """The loop: epochs, batches, precision, devices, checkpoints."""
 
     recipe: str = "original"  # original | auto (see medvox.recipe): auto fills what is not set from the plan
+    recipe_applied: bool = False  # set by medvox.recipe.apply_recipe: the settings here already hold the recipe's
     fold: int = 0
     epochs: int = 60
     batch_size: int = 6
@@ -122,6 +125,9 @@ class TrainConfig:
     ema_debias: bool = True  # bias-corrected EMA: a true weighted mean from the first step (see engine/ema.py)
     early_stopping: int = 7  # patience in epochs; 0 disables
     monitor: str = "auc"  # validation metric that picks best.pt / best_ema.pt
+    # the fold's final weights: "ema" (best_ema.pt; best.pt when EMA is off), "raw" (best.pt), or "best"
+    # (whichever of the two scored better on validation by the monitored metric)
+    final_weights: str = "ema"
     threshold_rule: str = "youden"  # decision threshold (K > 2: class weights) chosen on validation/OOF data (youden | f1 | accuracy)
     feature_fusion: bool = False  # medvox cv: fuse a descriptor model with the fold ensemble, weight chosen on OOF
     feature_grid: str = "native"  # descriptors on the plan's own grid ("native") or the CNN's input ("input")
@@ -172,8 +178,9 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "train.recipe": ("original", "auto"),
     "train.monitor": ("auc", "accuracy", "balanced_accuracy", "f1", "sensitivity", "specificity", "precision",
                       "loss"),
-    "train.threshold_rule": ("youden", "f1", "balanced_accuracy", "accuracy"),
+    "train.threshold_rule": THRESHOLD_RULES,
     "train.feature_grid": ("native", "input"),
+    "train.final_weights": ("ema", "raw", "best"),
     "train.precision": ("auto", "bf16", "fp16", "fp32"),
     "train.plots": ("all", "best_last", "final"),
 }

@@ -247,9 +247,9 @@ def choose_weight(labels: np.ndarray, cnn: np.ndarray, features: np.ndarray) -> 
     rows = np.arange(len(labels))
     curve = []
     for w in WEIGHT_GRID:
-        mix = (1 - w) * cnn + w * features
-        log_loss = float(-np.mean(np.log(np.clip(mix[rows, labels], 1e-12, None))))
-        curve.append({"weight": float(w), "auc": compute_metrics(labels, mix)["auc"], "log_loss": log_loss})
+        mixed = mix(cnn, features, w)
+        log_loss = float(-np.mean(np.log(np.clip(mixed[rows, labels], 1e-12, None))))
+        curve.append({"weight": float(w), "auc": compute_metrics(labels, mixed)["auc"], "log_loss": log_loss})
     if weight_criterion(cnn.shape[1]) == "log_loss":
         best = min(curve, key=lambda c: (round(c["log_loss"], 12), c["weight"]))
         return best["weight"], curve
@@ -339,7 +339,8 @@ def fit_fusion(run_dir: Path, prepared, oof_ids: list[str], oof_folds: np.ndarra
         ``{"weight", "curve", "oof_auc": {"cnn", "features", "fused"}, "oof": fused OOF (N, K),
         "test_features": (M, K) or None, "test_ids"}``.
     """
-    from medvox.engine.artifacts import write_json, write_predictions
+    from medvox.metrics.decision import Decision
+    from medvox.run import write_json, write_predictions
 
     out_dir = Path(run_dir) / "features"
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -356,18 +357,20 @@ def fit_fusion(run_dir: Path, prepared, oof_ids: list[str], oof_folds: np.ndarra
     x_oof, x_test = x_all[: len(oof_ids)], x_all[len(oof_ids):]
     (out_dir / "plan.json").unlink(missing_ok=True)
     if src is not prepared:
-        write_json(src.plan, out_dir / "plan.json")
+        write_json(out_dir / "plan.json", src.plan)
     classes = list(prepared.classes)
     p_oof, p_test, docs = fit_fold_models(x_oof, oof_labels, oof_folds, x_test, names, classes, seed)
     for f, doc in docs.items():
-        write_json(doc, out_dir / f"fold_{f}.json")
+        write_json(out_dir / f"fold_{f}.json", doc)
     groups = [src.cases[index[cid]].group for cid in oof_ids]
-    write_predictions(out_dir / "oof_predictions.csv", list(oof_ids), groups, oof_labels, p_oof, classes)
+    why = "the descriptor model alone (its fold models' out-of-fold probabilities; the run decides on the mixture)"
+    write_predictions(out_dir / "oof_predictions.csv", list(oof_ids), groups, oof_labels, p_oof, classes,
+                      Decision.argmax(classes, why))
     if len(test_rows):
         write_predictions(out_dir / "test_predictions.csv", test_ids, [prepared.cases[i].group for i in test_rows],
-                          prepared.labels[test_rows], p_test, classes)
+                          prepared.labels[test_rows], p_test, classes, Decision.argmax(classes, why))
     weight, curve = choose_weight(oof_labels, oof_cnn, p_oof)
-    fused = (1 - weight) * oof_cnn + weight * p_oof
+    fused = mix(oof_cnn, p_oof, weight)
     criterion = weight_criterion(len(classes))
     # the curve holds both scores of the CNN alone (w = 0), the descriptors alone (w = 1) and the chosen mixture
     ends = {"cnn": curve[0], "features": curve[-1], "fused": next(c for c in curve if c["weight"] == weight)}
@@ -380,7 +383,7 @@ def fit_fusion(run_dir: Path, prepared, oof_ids: list[str], oof_folds: np.ndarra
            "oof_auc": auc, "curve": curve, "n_features": len(names),
            "grid": {"target_shape": list(src.plan["target_shape"]), "target_spacing": list(src.plan["target_spacing"]),
                     "same_as_input": src is prepared}}
-    write_json(doc, out_dir / "fusion.json")
+    write_json(out_dir / "fusion.json", doc)
     log.info("feature fusion: weight %.2f of the feature model (OOF %s)", weight, fusion_scores(doc))
     return {**doc, "oof": fused, "test_features": p_test if len(test_rows) else None, "test_ids": test_ids}
 
@@ -414,6 +417,11 @@ def load_fusion(run_dir: Path) -> dict[str, Any] | None:
     return {"weight": float(doc["weight"]), "models": models, "plan": plan}
 
 
+def mix(cnn: np.ndarray, features: np.ndarray, weight: float) -> np.ndarray:
+    """The fused probabilities ``(1 - weight) * cnn + weight * features``."""
+    return (1 - weight) * np.asarray(cnn) + weight * np.asarray(features)
+
+
 def fuse_probs(fusion: dict[str, Any], cnn: np.ndarray, volumes: np.ndarray) -> np.ndarray:
     """``(1 - w) * cnn + w * p_features``: the fold feature models' mean on ``volumes`` (N, C, D, H, W), which
     the caller has preprocessed with ``fusion["plan"]`` when there is one (else with the CNN's plan)."""
@@ -423,4 +431,4 @@ def fuse_probs(fusion: dict[str, Any], cnn: np.ndarray, volumes: np.ndarray) -> 
         raise ValueError("the volumes' descriptors differ from those the feature model was fitted on "
                          f"({len(names)} vs {len(models[0]['features'])}): other channels?")
     p = np.mean([predict_json(m, x) for m in models], axis=0)
-    return (1 - fusion["weight"]) * cnn + fusion["weight"] * p
+    return mix(cnn, p, fusion["weight"])

@@ -1,222 +1,606 @@
-"""Read a finished (or partly finished) cross-validation run folder back into memory.
+"""The run folder, read and written in one place.
 
-The report and the model comparison read the same things: ``cv_summary.json``, the folds' JSON files,
-and the prediction CSVs. Everything optional is ``None`` when absent, and :attr:`Run.notes` says in
-words what is missing or unusual (no test set, EMA off, one fold), so a page can show it.
+Every file name of a run is defined here once; :func:`write_json` is the one (atomic, JSON-safe) writer,
+:func:`write_predictions` / :func:`read_predictions` the one predictions-CSV format, and :class:`Run` opens
+a run folder (``medvox cv``) or a fold folder (``medvox train``) for every consumer: the cv summary, the
+report, compare, predict, explain and export.
+
+Layout of a cross-validation run::
+
+    <output>/<run>/
+        cv_summary.json          format_version, decision, calibration, members, pooled OOF and test metrics
+        cv_table.md              the same figures as a table
+        oof_predictions.csv      every case's out-of-fold prediction (raw, calibrated, final) + the decision
+        test_predictions.csv     the fold ensemble on the held-out test set, same columns
+        features/                the descriptor model when the run is fused (fusion.json, fold_<k>.json)
+        fold_<k>/                config.json, plan.json, splits.json, run_info.json, metrics.json,
+                                 calibration.json, val_predictions.csv, best.pt, best_ema.pt, last.pt, ...
+
+A predictions CSV holds ``case_id, patient_id, label, prob_<class>..., predicted, decision`` and, where they
+differ from ``prob_``, ``raw_prob_<class>...`` and ``calibrated_prob_<class>...``; ``prob_`` are the
+probabilities the decision applies to (its cell says which: raw, calibrated or fused), so ``predicted``
+follows from the row and its ``decision`` cell alone (:meth:`medvox.metrics.decision.Decision.from_cell`).
+
+Example:
+    >>> run = Run.open("results/resnet50")            # doctest: +SKIP
+    >>> run.decision.text(), run.oof().probs.shape    # doctest: +SKIP
+    ('calibrated p(malignant) >= 0.509', (160, 2))
 """
 
 from __future__ import annotations
 
+import csv
 import json
+import os
 import re
+import socket
+import tempfile
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from medvox.errors import DataError, MedvoxError
+from medvox.metrics.classification import to_jsonable
+from medvox.metrics.decision import Decision
 
+FORMAT_VERSION = 1
+
+# every file of a run folder
+CV_SUMMARY = "cv_summary.json"
+CV_TABLE = "cv_table.md"
+OOF_PREDICTIONS = "oof_predictions.csv"
+TEST_PREDICTIONS = "test_predictions.csv"
+REPORT = "report.html"
+FEATURES = "features"
+FUSION = "fusion.json"
+LOCK = ".medvox.lock"
+# every file of a fold folder
+CONFIG = "config.json"
+PLAN = "plan.json"
+SPLITS = "splits.json"
+RUN_INFO = "run_info.json"
+METRICS = "metrics.json"
+CALIBRATION = "calibration.json"
+VAL_PREDICTIONS = "val_predictions.csv"
+SKIPPED = "skipped_cases.json"
+PRETRAINED_REPORT = "pretrained_report.json"
+TRAIN_LOG = "train.log"
+BEST = "best.pt"
+BEST_EMA = "best_ema.pt"
+LAST = "last.pt"
+
+_FOLD_RE = re.compile(r"fold_(\d+)")
+
+
+class RunError(MedvoxError):
+    """A run folder that is missing, incomplete or inconsistent (exit code 5)."""
+
+    exit_code = 5
+
+
+def fold_name(k: int) -> str:
+    return f"fold_{int(k)}"
+
+
+# -- JSON ----------------------------------------------------------------------------------------------------
+def write_json(path: str | Path, obj: Any) -> Path:
+    """Write ``obj`` as JSON, atomically (a temporary file renamed over ``path``) and JSON-safe (NumPy and torch
+    types converted, NaN -> null), readable by the group like the checkpoints."""
+    path = Path(path)
+    text = json.dumps(to_jsonable(obj), indent=2, allow_nan=False) + "\n"
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def read_json(path: str | Path) -> dict[str, Any] | None:
+    """A JSON file as a dict; ``None`` when it is missing or not a JSON object."""
+    try:
+        doc = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return doc if isinstance(doc, dict) else None
+
+
+# -- predictions CSV ---------------------------------------------------------------------------------------------
 @dataclass
 class Predictions:
-    """One predictions CSV: its rows (as read), integer labels ``(N,)`` and probabilities ``(N, K)``."""
+    """One predictions CSV.
 
-    rows: list[dict[str, str]]
+    Attributes:
+        ids, groups: case and patient ids ``(N,)``.
+        labels: label indices ``(N,)``, ``-1`` where the label is unknown.
+        probs: ``(N, K)`` the probabilities ``decision`` applies to (``prob_`` columns).
+        raw, calibrated: ``(N, K)`` when the file holds them (else the same as ``probs`` where
+            ``decision.probabilities`` says so, or None).
+        decision: the decision ``predicted`` follows from.
+        extra: further columns by name (``fold``, ``spread``, ``source``, ``status``, ...).
+    """
+
+    ids: list[str]
+    groups: list[str]
     labels: np.ndarray
     probs: np.ndarray
     classes: list[str]
+    decision: Decision
+    raw: np.ndarray | None = None
+    calibrated: np.ndarray | None = None
+    extra: dict[str, list[str]] = field(default_factory=dict)
 
     @property
     def n(self) -> int:
-        return len(self.rows)
+        return len(self.ids)
 
     @property
-    def ids(self) -> list[str]:
-        return [r["case_id"] for r in self.rows]
+    def predicted(self) -> list[str]:
+        return self.decision.labels(self.probs)
+
+    @property
+    def folds(self) -> np.ndarray | None:
+        return None if "fold" not in self.extra else np.array([int(v) for v in self.extra["fold"]])
+
+    def labelled(self) -> Predictions:
+        """The rows whose label is known."""
+        keep = self.labels >= 0
+        pick = (lambda a: None if a is None else a[keep])  # noqa: E731
+        return Predictions([i for i, k in zip(self.ids, keep, strict=True) if k],
+                           [g for g, k in zip(self.groups, keep, strict=True) if k], self.labels[keep],
+                           self.probs[keep], self.classes, self.decision, pick(self.raw), pick(self.calibrated),
+                           {c: [v for v, k in zip(vals, keep, strict=True) if k] for c, vals in self.extra.items()})
 
 
-@dataclass
-class Fold:
-    name: str
-    path: Path
-    metrics: dict[str, Any] | None
-    calibration: dict[str, Any] | None
+def _fmt_prob(p: float) -> str:
+    return format(float(p), ".9g")
 
 
-@dataclass
-class Run:
-    """What a run folder holds; missing pieces are ``None`` / empty and listed in ``notes``."""
-
-    path: Path
-    name: str
-    summary: dict[str, Any] | None
-    folds: list[Fold]
-    classes: list[str]
-    config: dict[str, Any]
-    plan: dict[str, Any]
-    run_info: dict[str, Any]
-    splits: dict[str, Any]
-    fingerprint: dict[str, Any] | None
-    oof: Predictions | None
-    test: Predictions | None
-    notes: list[str] = field(default_factory=list)
+def _as_written(a: np.ndarray) -> np.ndarray:
+    """``a`` rounded as a predictions CSV stores it (9 significant digits)."""
+    return np.vectorize(lambda v: float(_fmt_prob(v)), otypes=[np.float64])(a) if a.size else a
 
 
-def read_json(path: Path) -> dict[str, Any] | None:
-    """A JSON file as a dict, or ``None`` when it is missing or unreadable."""
+def write_predictions(path: str | Path, ids: list[str], groups: list[str], labels: np.ndarray, probs: np.ndarray,
+                      classes: list[str], decision: Decision, *, raw: np.ndarray | None = None,
+                      calibrated: np.ndarray | None = None, extra: dict[str, list[Any]] | None = None) -> Path:
+    """Write a predictions CSV (see the module docstring), atomically; ``labels`` -1: unknown (empty cell).
+
+    ``probs`` are the probabilities ``decision`` applies to; ``raw`` / ``calibrated`` are added as their own
+    columns when given and different from ``probs``. The file is read back the same by :func:`read_predictions`
+    (9 significant digits: every figure computed from the file equals one computed from what it read).
+
+    A row whose ``extra["status"]`` is not ``"ok"`` (an input that could not be predicted) is kept with empty
+    probability and ``predicted`` cells; its ``probs`` rows are ignored (NaN is fine)."""
+    path = Path(path)
+    probs = np.asarray(probs, dtype=np.float64).reshape(len(ids), len(classes))
+    probs = _as_written(probs)  # decided on the values as the file holds them: `predicted` follows from the file
+    extra = dict(extra or {})
+    ok = np.array([s == "ok" for s in extra["status"]] if "status" in extra else [True] * len(ids), dtype=bool)
+    sets = [(f"{name}_prob_", _as_written(np.asarray(a, dtype=np.float64).reshape(probs.shape)))
+            for name, a in (("raw", raw), ("calibrated", calibrated)) if a is not None]
+    sets = [(prefix, a) for prefix, a in sets if not np.array_equal(a[ok], probs[ok])]
+    decided = iter(decision.labels(probs[ok]) if ok.any() else [])
+    predicted = [next(decided) if k else "" for k in ok]
+    cell = decision.to_cell()
+
+    def cells(a: np.ndarray, i: int) -> list[str]:
+        return list(map(_fmt_prob, a[i])) if ok[i] else [""] * len(classes)
+
+    header = ["case_id", "patient_id", "label", *[f"prob_{c}" for c in classes], "predicted", "decision",
+              *[f"{prefix}{c}" for prefix, _ in sets for c in classes], *extra]
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        return None
+        with os.fdopen(fd, "w", newline="", encoding="utf-8") as fh:
+            writer = csv.writer(fh)
+            writer.writerow(header)
+            for i, cid in enumerate(ids):
+                label = classes[int(labels[i])] if int(labels[i]) >= 0 else ""
+                writer.writerow([cid, groups[i], label, *cells(probs, i), predicted[i], cell,
+                                 *[v for _, a in sets for v in cells(a, i)], *[values[i] for values in extra.values()]])
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
 
 
-def read_predictions_csv(path: Path, classes: list[str] | None = None) -> Predictions | None:
-    """A predictions CSV (``case_id, ..., label, prob_<class>...``); rows without a known label are dropped.
-
-    Raises:
-        ValueError: the CSV's ``prob_`` columns do not match ``classes``.
-    """
-    from medvox.cv.summary import read_predictions
-
-    if not Path(path).is_file():
-        return None
-    rows, found = read_predictions(Path(path))
-    if classes is not None and found and found != list(classes):
-        raise ValueError(f"{path}: probability columns {found} do not match the run's classes {list(classes)}")
-    classes = found or list(classes or [])
-    index = {c: i for i, c in enumerate(classes)}
-    rows = [r for r in rows if r.get("label") in index]
-    if not rows:
-        return None
-    labels = np.array([index[r["label"]] for r in rows], dtype=np.int64)
-    probs = np.array([[float(r[f"prob_{c}"]) for c in classes] for r in rows], dtype=np.float64)
-    return Predictions(rows, labels, probs, classes)
-
-
-def load_run(path: Path) -> Run:
-    """Load a run folder (``<output>/<run>``).
+def read_predictions(path: str | Path, classes: list[str] | None = None) -> Predictions:
+    """A predictions CSV written by :func:`write_predictions`: its ``ok`` rows (a row whose ``status`` column says
+    otherwise, an input that could not be predicted, is left out).
 
     Raises:
-        FileNotFoundError: the folder is missing or holds neither ``cv_summary.json`` nor ``fold_<k>``.
+        RunError: the file is missing or not such a CSV, its ``prob_`` columns differ from ``classes``, or a
+            ``predicted`` value does not follow from its row and decision.
     """
     path = Path(path)
-    if not path.is_dir():
-        raise FileNotFoundError(f"run folder {path} does not exist")
-    summary = read_json(path / "cv_summary.json")
-    fold_dirs = sorted((p for p in path.glob("fold_*") if p.is_dir() and re.fullmatch(r"fold_\d+", p.name)),
-                       key=lambda p: int(p.name.split("_")[1]))
-    if summary is None and not fold_dirs:
-        raise FileNotFoundError(f"{path} is not a medvox run folder (no cv_summary.json and no fold_<k>/ folders)")
-    folds = [Fold(d.name, d, read_json(d / "metrics.json"), read_json(d / "calibration.json")) for d in fold_dirs]
-    first = _first(fold_dirs, "config.json"), _first(fold_dirs, "plan.json")
-    config, plan = first[0] or {}, first[1] or {}
-    classes = list((summary or {}).get("classes") or next(
-        (f.metrics["classes"] for f in folds if f.metrics and f.metrics.get("classes")), plan.get("classes") or []))
-    run = Run(path=path, name=path.name, summary=summary, folds=folds, classes=classes, config=config, plan=plan,
-              run_info=_first(fold_dirs, "run_info.json") or {}, splits=_first(fold_dirs, "splits.json") or {},
-              fingerprint=find_fingerprint(config, plan, _first(fold_dirs, "run_info.json") or {}),
-              oof=read_final_oof(path, summary, classes or None),
-              test=read_predictions_csv(path / "test_predictions.csv", classes or None))
-    run.notes = _notes(run)
-    return run
+    try:
+        with open(path, newline="", encoding="utf-8") as fh:
+            rows = list(csv.DictReader(fh))
+            header = list(rows[0].keys()) if rows else []
+    except OSError as exc:
+        raise RunError(f"{path}: cannot be read ({exc.strerror or exc})") from None
+    found = [c[len("prob_"):] for c in header if c.startswith("prob_")]
+    if not rows or not found or "decision" not in header:
+        raise RunError(f"{path} is not a medvox predictions file of format {FORMAT_VERSION} (no rows, prob_ or "
+                       "decision column): run the command that writes it again")
+    if classes is not None and found != list(classes):
+        raise RunError(f"{path}: probability columns {found} do not match the run's classes {list(classes)}")
+    index = {c: i for i, c in enumerate(found)}
+    ok = [r for r in rows if r.get("status", "ok") == "ok"]
+
+    def matrix(prefix: str) -> np.ndarray | None:
+        if f"{prefix}{found[0]}" not in header:
+            return None
+        return np.array([[float(r[f"{prefix}{c}"]) for c in found] for r in ok], dtype=np.float64).reshape(-1, len(found))
+
+    cell = next((r["decision"] for r in rows if r.get("decision")), None)
+    try:
+        decision = Decision.from_cell(cell, found) if cell else Decision.argmax(found)
+        probs = matrix("prob_")
+    except ValueError as exc:
+        raise RunError(f"{path}: {exc}") from None
+    raw, calibrated = matrix("raw_prob_"), matrix("calibrated_prob_")
+    if decision.probabilities == "raw" and raw is None:
+        raw = probs
+    if decision.probabilities == "calibrated" and calibrated is None:
+        calibrated = probs
+    labels = np.array([index.get(r.get("label", ""), -1) for r in ok], dtype=np.int64)
+    wrong = [r["case_id"] for r, p in zip(ok, decision.labels(probs), strict=True) if r["predicted"] != p]
+    if wrong:
+        raise RunError(f"{path}: 'predicted' of {len(wrong)} row(s) (first: {wrong[0]}) does not follow from the "
+                       f"row's probabilities and its decision ({decision.text()}): the file was edited")
+    known = {"case_id", "patient_id", "label", "predicted", "decision"}
+    extra = {c: [r[c] for r in ok] for c in header
+             if c not in known and not c.startswith(("prob_", "raw_prob_", "calibrated_prob_"))}
+    return Predictions([r["case_id"] for r in ok], [r.get("patient_id", "") for r in ok], labels, probs, found,
+                       decision, raw, calibrated, extra)
 
 
-def read_final_oof(path: Path, summary: dict[str, Any] | None, classes: list[str] | None = None) -> Predictions | None:
-    """The run's final pooled out-of-fold predictions, the ones its decision threshold rests on: the fused
-    ones (``oof_fused_predictions.csv``, already calibrated) or ``oof_predictions.csv`` with each fold
-    rescaled by its own temperature (``cv_summary.json``'s ``calibration``), so a plain run and a fused one
-    are compared on the same footing. Raw while the run holds no temperatures (not finished)."""
-    from medvox.cv.summary import rescale_folds
+# -- a lock on a folder ----------------------------------------------------------------------------------------
+class RunLock:
+    """An exclusive lock on a folder for the whole time one process writes it.
 
-    fused = read_predictions_csv(path / "oof_fused_predictions.csv", classes)
-    if fused is not None:
-        return fused
-    raw = read_predictions_csv(path / "oof_predictions.csv", classes)
-    calibration = (summary or {}).get("calibration") or []
-    if raw is None or not calibration or any("fold" not in r for r in raw.rows):
-        return raw
-    folds = np.array([int(r["fold"]) for r in raw.rows])
-    if folds.max() >= len(calibration):
-        return raw
-    return Predictions(raw.rows, raw.labels, rescale_folds(raw.probs, folds, calibration), raw.classes)
-
-
-def _first(dirs: list[Path], name: str) -> dict[str, Any] | None:
-    return next((d for d in (read_json(p / name) for p in dirs) if d is not None), None)
-
-
-def find_fingerprint(config: dict[str, Any], plan: dict[str, Any], run_info: dict[str, Any]) -> dict | None:
-    """The dataset fingerprint from the preprocessing cache (``<cache>/<data hash>/<plan hash>/``), if still there.
-
-    The run folder stores the plan, not the fingerprint; the cache folder whose ``plan.json`` equals the
-    run's plan holds the fingerprint it was made from.
+    The lock file (created with ``O_EXCL``) names the holder's pid and host; a second writer is refused at
+    once with them; a lock left by a dead process on this host is taken over.
     """
-    from medvox.config import DataConfig
-    from medvox.data.cache import cache_root
 
-    # the cache folder's name; runs from before run_info.json had "cache_dataset" stored it as "data_hash"
-    data_hash = run_info.get("cache_dataset") or run_info.get("data_hash")
-    if not data_hash or not plan:
-        return None
-    root = cache_root(DataConfig(cache_dir=(config.get("data") or {}).get("cache_dir")))
-    for plan_file in sorted((root / str(data_hash)).glob("*/plan.json")):
-        if read_json(plan_file) == plan:
-            return read_json(plan_file.parent / "fingerprint.json")
-    return None
+    def __init__(self, folder: str | Path, what: str = "run"):
+        self.path = Path(folder) / LOCK
+        self.what = what
+        self._held = False
 
+    def __enter__(self) -> RunLock:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        me = {"pid": os.getpid(), "host": socket.gethostname()}
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                holder = read_json(self.path) or {}
+                if holder.get("pid") == me["pid"] and holder.get("host") == me["host"]:
+                    return self  # this process holds it already (cv holds the run while a fold trains)
+                if holder.get("host") == me["host"] and not _alive(holder.get("pid")):
+                    self.path.unlink(missing_ok=True)  # a dead writer's lock
+                    continue
+                raise RunError(f"{self.path.parent} is being written by another medvox process (pid "
+                               f"{holder.get('pid', '?')} on {holder.get('host', '?')}); wait for it to finish, or "
+                               f"write to another --output / --run-name. If no such process runs, delete {self.path}")
+            with os.fdopen(fd, "w", encoding="utf-8") as fh:
+                json.dump(me, fh)
+            self._held = True
+            return self
+        raise RunError(f"could not lock {self.path.parent}")
 
-def _notes(run: Run) -> list[str]:
-    notes = []
-    if run.summary is None:
-        notes.append("cv_summary.json is missing: the cross-validation has not finished.")
-    fusion = (run.summary or {}).get("fusion")
-    if fusion:
-        notes.append(f"Fused with a descriptor model (weight {fusion['weight']:.2f}, chosen on out-of-fold AUC): the "
-                     "out-of-fold and test predictions are the mixture (oof_fused_predictions.csv).")
-    if len(run.folds) == 1:
-        notes.append("Only one fold: no spread over folds (standard deviation and CI need two or more).")
-    ema = (run.config.get("train") or {}).get("ema_decay")
-    weights = [((f.metrics or {}).get("final") or {}).get("weights") for f in run.folds]
-    if ema == 0 or (weights and all(w == "best.pt" for w in weights)):
-        notes.append("EMA was off: the final weights are the raw weights at their best epoch (best.pt).")
-    if run.summary is not None and not run.summary.get("test"):
-        notes.append("No held-out test set: only cross-validation results.")
-    if run.oof is None:
-        notes.append("oof_predictions.csv is missing: no pooled out-of-fold curves.")
-    if run.summary is not None and run.summary.get("test") and run.test is None:
-        notes.append("test_predictions.csv is missing: no test curves.")
-    for fold in run.folds:
-        if fold.metrics is None:
-            notes.append(f"{fold.name}: metrics.json is missing (the fold did not start or was deleted).")
-        elif fold.metrics.get("status") not in ("complete", "early_stopped"):
-            notes.append(f"{fold.name}: status {fold.metrics.get('status')!r} (not finished).")
-    return notes
+    def __exit__(self, *exc) -> None:
+        if self._held:
+            self.path.unlink(missing_ok=True)
+            self._held = False
 
 
-def run_source(source: Path, fold: int | None = None) -> Path:
-    """The folder (or file) whose models a command uses: ``<run>/fold_<fold>`` when a fold of a run folder is
-    asked for, else ``source``."""
-    source = Path(source)
-    if fold is not None and source.is_dir() and (source / f"fold_{fold}").is_dir():
-        return source / f"fold_{fold}"
-    return source
+def _alive(pid: Any) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except (ProcessLookupError, ValueError, TypeError):
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
-def resolve_checkpoints(source: Path, fold: int | None = None) -> list[Path]:
-    """The checkpoints a command works with: a ``.pt`` file, a fold folder's final checkpoint, a run folder's
-    (every fold's), or with ``fold`` only ``<run>/fold_<fold>``'s.
+# -- the run -----------------------------------------------------------------------------------------------------
+@dataclass
+class Fold:
+    """One fold folder of a run."""
+
+    index: int
+    path: Path
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    @cached_property
+    def metrics(self) -> dict[str, Any] | None:
+        return read_json(self.path / METRICS)
+
+    @cached_property
+    def calibration(self) -> dict[str, Any] | None:
+        return read_json(self.path / CALIBRATION)
+
+    @property
+    def finished(self) -> bool:
+        return bool(self.metrics and "final" in self.metrics)
+
+    @property
+    def final_weights(self) -> str | None:
+        """The checkpoint file name the fold's final evaluation used (``metrics.json``)."""
+        return ((self.metrics or {}).get("final") or {}).get("weights")
+
+    def final_checkpoint(self) -> Path:
+        """The fold's final checkpoint; never another one in its place.
+
+        Raises:
+            RunError: the fold is unfinished or the checkpoint its ``metrics.json`` names is missing.
+        """
+        name = self.final_weights
+        if name is None:
+            present = [n for n in (BEST_EMA, BEST) if (self.path / n).is_file()]
+            if self.metrics is None and len(present) >= 1:
+                return self.path / present[0]  # a fold folder holding only checkpoints (copied by hand)
+            raise RunError(f"{self.path}: the fold has not finished (no final weights in {METRICS}); finish it with "
+                           "`medvox cv` / `medvox train --resume`")
+        if not (self.path / name).is_file():
+            raise RunError(f"{self.path / name} is missing: it holds this fold's final weights ({METRICS}); another "
+                           "checkpoint would give other probabilities under the run's decision. Restore it, or "
+                           "retrain the fold")
+        return self.path / name
+
+
+class Run:
+    """A run folder (``medvox cv``) or one fold folder (``medvox train``), opened read-only.
+
+    Args:
+        path: the folder.
 
     Raises:
-        CheckpointError: nothing found.
+        RunError: ``path`` is not a folder, or holds neither ``cv_summary.json`` nor a fold.
     """
-    from medvox.errors import CheckpointError
-    from medvox.inference.models import final_checkpoint, find_checkpoints
 
-    source = run_source(source, fold)
-    if fold is not None and not re.fullmatch(rf"fold_{fold}", source.name):
-        raise CheckpointError(f"{source} has no fold_{fold} folder")
-    if source.is_dir() and not any(source.glob("fold_*")):  # a fold folder, with or without metrics.json
-        checkpoint = final_checkpoint(source)
-        if checkpoint is None:
-            raise CheckpointError(f"no best_ema.pt or best.pt in {source}")
-        return [checkpoint]
-    return find_checkpoints([source])
+    def __init__(self, path: str | Path):
+        path = Path(path)
+        if not path.is_dir():
+            raise RunError(f"{path}: no such run folder (give the folder `medvox cv` wrote, e.g. results/resnet50)")
+        self.path = path
+        self.name = path.name
+        self.is_fold = (path / METRICS).is_file() or (path / CONFIG).is_file() and not self._fold_dirs()
+        if not self.is_fold and not self._fold_dirs() and not (path / CV_SUMMARY).is_file():
+            raise RunError(f"{path} is not a medvox run folder (no {CV_SUMMARY} and no fold_<k>/ folders): give the "
+                           "folder `medvox cv` wrote, or one of its fold_<k> folders")
+        self.summary = read_json(path / CV_SUMMARY) if not self.is_fold else None
+        if self.summary is not None and self.summary.get("format_version") != FORMAT_VERSION:
+            raise RunError(f"{path / CV_SUMMARY} is of format {self.summary.get('format_version')!r}, this medvox reads "
+                           f"format {FORMAT_VERSION}: summarise the run again with `medvox cv` (finished folds are "
+                           "not retrained)")
+
+    @classmethod
+    def open(cls, path: str | Path) -> Run:
+        """The run (or fold) folder ``path``; see :class:`Run`."""
+        return cls(path)
+
+    def _fold_dirs(self) -> list[Path]:
+        dirs = [p for p in self.path.glob("fold_*") if p.is_dir() and _FOLD_RE.fullmatch(p.name)]
+        return sorted(dirs, key=lambda p: int(p.name.split("_")[1]))
+
+    @cached_property
+    def folds(self) -> list[Fold]:
+        if self.is_fold:
+            m = _FOLD_RE.fullmatch(self.path.name)
+            return [Fold(int(m.group(1)) if m else 0, self.path)]
+        return [Fold(int(d.name.split("_")[1]), d) for d in self._fold_dirs()]
+
+    def _first(self, name: str) -> dict[str, Any]:
+        return next((d for d in (read_json(f.path / name) for f in self.folds) if d is not None), {})
+
+    @cached_property
+    def config(self) -> dict[str, Any]:
+        """The resolved config the run was trained with (its first fold's ``config.json``), as a dict."""
+        return self._first(CONFIG)
+
+    @cached_property
+    def plan(self) -> dict[str, Any]:
+        return self._first(PLAN)
+
+    @cached_property
+    def run_info(self) -> dict[str, Any]:
+        return self._first(RUN_INFO)
+
+    @cached_property
+    def splits(self) -> dict[str, Any]:
+        return self._first(SPLITS)
+
+    @cached_property
+    def classes(self) -> list[str]:
+        if self.summary and self.summary.get("classes"):
+            return list(self.summary["classes"])
+        found = next((f.metrics["classes"] for f in self.folds if f.metrics and f.metrics.get("classes")), None)
+        return list(found or self.plan.get("classes") or [])
+
+    @property
+    def finished(self) -> bool:
+        """A cv run with its summary, or a fold that ran to its end."""
+        return self.summary is not None if not self.is_fold else self.folds[0].finished
+
+    @property
+    def temperatures(self) -> list[float]:
+        """One temperature per fold (1.0 where none was fitted)."""
+        cal = (self.summary or {}).get("calibration") or [f.calibration for f in self.folds]
+        return [float((c or {}).get("temperature") or 1.0) for c in cal]
+
+    @property
+    def decision(self) -> Decision:
+        """The run's decision: a cv run's (chosen on its pooled calibrated out-of-fold predictions), a fold's
+        (chosen on its validation set, moved through its temperature for calibrated probabilities), else the
+        argmax with the reason."""
+        if self.summary is not None:
+            return Decision.from_json(self.summary["decision"])
+        if self.is_fold:
+            fold = self.folds[0]
+            recorded = (((fold.metrics or {}).get("final") or {}).get("val") or {}).get("decision")
+            if recorded:
+                return Decision.from_json(recorded).through_temperature(self.temperatures[0])
+            return Decision.argmax(self.classes, f"{fold.path / METRICS} records no decision")
+        return Decision.argmax(self.classes, f"{self.path} has no {CV_SUMMARY} (the cross-validation is unfinished)")
+
+    @cached_property
+    def fusion(self) -> dict[str, Any] | None:
+        """The descriptor model (``features/fusion.json`` with its fold models and grid), or None when the run is
+        not fused or its weight is 0."""
+        if self.is_fold or not (self.summary or {}).get("fusion"):
+            return None
+        folder = self.path / FEATURES
+        doc = read_json(folder / FUSION)
+        models = [read_json(p) for p in sorted(folder.glob("fold_*.json"))]
+        if doc is None or not models or any(m is None for m in models):
+            raise RunError(f"{folder}: the run is fused with a descriptor model ({CV_SUMMARY}) but its files are "
+                           "missing or damaged; summarise the run again with `medvox cv`")
+        if not doc.get("weight"):
+            return None
+        return {**doc, "weight": float(doc["weight"]), "models": models, "plan": read_json(folder / PLAN)}
+
+    def members(self, allow_missing: bool = False) -> list[Path]:
+        """The final checkpoint of every fold: the models the run's figures and decision come from.
+
+        Raises:
+            RunError: a fold is unfinished or its final checkpoint is missing (``allow_missing``: those folds are
+                left out instead, :meth:`member_problems` says which; the caller must then not use the run's
+                decision).
+        """
+        out, problems = self._member_check()
+        if problems and not allow_missing:
+            raise RunError(problems[0] + (f" ({len(problems) - 1} more problem(s))" if len(problems) > 1 else ""))
+        if not out:
+            raise RunError(f"{self.path}: no fold has its final checkpoint")
+        return out
+
+    def member_problems(self) -> list[str]:
+        """Why :meth:`members` lacks a fold's final checkpoint, one line per problem (empty: all are there)."""
+        return self._member_check()[1]
+
+    def _member_check(self) -> tuple[list[Path], list[str]]:
+        out, problems = [], []
+        for fold in self.folds:
+            try:
+                out.append(fold.final_checkpoint())
+            except RunError as exc:
+                problems.append(str(exc))
+        recorded = (self.summary or {}).get("members")
+        if recorded and len(self.folds) != len(recorded):
+            problems.append(f"{self.path}: {CV_SUMMARY} names {len(recorded)} fold models, the folder holds "
+                            f"{len(self.folds)} fold folders")
+        return out, problems
+
+    def oof(self) -> Predictions | None:
+        """The pooled out-of-fold predictions (``oof_predictions.csv``), None before the summary."""
+        path = self.path / OOF_PREDICTIONS
+        return read_predictions(path, self.classes or None) if path.is_file() else None
+
+    def test(self) -> Predictions | None:
+        """The test ensemble's predictions (``test_predictions.csv``), None without a test set."""
+        path = self.path / TEST_PREDICTIONS
+        return read_predictions(path, self.classes or None) if path.is_file() else None
+
+    def experiment_config(self):
+        """The run's config as an :class:`~medvox.config.ExperimentConfig`.
+
+        Raises:
+            RunError: ``config.json`` is missing or does not describe a valid config.
+        """
+        from medvox.config import ConfigError, from_dict
+
+        if not self.config:
+            raise RunError(f"{self.path}: no readable {CONFIG} in its fold folders")
+        try:
+            return from_dict(self.config)
+        except (ConfigError, TypeError, ValueError) as exc:
+            raise RunError(f"{self.path}: {CONFIG} is not a medvox config ({exc})") from None
+
+    @cached_property
+    def fingerprint(self) -> dict[str, Any] | None:
+        """The dataset fingerprint from the preprocessing cache (``<cache>/<data hash>/<plan hash>/``), if still
+        there: the cache folder whose ``plan.json`` equals the run's plan holds the one it was made from."""
+        from medvox.config import DataConfig
+        from medvox.data.cache import cache_root
+
+        data_hash = self.run_info.get("cache_dataset")
+        if not data_hash or not self.plan:
+            return None
+        root = cache_root(DataConfig(cache_dir=(self.config.get("data") or {}).get("cache_dir")))
+        for plan_file in sorted((root / str(data_hash)).glob(f"*/{PLAN}")):
+            if read_json(plan_file) == self.plan:
+                return read_json(plan_file.parent / "fingerprint.json")
+        return None
+
+    @cached_property
+    def notes(self) -> list[str]:
+        """What is missing or unusual, in words, for a page to show."""
+        notes = []
+        s = self.summary
+        if s is None and not self.is_fold:
+            notes.append(f"{CV_SUMMARY} is missing: the cross-validation has not finished.")
+        fusion = (s or {}).get("fusion")
+        if fusion:
+            notes.append(f"Fused with a descriptor model (weight {fusion['weight']:.2f}, chosen on out-of-fold "
+                         f"{fusion.get('criterion', 'AUC')}): the out-of-fold and test probabilities are the mixture.")
+        if len(self.folds) == 1:
+            notes.append("Only one fold: no spread over folds (standard deviation and CI need two or more).")
+        ema = (self.config.get("train") or {}).get("ema_decay")
+        weights = [f.final_weights for f in self.folds]
+        if ema == 0 or (weights and all(w == BEST for w in weights)):
+            notes.append("The final weights are the raw weights at their best epoch (best.pt), not the EMA's.")
+        if s is not None and not s.get("test"):
+            notes.append("No held-out test set: only cross-validation results.")
+        for fold in self.folds:
+            if fold.metrics is None:
+                notes.append(f"{fold.name}: {METRICS} is missing (the fold did not start or was deleted).")
+            elif fold.metrics.get("status") not in ("complete", "early_stopped"):
+                notes.append(f"{fold.name}: status {fold.metrics.get('status')!r} (not finished).")
+        return notes
+
+
+def require_output_file(path: str | Path, what: str = "--out") -> Path:
+    """An output file path checked before any work starts: not a folder, its folder creatable and writable (a
+    file is created there and removed again; an existing file must be writable).
+
+    Raises:
+        DataError: naming the path and the fix.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise DataError(f"{what} {path} is a folder; give a file name, e.g. {path / 'predictions.csv'}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise DataError(f"{what} {path}: cannot create its folder ({exc.strerror or exc})") from None
+    try:
+        with tempfile.NamedTemporaryFile(prefix=f".{path.name}.", suffix=".probe", dir=path.parent):
+            pass
+        if path.exists():
+            with open(path, "r+b"):
+                pass
+    except OSError as exc:
+        raise DataError(f"{what} {path}: cannot be written ({exc.strerror or exc}); give a path in a folder you "
+                        "can write to") from None
+    return path
+
+
+__all__ = ["FORMAT_VERSION", "Fold", "Predictions", "Run", "RunError", "RunLock", "read_json",
+           "read_predictions", "require_output_file", "write_json", "write_predictions"]

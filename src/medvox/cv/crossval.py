@@ -25,28 +25,30 @@ def run_cv(cfg: ExperimentConfig, tta: bool = True) -> dict:
 
 
 def _run_cv(cfg: ExperimentConfig, tta: bool) -> dict:
+    from medvox.cv.summary import format_table, summarize
     from medvox.data import prepare
     from medvox.engine import train
     from medvox.inference.models import inference_device
-    from medvox.cv.summary import format_table, summarize
+    from medvox.run import CV_TABLE, RunLock
 
     run_dir = Path(cfg.train.output) / (cfg.train.run_name or cfg.model.name)
-    fold_dirs = []
-    for k in range(cfg.data.folds):
-        fold_cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, fold=k, resume=True))
-        log.info("=== fold %d/%d ===", k + 1, cfg.data.folds)
-        train(fold_cfg)
-        fold_dirs.append(run_dir / f"fold_{k}")
-    prepared = prepare(cfg.data, progress=False)
-    features_from = None
-    if cfg.train.feature_fusion:
-        from medvox.descriptors import feature_data
+    with RunLock(run_dir, "run"):
+        fold_dirs = []
+        for k in range(cfg.data.folds):
+            fold_cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, fold=k, resume=True))
+            log.info("=== fold %d/%d (fold_%d) ===", k + 1, cfg.data.folds, k)
+            train(fold_cfg)
+            fold_dirs.append(run_dir / f"fold_{k}")
+        prepared = prepare(cfg.data, progress=False)
+        features_from = None
+        if cfg.train.feature_fusion:
+            from medvox.descriptors import feature_data
 
-        features_from = feature_data(cfg.data, prepared, cfg.train.feature_grid)
-    summary = summarize(run_dir, fold_dirs, prepared, tta=tta, threshold_rule=cfg.train.threshold_rule,
-                        feature_fusion=cfg.train.feature_fusion, seed=cfg.train.seed, features_from=features_from,
-                        device=inference_device(cfg.train.gpu or cfg.train.multi_gpu))
-    table = format_table(summary)
-    (run_dir / "cv_table.md").write_text(table + "\n", encoding="utf-8")
+            features_from = feature_data(cfg.data, prepared, cfg.train.feature_grid)
+        summary = summarize(run_dir, fold_dirs, prepared, tta=tta, threshold_rule=cfg.train.threshold_rule,
+                            feature_fusion=cfg.train.feature_fusion, seed=cfg.train.seed, features_from=features_from,
+                            device=inference_device(cfg.train.gpu or cfg.train.multi_gpu))
+        table = format_table(summary)
+        (run_dir / CV_TABLE).write_text(table + "\n", encoding="utf-8")
     log.info("cross-validation of %s over %d folds:\n%s", cfg.model.name, cfg.data.folds, table)
     return summary

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import sys
@@ -9,24 +10,56 @@ from pathlib import Path
 
 from medvox.config import ConfigError, ExperimentConfig, validate
 from medvox.errors import CheckpointError, DataError
+from medvox.run import RunLock
 
 log = logging.getLogger("medvox")
 
 
-def _setup_logging(run_dir: Path | None, is_zero: bool) -> None:
-    log.setLevel(logging.INFO if is_zero else logging.WARNING)
-    log.propagate = False
-    for h in list(log.handlers):
-        if getattr(h, "_medvox", False):
-            log.removeHandler(h)
-            h.close()
-    handlers = [logging.StreamHandler(sys.stdout)]
-    if run_dir is not None and is_zero:
-        handlers.append(logging.FileHandler(run_dir / "train.log", encoding="utf-8"))
-    for h in handlers:
-        h.setFormatter(logging.Formatter("%(message)s"))
-        h._medvox = True
-        log.addHandler(h)
+@contextlib.contextmanager
+def _library_logging():
+    """The ``medvox`` logger while :func:`train` runs, undone when it returns.
+
+    The host's handlers, the logger's propagation and any level the host (or the CLI) chose are left alone.
+    Only when nobody chose a level for ``medvox`` is it INFO for the call, so the fold's ``train.log`` records
+    every epoch (at Python's default WARNING it would hold the warnings only); on DDP ranks other than 0 a filter
+    keeps the warnings and errors only, so one line is not logged once per process.
+    """
+    unset = log.level == logging.NOTSET
+    if unset:
+        log.setLevel(logging.INFO)
+    log.addFilter(_rank_zero_or_warning)
+    try:
+        yield
+    finally:
+        log.removeFilter(_rank_zero_or_warning)
+        if unset:
+            log.setLevel(logging.NOTSET)
+
+
+def _rank_zero_or_warning(record: logging.LogRecord) -> bool:
+    """True for a warning or worse, and for every record of the process of rank 0 (or without DDP)."""
+    dist = sys.modules.get("torch.distributed")  # imported by the trainer; never imported here for a filter
+    if record.levelno >= logging.WARNING or dist is None or not (dist.is_available() and dist.is_initialized()):
+        return True
+    return dist.get_rank() == 0
+
+
+@contextlib.contextmanager
+def _train_log(run_dir: Path, is_zero: bool):
+    """The fold's ``train.log`` (rank 0): a file handler on the ``medvox`` logger, removed and closed after."""
+    if not is_zero:
+        yield
+        return
+    from medvox.run import TRAIN_LOG
+
+    handler = logging.FileHandler(run_dir / TRAIN_LOG, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    log.addHandler(handler)
+    try:
+        yield
+    finally:
+        log.removeHandler(handler)
+        handler.close()
 
 
 def _finished(run_dir: Path) -> dict | None:
@@ -58,34 +91,88 @@ def _check_model_and_weights(cfg: ExperimentConfig) -> None:
                               "the flag out to train from scratch")
 
 
-def check_resume_plan(previous: dict | None, plan: dict, run_dir: Path) -> None:
-    """Refuse to resume a run whose checkpoint was trained on inputs of another preprocessing plan.
+# settings that say where and how fast a fold runs, not what it learns: a finished fold trained with other
+# values of these is still the same fold (fold-parallel jobs on other machines, a moved cache, more threads)
+EXECUTION_KEYS = frozenset({
+    "data.path", "data.cache_dir", "data.workers", "data.skip_bad", "data.max_volume_mb",
+    "train.fold", "train.resume", "train.output", "train.run_name", "train.plots", "train.keep_last",
+    "train.keep_resume_state", "train.safetensors", "train.threads", "train.gpu", "train.multi_gpu", "train.devices",
+    "train.compile", "train.channels_last", "train.precision", "train.amp", "train.num_nodes",
+    "train.feature_fusion", "train.feature_grid", "train.threshold_rule",
+})
 
-    The config can be the same while the plan is not: the data changed, or a newer medvox plans differently
-    (2026-11-26: anti-aliased downsampling). The rest of the run would then see other inputs than its first
-    epochs did. Nothing is written before this check.
+
+def _flat(doc: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in doc.items():
+        if isinstance(value, dict) and key != "kwargs":
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def check_same_settings(run_dir: Path, cfg: ExperimentConfig) -> None:
+    """Refuse to reuse or resume a fold folder trained with other settings than ``cfg``'s.
+
+    A finished fold is skipped and an unfinished one resumed only when its ``config.json`` equals ``cfg`` in
+    every key that changes what the model learns (all but :data:`EXECUTION_KEYS`); otherwise its results
+    would be reported as this command's. Nothing is written before this check.
+
+    Raises:
+        TrainingError: naming the differing keys, both values, and the fix.
+    """
+    from medvox.config import to_dict
+    from medvox.errors import TrainingError
+    from medvox.run import CONFIG, read_json
+
+    old = read_json(run_dir / CONFIG)
+    if old is None:
+        return
+    new = json.loads(json.dumps(to_dict(cfg), default=str))
+    old_flat, new_flat = _flat(old), _flat(new)
+    differ = sorted(k for k in set(old_flat) | set(new_flat)
+                    if k not in EXECUTION_KEYS and old_flat.get(k) != new_flat.get(k))
+    if not differ:
+        return
+    shown = "; ".join(f"{k}: {old_flat.get(k)!r} there, {new_flat.get(k)!r} now" for k in differ[:6])
+    more = f" (and {len(differ) - 6} more)" if len(differ) > 6 else ""
+    raise TrainingError(
+        f"{run_dir} was trained with other settings ({shown}{more}); nothing was changed. Its results are not "
+        f"this command's: write to a new run with --run-name NAME (or another --output), or run the command "
+        f"with the settings in {run_dir / CONFIG}")
+
+
+def check_same_plan(run_dir: Path, plan: dict) -> None:
+    """Refuse a fold folder whose inputs were preprocessed with another plan than ``plan`` (other data, or a
+    medvox that plans differently): its results would be reported as this data's.
 
     Raises:
         TrainingError: naming the plan keys that differ.
     """
     from medvox.errors import TrainingError
+    from medvox.run import PLAN, read_json
 
-    if previous is None:  # a checkpoint from before plans were saved in it
+    old = read_json(run_dir / PLAN)
+    if old is None:
         return
-    old, new = (json.loads(json.dumps(p, sort_keys=True, default=str)) for p in (previous, plan))
+    old, new = (json.loads(json.dumps(p, sort_keys=True, default=str)) for p in (old, plan))
     if old == new:
         return
     differ = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
     raise TrainingError(
-        f"--resume: {run_dir / 'last.pt'} was trained on inputs preprocessed with another plan (it differs in "
-        f"{', '.join(differ)}: the data or medvox's planning changed since the run started); nothing was changed. "
-        "Start a new run under another --output / --run-name, or resume with the medvox version and the data "
-        "the run started with."
-    )
+        f"{run_dir} was trained on inputs preprocessed with another plan (it differs in {', '.join(differ)}: the "
+        "data or its preprocessing changed); nothing was changed. Write to a new run with --run-name NAME (or "
+        "another --output)")
 
 
 def train(cfg: ExperimentConfig) -> dict:
     """Train fold ``cfg.train.fold`` and write its run folder; returns the final ``metrics.json`` content.
+
+    ``train.recipe = "auto"`` is applied here (:func:`medvox.recipe.apply_recipe`) unless the config records
+    that it was (``train.recipe_applied``, as the command line's and ``cross_validate``'s do). The progress is
+    logged on the ``logging.getLogger("medvox")`` logger, which has no handler of its own apart from the fold's
+    ``train.log``: configure logging (``logging.basicConfig(level=logging.INFO)``) to see it.
 
     Example:
         >>> from medvox.config import resolve
@@ -93,51 +180,66 @@ def train(cfg: ExperimentConfig) -> dict:
         ...                          "train.epochs": 2})
         >>> metrics = train(cfg)  # writes results/resnet10/fold_0/{best,best_ema,last}.pt, metrics.json, ...
     """
+    with _library_logging():
+        return _train(cfg)
+
+
+def _train(cfg: ExperimentConfig) -> dict:
     from medvox.data import prepare
-    from medvox.engine.setup import choose_precision, fold_dir, make_fabric, resume_state, seed_everything
-    from medvox.engine.trainer import FoldTrainer
+    from medvox.engine.setup import fold_dir, make_fabric, resume_state, seed_everything
 
     if not cfg.data.path:
         raise DataError("no data given: pass --data (a manifest .csv/.tsv, a MedMNIST .npz or a folder-per-class), "
                         "set data.path in ./medvox.yaml or --config, or set MEDVOX_DATA "
                         "(try `medvox make-demo-data demo_data` and --data demo_data/manifest.csv)")
     validate(cfg)  # a config built in code skipped resolve()'s check: every choice and range, before any data
+    from medvox.recipe import apply_recipe
+
+    cfg = apply_recipe(cfg)  # a no-op for the original recipe and for a config that records it was applied
     _check_model_and_weights(cfg)
     fabric = make_fabric(cfg.train)
     fabric.launch()
     seed_everything(cfg.train.seed, cfg.train.deterministic, cfg.train.threads,
                     processes=getattr(fabric.strategy, "num_processes", 1))  # the ranks on this node share its CPUs
-    _setup_logging(None, fabric.is_global_zero)
     run_dir = fold_dir(cfg)
+    check_same_settings(run_dir, cfg)
     done = _finished(run_dir) if cfg.train.resume else None
-    if done is not None:
-        log.info("%s is already finished (%s); nothing to resume", run_dir, done["status"])
-        return done
-    state = resume_state(cfg, run_dir)  # refuses to touch an existing run before anything is written
+    state = resume_state(cfg, run_dir) if done is None else None  # refuses to touch an existing run first
     prepared = prepare(cfg.data, progress=fabric.is_global_zero)
+    check_same_plan(run_dir, prepared.plan)
+    if done is not None:
+        log.info("%s is already finished (%s) with these settings: reused", run_dir, done["status"])
+        return done
     if state is not None:
-        check_resume_plan(state.get("plan"), prepared.plan, run_dir)
+        check_same_plan(run_dir, prepared.plan)
+    with RunLock(run_dir, "fold") if fabric.is_global_zero else contextlib.nullcontext():
+        return _train_locked(cfg, fabric, prepared, run_dir, state)
+
+
+def _train_locked(cfg: ExperimentConfig, fabric, prepared, run_dir: Path, state: dict | None) -> dict:
+    """The part of :func:`train` that writes the fold folder (rank 0 holds its lock)."""
+    from medvox.engine.setup import choose_precision
+    from medvox.engine.trainer import FoldTrainer
+
     if fabric.is_global_zero:
-        run_dir.mkdir(parents=True, exist_ok=True)
         from medvox.engine.checkpoint import remove_stale_temp_files
 
         remove_stale_temp_files(run_dir)  # half-written checkpoints of a killed run: never loaded, only deleted
     fabric.barrier()
-    _setup_logging(run_dir, fabric.is_global_zero)
-    if prepared.skipped:
-        log.warning("--skip-bad: skipped %d bad case(s), listed with the reasons in %s", len(prepared.skipped),
-                    prepared.cache_dir / "skipped_cases.json")
-    precision = choose_precision(cfg.train, fabric.device.type)  # what make_fabric chose, with its reason
-    if precision.warning:
-        log.warning(precision.warning)
-    log.info("training %s on fold %d of %d (%s, precision %s, %d process(es)) -> %s", cfg.model.name,
-             cfg.train.fold, cfg.data.folds, fabric.device, fabric._precision.precision, fabric.world_size, run_dir)
-    if cfg.train.amp or cfg.train.precision != "auto":  # mixed precision was asked for: say what it became
-        log.info("precision: %s", precision.reason)
-    try:
+    # the fold's own lines go to its train.log; later lines of this process (the next fold, predict) do not
+    with _train_log(run_dir, fabric.is_global_zero):
+        if prepared.skipped:
+            log.warning("--skip-bad: skipped %d bad case(s), listed with the reasons in %s", len(prepared.skipped),
+                        prepared.cache_dir / "skipped_cases.json")
+        precision = choose_precision(cfg.train, fabric.device.type)  # what make_fabric chose, with its reason
+        if precision.warning:
+            log.warning(precision.warning)
+        log.info("training %s on fold %d of %d (%s, precision %s, %d process(es)) -> %s", cfg.model.name,
+                 cfg.train.fold, cfg.data.folds, fabric.device, fabric._precision.precision, fabric.world_size,
+                 run_dir)
+        if cfg.train.amp or cfg.train.precision != "auto":  # mixed precision was asked for: say what it became
+            log.info("precision: %s", precision.reason)
         trainer = FoldTrainer(cfg, fabric, prepared, run_dir)
         if state is not None:
             trainer.load_state(state)
         return trainer.fit()
-    finally:  # later log lines of this process (the next fold, predict) must not land in this run's train.log
-        _setup_logging(None, fabric.is_global_zero)

@@ -16,21 +16,6 @@ from medvox.engine.checkpoint import share_permissions
 from medvox.metrics.classification import to_jsonable
 
 
-def write_json(obj: Any, path: str | Path) -> None:
-    """JSON-safe (NumPy/torch types converted, NaN -> null) and atomic."""
-    path = Path(path)
-    text = json.dumps(to_jsonable(obj), indent=2, allow_nan=False) + "\n"
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        share_permissions(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _flatten(entry: dict, prefix: str = "") -> dict[str, Any]:
     out = {}
     for key, value in entry.items():
@@ -85,38 +70,16 @@ class EpochLogger:
             self._writer.close()
 
 
-def write_predictions(path: Path, case_ids: list[str], groups: list[str], labels: np.ndarray,
-                      probs: np.ndarray, classes: list[str], extra: dict[str, Any] | None = None,
-                      threshold: float | list[float] | None = None) -> None:
-    """A CSV with one row per case: id, patient, label, per-class probabilities, predicted class (at
-    ``threshold`` for two classes or class weights for more when one is given, else the argmax:
-    :func:`~medvox.metrics.classification.decide`)."""
-    from medvox.metrics.classification import decide
-
-    extra = extra or {}
-    pred = decide(probs, threshold)
-    with open(path, "w", newline="", encoding="utf-8") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(["case_id", "patient_id", "label", *[f"prob_{c}" for c in classes], "predicted",
-                         *extra.keys()])
-        for i, cid in enumerate(case_ids):
-            label = classes[int(labels[i])] if labels[i] >= 0 else ""
-            writer.writerow([cid, groups[i], label, *[f"{p:.8g}" for p in probs[i]],
-                             classes[int(pred[i])], *extra.values()])
-
-
 def epoch_plots(run_dir: Path, tag: str, labels: np.ndarray, probs: np.ndarray, metrics: dict,
-                classes: list[str]) -> list[Path]:
-    """Confusion matrix and ROC curve images for one evaluation (``tag`` e.g. ``epoch_003``)."""
+                classes: list[str], decision=None) -> list[Path]:
+    """Confusion matrix (at ``decision``, a :class:`~medvox.metrics.decision.Decision`, else the argmax) and ROC
+    curve images for one evaluation (``tag`` e.g. ``epoch_003``); the title says which decision."""
     from medvox import plots
 
     cm_path = run_dir / f"confusion_matrix_{tag}.png"
     roc_path = run_dir / f"roc_curve_{tag}.png"
-    from medvox.metrics.classification import decision_cut, decision_text
-
-    cut = decision_cut(metrics)
-    at = f", {decision_text(cut, classes)}" if cut is not None else ""
-    plots.plot_confusion_matrix(metrics["confusion_matrix"], classes, cm_path, title=f"Confusion matrix ({tag}{at})")
+    at = decision.text() if decision is not None else "argmax"
+    plots.plot_confusion_matrix(metrics["confusion_matrix"], classes, cm_path, title=f"Confusion matrix ({tag}, {at})")
     if len(np.unique(labels)) > 1:
         plots.plot_roc(labels, probs, classes, roc_path, title=f"ROC ({tag})")
         return [cm_path, roc_path]

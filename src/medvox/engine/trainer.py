@@ -36,6 +36,7 @@ from medvox.engine.optim import Schedule, build_optimizer, param_groups
 from medvox.engine.runinfo import content_hash, run_info
 from medvox.engine.setup import choose_precision, epoch_seed
 from medvox.errors import TrainingError
+from medvox.run import write_json
 
 log = logging.getLogger("medvox")
 
@@ -92,10 +93,10 @@ class FoldTrainer:
         return loaders
 
     def _make_model(self):
-        from medvox.models import create_model, load_pretrained
+        from medvox.models import create_model, load_pretrained, uses_cosine_head
 
         mc = self.cfg.model
-        cosine = mc.cosine_head if mc.cosine_head is not None else self.cfg.loss.name == "LDAM"
+        cosine = uses_cosine_head(self.cfg)
         model = create_model(mc.name, in_channels=int(self.data.images.shape[1]), num_classes=len(self.classes),
                              dropout=mc.dropout, cosine_head=cosine, **mc.kwargs)
         self.pretrained_report = None
@@ -294,19 +295,18 @@ class FoldTrainer:
         if not self.fabric.is_global_zero or not self.history:
             return
         try:
-            artifacts.write_json({**self._metrics_doc("failed"), "error": message}, self.run_dir / "metrics.json")
+            write_json(self.run_dir / "metrics.json", {**self._metrics_doc("failed"), "error": message})
         except OSError:  # e.g. the disk is full: the previous metrics.json stays
             pass
 
     def _write_start(self) -> None:
         save(self.cfg, self.run_dir / "config.json")
         precision = choose_precision(self.cfg.train, self.fabric.device.type).record()
-        artifacts.write_json(run_info(content_hash(self.data), cache_dataset=self.data.data_hash, precision=precision),
-                             self.run_dir / "run_info.json")
+        write_json(self.run_dir / "run_info.json", run_info(content_hash(self.data), cache_dataset=self.data.data_hash, precision=precision))
         if self.data.skipped:  # what --skip-bad dropped belongs to the run's record, not only to the cache
-            artifacts.write_json(self.data.skipped, self.run_dir / "skipped_cases.json")
-        artifacts.write_json(self.data.splits, self.run_dir / "splits.json")
-        artifacts.write_json(self.data.plan, self.run_dir / "plan.json")
+            write_json(self.run_dir / "skipped_cases.json", self.data.skipped)
+        write_json(self.run_dir / "splits.json", self.data.splits)
+        write_json(self.run_dir / "plan.json", self.data.plan)
         if self.pretrained_report is not None:
             self.pretrained_report.save(self.run_dir / "pretrained_report.json")
 
@@ -316,7 +316,7 @@ class FoldTrainer:
                 "epochs_run": len(self.history), "best": self.best, "history": self.history, **(final or {})}
 
     def _write_epoch(self, entry: dict, status: str) -> None:
-        artifacts.write_json(self._metrics_doc(status), self.run_dir / "metrics.json")
+        write_json(self.run_dir / "metrics.json", self._metrics_doc(status))
         self.logger.log(entry, self.history)
         if self.cfg.train.plots != "final":  # "final": drawn once in _finish (sweeps where plotting costs more than a GPU epoch)
             self._curves()
@@ -328,20 +328,53 @@ class FoldTrainer:
         plots.plot_loss_curve(self.history, self.run_dir / "loss_curve.png")
         plots.plot_learning_curves(self.history, self.run_dir / "learning_curves.png")
 
+    def _choose_final(self) -> tuple[str, dict]:
+        """Which best weights are the fold's result (``train.final_weights``), and the record of the choice.
+
+        ``ema``: the EMA weights (the original recipe); ``raw``: the raw ones; ``best`` (the auto recipe):
+        whichever scored better on validation by the monitored metric, the EMA on a tie. Without EMA (or when
+        the EMA never scored) the raw weights. ``margin`` is how much better the chosen weights scored than the
+        others (negative: worse), in the metric's own direction.
+        """
+        rule, monitor = self.cfg.train.final_weights, self.cfg.train.monitor
+        raw, ema = self.best["raw"], self.best["ema"]
+        if self.ema is None or ema["epoch"] is None:
+            kind = "raw"
+            chosen_by = "no EMA (train.ema_decay = 0)" if self.ema is None else f"the EMA never had a {monitor}"
+        elif rule == "raw" and raw["epoch"] is not None:
+            kind, chosen_by = "raw", "train.final_weights = raw"
+        elif rule == "best" and _better(raw["value"], ema["value"], self.mode):
+            kind, chosen_by = "raw", f"train.final_weights = best: the better validation {monitor}"
+        elif rule == "best":
+            kind, chosen_by = "ema", f"train.final_weights = best: the better validation {monitor}"
+        else:
+            kind, chosen_by = "ema", f"train.final_weights = {rule}"
+        other = self.best["ema" if kind == "raw" else "raw"]["value"]
+        value = self.best[kind]["value"]
+        margin = None
+        if value is not None and other is not None:
+            margin = (other - value) if self.mode == "min" else (value - other)
+        return kind, {"chosen_by": chosen_by, "raw_value": raw["value"], "ema_value": ema["value"], "margin": margin}
+
     def _finish(self, status: str) -> dict:
-        """Evaluate the final weights (EMA at its best epoch when enabled) on validation and test."""
-        kind = "ema" if self.ema is not None and self.best["ema"]["epoch"] is not None else "raw"
+        """Evaluate the final weights (:meth:`_choose_final`, at their best epoch) on validation and test."""
+        kind, choice = self._choose_final()
         fname = "best_ema.pt" if kind == "ema" else "best.pt"
         final_model = self.ema.module if kind == "ema" else self.raw_model
         if (self.run_dir / fname).exists():
             final_model.load_state_dict(load_checkpoint(self.run_dir / fname)["model"])
-        final = {"weights": fname, "epoch": self.best[kind]["epoch"]}
+        final = {"weights": fname, "epoch": self.best[kind]["epoch"], **choice}
+        monitor = self.cfg.train.monitor
+        margin = "" if choice["margin"] is None else f" ({choice['margin']:+.4f})"
+        log.info("fold %d final weights: %s (%s, epoch %s), %s; validation %s: raw %s, EMA %s%s",
+                 self.cfg.train.fold, fname, "EMA" if kind == "ema" else "raw", final["epoch"], choice["chosen_by"],
+                 monitor, _fmt(choice["raw_value"]), _fmt(choice["ema_value"]), margin)
         for split in ("val", "test"):
             if split in self.loaders:
                 final[split] = self._final_split(final_model, split)
         doc = self._metrics_doc(status, {"final": final})
         if self.fabric.is_global_zero:
-            artifacts.write_json(doc, self.run_dir / "metrics.json")
+            write_json(self.run_dir / "metrics.json", doc)
             if self.cfg.train.plots == "best_last":
                 artifacts.prune_epoch_plots(self.run_dir, {self.best["raw"]["epoch"], len(self.history)})
             if self.cfg.train.plots == "final" and self.history:
@@ -366,23 +399,28 @@ class FoldTrainer:
                 atomic_save(without_resume_state(state, status), last)
 
     def _final_split(self, model, split: str) -> dict:
-        from medvox.metrics.classification import best_cut, compute_metrics, decision_cut
+        """The final weights on ``split``: metrics at the argmax, and at the fold's own decision (chosen on its
+        validation set, raw probabilities) as ``at_val_threshold`` with the decision recorded beside them."""
+        from medvox.metrics.classification import compute_metrics
+        from medvox.metrics.decision import Decision
+        from medvox.run import write_predictions
 
         metrics, idx, labels, probs = self._evaluate(model, split)
-        if split == "val" and len(np.unique(labels)) >= 2:  # a threshold (binary) or class weights (more classes)
-            self.threshold = best_cut(labels, probs, rule=self.cfg.train.threshold_rule)
-            metrics["at_val_threshold"] = compute_metrics(labels, probs, threshold=self.threshold,
+        if split == "val":
+            self.decision = Decision.fit(labels, probs, self.classes, rule=self.cfg.train.threshold_rule,
+                                         probabilities="raw", fitted_on=f"fold {self.cfg.train.fold}'s validation set")
+        decision = getattr(self, "decision", None) or Decision.argmax(self.classes, "no validation set",
+                                                                      probabilities="raw")
+        if not decision.is_argmax:
+            metrics["at_val_threshold"] = compute_metrics(labels, probs, threshold=decision.cut,
                                                           class_names=self.classes)
-        elif split == "test" and getattr(self, "threshold", None) is not None:
-            metrics["at_val_threshold"] = compute_metrics(labels, probs, threshold=self.threshold,
-                                                          class_names=self.classes)
-        if self.fabric.is_global_zero:  # the fold's decision: its validation threshold / class weights
+        metrics["decision"] = decision.to_json()
+        if self.fabric.is_global_zero:
             cases = [self.data.cases[i] for i in idx]
-            threshold = decision_cut(metrics.get("at_val_threshold"))
-            artifacts.write_predictions(self.run_dir / f"{split}_predictions.csv", [c.id for c in cases],
-                                        [c.group for c in cases], labels, probs, self.classes, threshold=threshold)
+            write_predictions(self.run_dir / f"{split}_predictions.csv", [c.id for c in cases],
+                              [c.group for c in cases], labels, probs, self.classes, decision)
             artifacts.epoch_plots(self.run_dir, f"{split}_final", labels, probs, metrics.get("at_val_threshold", metrics),
-                                  self.classes)
+                                  self.classes, decision=decision)
         return metrics
 
 

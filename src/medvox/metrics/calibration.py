@@ -143,3 +143,49 @@ def _confidence(y_true: Any, probs: Any, mode: str) -> tuple[np.ndarray, np.ndar
             raise ValueError(f"mode='positive' is for binary problems; got {p.shape[1]} classes")
         return p[:, 1], y.astype(float)
     raise ValueError(f"mode must be 'top' or 'positive', got {mode!r}")
+
+
+T_BOUNDS = (0.05, 20.0)
+
+
+def rescale(probs: Any, temperature: float) -> np.ndarray:
+    """Probabilities after temperature scaling: ``softmax(log p / T)`` (log-probabilities are valid logits,
+    softmax being shift-invariant), so saved probabilities suffice to calibrate.
+
+    Example:
+        >>> rescale([[0.8, 0.2]], 1.0).round(6).tolist(), rescale([[0.8, 0.2]], 2.0).round(4).tolist()
+        ([[0.8, 0.2]], [[0.6667, 0.3333]])
+    """
+    z = apply_temperature(np.log(np.clip(np.asarray(probs, dtype=np.float64), 1e-12, 1.0)), temperature)
+    z = np.exp(z - z.max(axis=1, keepdims=True))
+    return z / z.sum(axis=1, keepdims=True)
+
+
+def rescale_folds(probs: Any, folds: Any, temperatures: list[float]) -> np.ndarray:
+    """``probs`` with the rows of fold ``k`` (``folds == k``) rescaled by ``temperatures[k]``: pooled
+    out-of-fold predictions on one scale (each fold model's own temperature)."""
+    probs, folds = np.asarray(probs, dtype=np.float64), np.asarray(folds)
+    out = probs.copy()
+    for k, t in enumerate(temperatures):
+        if np.any(folds == k):
+            out[folds == k] = rescale(probs[folds == k], t)
+    return out
+
+
+def fit_calibration(labels: Any, probs: Any) -> dict[str, Any]:
+    """Temperature scaling fitted on held-out ``(labels, probs)``, with ECE and Brier before (on ``probs``)
+    and after (on the rescaled ``probs``), measured on the same data.
+
+    A near-useless model drives ``T`` towards infinity: every probability ~1/K and the ranking lost in a
+    CSV. ``T`` is clipped to :data:`T_BOUNDS`; ``fitted_temperature`` and ``clipped`` record it.
+    """
+    labels = np.asarray(labels)
+    probs = np.asarray(probs, dtype=np.float64)
+    fitted = float(fit_temperature(np.log(np.clip(probs, 1e-12, 1.0)), labels))
+    t = min(max(fitted, T_BOUNDS[0]), T_BOUNDS[1])
+    after = rescale(probs, t)
+    return to_jsonable({
+        "temperature": t, "fitted_temperature": fitted, "clipped": t != fitted, "bounds": list(T_BOUNDS),
+        "n": len(labels),
+        "ece_before": expected_calibration_error(labels, probs), "ece_after": expected_calibration_error(labels, after),
+        "brier_before": brier_score(labels, probs), "brier_after": brier_score(labels, after)})

@@ -25,11 +25,11 @@ import numpy as np
 
 from medvox.reporting import htmlpage as html
 from medvox.reporting.htmlpage import Html, fmt
-from medvox.run import Predictions, Run, load_run
+from medvox.cv.summary import figures_of
+from medvox.run import Predictions, Run, RunError
 from medvox.metrics.stats import delong_test, paired_bootstrap_auc
 
 _CV_METRICS = ("auc", "accuracy", "balanced_accuracy", "f1")
-_TEST_ORDER = ("fused", "ensemble_tta_calibrated", "ensemble_tta", "ensemble")
 
 
 def write_comparison(run_dirs: list[Path], out: Path, n_boot: int = 2000, seed: int = 0) -> Path:
@@ -49,7 +49,7 @@ def write_comparison(run_dirs: list[Path], out: Path, n_boot: int = 2000, seed: 
         ValueError: fewer than two runs, runs with different classes, a run without out-of-fold
             predictions, or a case labelled differently in two runs.
     """
-    runs = [load_run(Path(p)) for p in run_dirs]
+    runs = [Run(Path(p)) for p in run_dirs]
     result = compare_runs(runs, n_boot=n_boot, seed=seed)
     out = Path(out)
     page_path = out if out.suffix.lower() in (".html", ".htm") else out / "comparison.html"
@@ -72,14 +72,20 @@ def compare_runs(runs: list[Run], n_boot: int = 2000, seed: int = 0) -> dict[str
     if len(runs) < 2:
         raise ValueError(f"compare needs at least two runs, got {len(runs)}")
     _check_classes(runs)
+    preds = {}
     for run in runs:
-        if run.oof is None:
-            raise ValueError(f"run {run.name} ({run.path}) has no oof_predictions.csv: finish its `medvox cv` first")
+        if run.is_fold or run.summary is None:
+            raise RunError(f"run {run.name} ({run.path}) has no cv_summary.json: compare takes the folders "
+                           "`medvox cv` finished")
+        oof, test = run.oof(), run.test()
+        if oof is None:
+            raise RunError(f"run {run.name} ({run.path}) has no oof_predictions.csv: finish its `medvox cv` first")
+        preds[id(run)] = {"oof": oof.labelled(), "test": None if test is None else test.labelled()}
     names = _names(runs)
     pairs, warnings = [], []
     for (i, a), (j, b) in combinations(enumerate(runs), 2):
         for split in ("oof", "test"):
-            pa, pb = getattr(a, split), getattr(b, split)
+            pa, pb = preds[id(a)][split], preds[id(b)][split]
             if pa is None or pb is None:
                 continue
             pair = paired_test(pa, pb, names[i], names[j], split, n_boot=n_boot, seed=seed)
@@ -94,7 +100,12 @@ def compare_runs(runs: list[Run], n_boot: int = 2000, seed: int = 0) -> dict[str
     if len(runs[0].classes) > 2:
         notes.append("More than two classes: DeLong's test is for binary AUCs; only the bootstrap of the macro "
                      "one-vs-rest AUC difference is reported.")
-    return {"names": names, "classes": runs[0].classes, "runs": [_run_row(r, n) for r, n in zip(runs, names, strict=True)],
+    same = [(names[i], names[j]) for (i, a), (j, b) in combinations(enumerate(runs), 2)
+            if a.path.resolve() == b.path.resolve()]
+    for x, y in same:
+        warnings.append(f"{x} and {y} are the same run folder: their tests compare a run with itself (p = 1).")
+    return {"names": names, "classes": runs[0].classes,
+            "runs": [_run_row(r, n, preds[id(r)]) for r, n in zip(runs, names, strict=True)],
             "pairs": pairs, "warnings": warnings, "notes": notes}
 
 
@@ -141,18 +152,19 @@ def _names(runs: list[Run]) -> list[str]:
     return names
 
 
-def _run_row(run: Run, name: str) -> dict[str, Any]:
-    from medvox.metrics.classification import compute_metrics
-
+def _run_row(run: Run, name: str, preds: dict[str, Predictions | None]) -> dict[str, Any]:
+    """One run's row: its fold figures (``cv_summary.json``) and its pooled OOF and test figures, computed by
+    :func:`~medvox.cv.summary.figures_of` from its prediction files, as its summary and report compute them."""
     s = run.summary or {}
     cv = {m: {k: (s.get("cv", {}).get(m) or {}).get(k) for k in ("mean", "std", "ci95")} for m in _CV_METRICS}
-    test = s.get("test") or {}
-    variant = next((v for v in _TEST_ORDER if test.get(v)), None)
-    oof = compute_metrics(run.oof.labels, run.oof.probs, class_names=run.classes)
+    oof, test = figures_of(preds["oof"]), figures_of(preds["test"]) if preds["test"] is not None else None
     return {"name": name, "path": str(run.path), "model": s.get("model") or (run.config.get("model") or {}).get("name"),
-            "folds": s.get("folds", len(run.folds)), "cv": cv, "oof_auc": oof.get("auc"), "oof_n": run.oof.n,
-            "test_auc": test[variant].get("auc") if variant else None, "test_variant": variant,
-            "test_n": test.get("n")}
+            "folds": s.get("folds", len(run.folds)), "cv": cv, "decision": preds["oof"].decision.describe(),
+            "oof": {k: oof.get(k) for k in ("auc", *_CV_METRICS[1:])}, "oof_auc": oof.get("auc"),
+            "oof_n": preds["oof"].n, "test_auc": None if test is None else test.get("auc"),
+            "test": None if test is None else {k: test.get(k) for k in ("auc", *_CV_METRICS[1:])},
+            "test_variant": s.get("test", {}).get("final") if test is not None else None,
+            "test_n": None if test is None else preds["test"].n}
 
 
 def _holm(pairs: list[dict[str, Any]]) -> None:
@@ -174,7 +186,9 @@ def _runs_section(result: dict[str, Any]) -> Html:
         test = f"{fmt(r['test_auc'])} ({r['test_variant']}, n = {r['test_n']})" if r["test_variant"] else "no test set"
         rows.append([r["name"], r["model"], r["folds"], *cells, f"{fmt(r['oof_auc'])} (n = {r['oof_n']})", test])
     return Html(html.para("CV: mean and standard deviation over the folds' final weights on their validation "
-                          "fold. Pooled OOF: all out-of-fold predictions scored at once.") + html.table(header, rows))
+                          "fold (raw probabilities, at the argmax). Pooled OOF and test: the run's final "
+                          "probabilities (calibrated, fused where the run is), the figures of its cv_summary.json "
+                          "and report.") + html.table(header, rows))
 
 
 def _tests_section(result: dict[str, Any]) -> Html:
@@ -194,7 +208,8 @@ def _tests_section(result: dict[str, Any]) -> Html:
 def _roc_section(runs: list[Run], names: list[str], tmp: Path) -> Html:
     figs = []
     for split, what in (("oof", "pooled out-of-fold"), ("test", "test ensemble")):
-        curves = [(n, getattr(r, split)) for r, n in zip(runs, names, strict=True) if getattr(r, split) is not None]
+        found = [(n, r.oof() if split == "oof" else r.test()) for r, n in zip(runs, names, strict=True)]
+        curves = [(n, p.labelled()) for n, p in found if p is not None]
         if curves:
             png = _plot_roc_overlay(curves, tmp / f"roc_{split}.png", f"ROC, {what}")
             figs.append(html.figure_of(png, f"ROC curves of every run, {what} predictions"))

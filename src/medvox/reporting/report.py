@@ -25,11 +25,13 @@ import numpy as np
 
 from medvox.reporting import htmlpage as html
 from medvox.reporting.htmlpage import Html, fmt
-from medvox.metrics.classification import decision_cut
-from medvox.run import Run, load_run
+from medvox.cv.summary import THRESHOLD_METRICS, figures_of
+from medvox.metrics.decision import Decision
+from medvox.run import Run
 
 _FOLD_COLS = ("auc", "accuracy", "balanced_accuracy", "f1", "sensitivity", "specificity", "loss")
-_TEST_VARIANTS = (("ensemble", "fold ensemble"), ("ensemble_tta", "ensemble + TTA"),
+_TEST_VARIANTS = (("ensemble", "fold ensemble"), ("ensemble_calibrated", "ensemble + temperature scaling"),
+                  ("ensemble_tta", "ensemble + TTA"),
                   ("ensemble_tta_calibrated", "ensemble + TTA + temperature scaling"),
                   ("fused", "+ descriptor model (feature fusion)"))
 
@@ -48,7 +50,11 @@ def write_report(run_dir: Path, out: Path | None = None) -> Path:
     Raises:
         FileNotFoundError: ``run_dir`` holds neither ``cv_summary.json`` nor any ``fold_<k>``.
     """
-    run = load_run(Path(run_dir))
+    run = Run(Path(run_dir))
+    if run.is_fold:
+        from medvox.run import RunError
+
+        raise RunError(f"{run.path} is a fold folder; `medvox report` takes the run folder above it ({run.path.parent})")
     out = Path(out) if out is not None else run.path / "report.html"
     with tempfile.TemporaryDirectory(prefix="medvox_report_") as tmp:
         sections = [
@@ -86,45 +92,38 @@ def _summary_section(run: Run) -> Html:
                          "again to resume it); the per-fold sections below show what the folds wrote.")
     test = s.get("test") or {}
     variants = [(k, label) for k, label in _TEST_VARIANTS if test.get(k)]
-    header = ["metric", "folds: mean ± std [95 % CI]", "pooled OOF", *[f"test: {label}" for _, label in variants]]
+    header = ["metric", "folds: mean ± std [95 % CI]", *[f"test: {label}" for _, label in variants]]
     rows = []
     for name, row in s.get("cv", {}).items():
         if row.get("mean") is None:
             continue
-        rows.append([name, _mean_cell(row), fmt(s.get("oof", {}).get(name)),
-                     *[fmt(test[k].get(name)) for k, _ in variants]])
-    text = ("Mean and sample standard deviation over the folds' final weights on their validation fold; the "
-            "95 % interval is a percentile bootstrap over folds (wide with few folds). Pooled OOF: every "
-            "case's out-of-fold prediction scored at once. Accuracy, F1 and the other threshold metrics of this "
-            "table are at the argmax.")
+        rows.append([name, _mean_cell(row), *[fmt(test[k].get(name)) for k, _ in variants]])
+    text = ("Each fold model's final weights on its validation cases, raw probabilities, at the argmax: mean and "
+            "sample standard deviation over folds, the 95 % interval a percentile bootstrap over folds (wide with "
+            "few folds); the test columns score each variant of the fold ensemble at the argmax. The run's own "
+            "figures, at its decision, follow the table.")
     if not variants:
         text += " No held-out test set: no test columns."
     return Html(html.para(text) + html.table(header, rows) + _decision_table(s))
 
 
 def _decision_table(s: dict) -> str:
-    """The threshold metrics at the run's decision (chosen on the pooled calibrated OOF predictions): each fold's
-    validation cases, the pooled OOF, the final test ensemble; what ``cv_table.md`` shows."""
-    from medvox.metrics.classification import decision_text
-    from medvox.cv.summary import THRESHOLD_METRICS
-
-    decision = s.get("decision") or {}
-    if not decision:
-        return ""
-    folds, test = s.get("cv_at_decision") or {}, (s.get("test") or {}).get("final_at_threshold") or {}
-    oof = decision.get("oof") or {}
-    if not oof:
-        return ""
-    header = ["metric", *(["folds: mean ± std [95 % CI]"] if folds else []), "pooled OOF",
-              *(["test: final ensemble"] if test else [])]
-    rows = [[name, *([_mean_cell(folds[name])] if folds else []), fmt(oof.get(name)),
-             *([fmt(test.get(name))] if test else [])]
-            for name in THRESHOLD_METRICS if oof.get(name) is not None]
-    cut = decision_cut(decision)
-    text = (f"At the run's decision, {decision_text(cut, s.get('classes') or [])} ({decision['rule']}, chosen on the "
-            "pooled out-of-fold predictions, each fold's calibrated" + (", with the descriptor model" if
-                                                                        s.get("fusion") else "") + "):")
-    return html.para(text) + html.table(header, rows)
+    """Every metric at the run's decision: each fold's validation cases, the pooled OOF, the final test ensemble;
+    the figures ``cv_table.md`` shows (from ``cv_summary.json``)."""
+    decision = Decision.from_json(s["decision"])
+    folds, test, oof = s.get("cv_at_decision") or {}, (s.get("test") or {}).get("final_at_threshold") or {}, s["oof"]
+    header = ["metric", "folds: mean ± std [95 % CI]", "pooled OOF", *(["test: final ensemble"] if test else [])]
+    rows = []
+    for name in ("auc", *THRESHOLD_METRICS, "loss"):
+        fold_row = (folds if name in THRESHOLD_METRICS else s.get("cv") or {}).get(name)
+        if oof.get(name) is None and not fold_row:
+            continue
+        rows.append([name, _mean_cell(fold_row) if fold_row and fold_row.get("mean") is not None else "",
+                     fmt(oof.get(name)), *([fmt(test.get(name))] if test else [])])
+    text = (f"The run's figures at its decision: {decision.describe()}. Pooled OOF: every case's out-of-fold "
+            f"prediction scored at once ({s.get('probabilities', 'calibrated')} probabilities); AUC and loss do not "
+            "depend on the decision (the folds' AUC and loss are each fold model's).")
+    return html.h3("At the run's decision") + html.para(text) + html.table(header, rows)
 
 
 def _mean_cell(row: dict) -> str:
@@ -146,8 +145,8 @@ def _folds_section(run: Run) -> Html:
         rows.append([fold.name, m.get("status", "missing metrics.json"), m.get("epochs_run"), final.get("weights"),
                      final.get("epoch"), *[fmt(val.get(c)) for c in _FOLD_COLS], fmt(test.get("auc")),
                      fmt(test.get("accuracy"))])
-    text = ("Final weights: the EMA weights at their best epoch (best_ema.pt) when EMA is on, else the raw "
-            "weights at theirs (best.pt).")
+    text = ("Final weights: the checkpoint each fold's final evaluation used (metrics.json). Validation and test "
+            "columns: that fold model alone, raw probabilities, at the argmax.")
     return Html(html.para(text) + html.table(header, rows) + _best_table(run))
 
 
@@ -181,66 +180,42 @@ def _curves_section(run: Run) -> Html:
 
 
 def _predictions_section(run: Run, which: str, tmp: Path) -> Html:
-    """ROC, precision-recall and confusion matrix of the pooled OOF (or test) predictions."""
-    preds = run.oof if which == "oof" else run.test
+    """ROC, precision-recall and confusion matrix of the pooled OOF (or test) predictions, at the decision the
+    file records; the figures are :func:`~medvox.cv.summary.figures_of` the file, as in cv_summary.json."""
+    preds = run.oof() if which == "oof" else run.test()
     name = "oof_predictions.csv" if which == "oof" else "test_predictions.csv"
     if preds is None:
         return html.note(f"{name} is missing: no curves for these predictions")
     from medvox import plots
-    from medvox.metrics.classification import compute_metrics, decision_text
 
+    preds = preds.labelled()
     what = "pooled out-of-fold" if which == "oof" else "test ensemble"
+    kind = preds.decision.probabilities
+    metrics = figures_of(preds)
     figs = [
         html.figure_of(plots.plot_roc(preds.labels, preds.probs, run.classes, tmp / f"{which}_roc.png",
-                                      title=f"ROC, {what}"), f"ROC of the {what} predictions (n = {preds.n})"),
+                                      title=f"ROC, {what}"),
+                       f"ROC of the {what} predictions ({kind}; n = {preds.n}, AUC {fmt(metrics.get('auc'))})"),
         html.figure_of(plots.plot_pr(preds.labels, preds.probs, run.classes, tmp / f"{which}_pr.png",
-                                     title=f"Precision-recall, {what}"), f"Precision-recall, {what}"),
+                                     title=f"Precision-recall, {what}"), f"Precision-recall, {what} ({kind})"),
+        html.figure_of(plots.plot_confusion_matrix(metrics["confusion_matrix"], run.classes, tmp / f"{which}_cm.png",
+                                                   title=f"Confusion matrix, {what}"),
+                       f"Confusion matrix at {preds.decision.text()}, {what}"),
     ]
-    threshold = _threshold(run)
-    metrics = compute_metrics(preds.labels, preds.probs, threshold=threshold, class_names=run.classes)
-    at = ("argmax" if threshold is None else
-          f"{'at the OOF threshold' if np.ndim(threshold) == 0 else 'OOF-chosen decision:'} "
-          f"{decision_text(threshold, run.classes)}")
-    figs.append(html.figure_of(plots.plot_confusion_matrix(metrics["confusion_matrix"], run.classes,
-                                                           tmp / f"{which}_cm.png", title=f"Confusion matrix, {what}"),
-                               f"Confusion matrix ({at}), {what}"))
-    return Html(_consistency(run, which, metrics.get("auc")) + html.grid(figs)
-                + _errors_table(preds, run.classes, which, threshold))
+    return Html(html.grid(figs) + _errors_table(preds, run.classes, which))
 
 
-def _threshold(run: Run) -> float | list[float] | None:
-    """The run's decision, chosen on its pooled OOF predictions: a threshold (binary) or class weights (more
-    classes); None: the argmax."""
-    return decision_cut((run.summary or {}).get("decision"))
-
-
-def _consistency(run: Run, which: str, csv_auc: float | None) -> str:
-    """Warn when the curves (from the CSV) and the tables (from cv_summary.json) disagree."""
-    s = run.summary or {}
-    if which == "oof":
-        ref = (s.get("oof_fused") or s.get("oof") or {}).get("auc")
-    else:
-        test = s.get("test") or {}
-        ref = next(((test.get(k) or {}).get("auc") for k, _ in reversed(_TEST_VARIANTS) if test.get(k)), None)
-    if ref is None or csv_auc is None or abs(ref - csv_auc) <= 0.005:
-        return ""
-    return html.note(f"The AUC of {which}_predictions.csv ({csv_auc:.3f}) differs from cv_summary.json ({ref:.3f}): "
-                     "the CSV stores probabilities with 6 decimals, so nearly equal probabilities (e.g. after an "
-                     "extreme temperature) become ties. The tables hold the exact values.", warn=True)
-
-
-def _errors_table(preds, classes: list[str], which: str, threshold: float | list[float] | None = None, k: int = 10) -> str:
-    """The most confident wrong predictions (at the run's decision ``threshold``): the cases worth a second look."""
-    from medvox.metrics.classification import decide
-
-    pred = decide(preds.probs, threshold)
+def _errors_table(preds, classes: list[str], which: str, k: int = 10) -> str:
+    """The most confident wrong predictions (at the file's decision): the cases worth a second look."""
+    pred = preds.decision.apply(preds.probs)
     wrong = np.flatnonzero(pred != preds.labels)
     if len(wrong) == 0:
         return html.para("No misclassified case.")
     order = wrong[np.argsort(-preds.probs[wrong, pred[wrong]])][:k]
     extra = "fold" if which == "oof" else "spread"
-    rows = [[preds.rows[i].get("case_id"), classes[preds.labels[i]], classes[pred[i]],
-             fmt(preds.probs[i, pred[i]]), preds.rows[i].get(extra, "")] for i in order]
+    values = preds.extra.get(extra) or [""] * preds.n
+    rows = [[preds.ids[i], classes[preds.labels[i]], classes[pred[i]], fmt(preds.probs[i, pred[i]]), values[i]]
+            for i in order]
     return html.details(f"{len(order)} most confident errors of {len(wrong)}",
                         html.table(["case", "true", "predicted", "probability", extra], rows))
 
@@ -273,25 +248,21 @@ def _calibration_section(run: Run, tmp: Path) -> Html:
             "ensemble. ECE/Brier before and after are measured on the same validation predictions the "
             "temperature was fitted on, so 'after' is optimistic.")
     body = html.para(text) + html.table(["fold", *cols], rows)
-    if run.oof is not None and "fold" in run.oof.rows[0]:
-        before, after = _oof_calibrated(run, [c.get("temperature") for c in calib])
+    clipped = [i for i, c in enumerate(calib) if c.get("clipped")]
+    if clipped:
+        body += html.note(f"The temperature of fold(s) {', '.join(map(str, clipped))} hit its bound "
+                          f"({calib[clipped[0]].get('bounds')}): the fit wanted more (a model close to chance); "
+                          "those folds' calibrated probabilities are nearly flat.", warn=True)
+    oof = run.oof()
+    if oof is not None and oof.raw is not None and oof.calibrated is not None:
         from medvox.plots import plot_reliability
 
-        png = plot_reliability(run.oof.labels, before, after, tmp / "reliability.png",
-                               title="Reliability, pooled OOF (before/after each fold's temperature)")
-        body += html.figure_of(png, "Reliability diagram of the pooled out-of-fold predictions")
+        oof = oof.labelled()
+        png = plot_reliability(oof.labels, oof.raw, oof.calibrated, tmp / "reliability.png",
+                               title="Reliability, pooled OOF (raw / each fold's temperature)")
+        body += html.figure_of(png, "Reliability diagram of the pooled out-of-fold predictions: before = the fold "
+                                    "models' raw probabilities, after = each at its fold's temperature")
     return Html(body)
-
-
-def _oof_calibrated(run: Run, temperatures: list[float | None]) -> tuple[np.ndarray, np.ndarray]:
-    """OOF probabilities before and after each fold's temperature (log-probabilities are valid logits)."""
-    before = run.oof.probs
-    logits = np.log(np.clip(before, 1e-12, 1.0))
-    folds = np.array([int(r.get("fold") or 0) for r in run.oof.rows])
-    t = np.array([temperatures[f] if f < len(temperatures) and temperatures[f] else 1.0 for f in folds])
-    z = logits / t[:, None]
-    after = np.exp(z - z.max(axis=1, keepdims=True))
-    return before, after / after.sum(axis=1, keepdims=True)
 
 
 def _data_section(run: Run) -> Html:
