@@ -293,7 +293,7 @@ class RunLock:
                     continue
                 raise RunError(f"{self.path.parent} is being written by another medvox process (pid "
                                f"{holder.get('pid', '?')} on {holder.get('host', '?')}); wait for it to finish, or "
-                               f"write to another --output / --run-name. If no such process runs, delete {self.path}")
+                               f"write to another --output / --run-name. If no such process runs, delete {self.path}") from None
             with os.fdopen(fd, "w", encoding="utf-8") as fh:
                 json.dump(me, fh)
             self._held = True
@@ -381,7 +381,9 @@ class Run:
             raise RunError(f"{path}: no such run folder (give the folder `medvox cv` wrote, e.g. results/resnet50)")
         self.path = path
         self.name = path.name
-        self.is_fold = (path / METRICS).is_file() or (path / CONFIG).is_file() and not self._fold_dirs()
+        # a fold folder: its metrics.json, or (without fold_<k> folders inside) its config or final weights alone
+        self.is_fold = (path / METRICS).is_file() or not self._fold_dirs() and any(
+            (path / name).is_file() for name in (CONFIG, BEST_EMA, BEST))
         if not self.is_fold and not self._fold_dirs() and not (path / CV_SUMMARY).is_file():
             raise RunError(f"{path} is not a medvox run folder (no {CV_SUMMARY} and no fold_<k>/ folders): give the "
                            "folder `medvox cv` wrote, or one of its fold_<k> folders")

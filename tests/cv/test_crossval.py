@@ -89,11 +89,11 @@ def test_cv_decision_threshold_is_chosen_on_calibrated_oof(cv_run):
     calibrated = []
     for r in oof:  # recomputed here by hand: p_k^(1/T) normalised
         t = summary["calibration"][int(r["fold"])]["temperature"]
-        p = np.array([float(r[f"prob_{c}"]) for c in classes]) ** (1.0 / t)
+        p = np.array([float(r[f"raw_prob_{c}"]) for c in classes]) ** (1.0 / t)
         calibrated.append(p / p.sum())
     calibrated = np.array(calibrated)
     assert decision["threshold"] == pytest.approx(best_threshold(labels, calibrated, rule="youden"), abs=1e-6)
-    assert decision["oof"]["balanced_accuracy"] == pytest.approx(
+    assert summary["oof"]["balanced_accuracy"] == pytest.approx(
         compute_metrics(labels, calibrated, threshold=decision["threshold"])["balanced_accuracy"])
 
     test = summary["test"]
@@ -108,7 +108,7 @@ def test_cv_decision_threshold_is_chosen_on_calibrated_oof(cv_run):
     at_threshold = [classes[int(v >= decision["threshold"])] for v in p[:, 1]]
     assert [r["predicted"] for r in rows] == at_threshold
     fold_val = _rows(cv_run / "fold_0" / "val_predictions.csv")  # a fold's own: at its validation threshold
-    fold_t = json.loads((cv_run / "fold_0" / "metrics.json").read_text())["final"]["val"]["at_val_threshold"]["threshold"]
+    fold_t = json.loads((cv_run / "fold_0" / "metrics.json").read_text())["final"]["val"]["decision"]["threshold"]
     assert [r["predicted"] for r in fold_val] == [classes[int(float(r["prob_1"]) >= fold_t)] for r in fold_val]
     table = (cv_run / "cv_table.md").read_text()
     assert f"{decision['threshold']:.3f}" in table and "youden" in table
@@ -123,7 +123,7 @@ def test_cv_decision_threshold_is_chosen_on_calibrated_oof(cv_run):
         assert f"| {name} | {mean:.3f} +- {std:.3f} [" in table
     argmax_auc = summary["cv"]["auc"]
     assert f"| auc | {argmax_auc['mean']:.3f} +- {argmax_auc['std']:.3f} [" in table  # the fold models' own
-    assert "the folds column too, each fold's validation cases at it" in table
+    assert "At the run's decision: calibrated p(" in table
 
 
 def test_cv_plots_final_and_keep_last(cv_run):
@@ -236,7 +236,7 @@ def test_cv_feature_fusion_is_fitted_out_of_fold_and_mixed_at_the_oof_weight(fus
     mixture with the calibrated CNN; threshold and test ensemble use the mixture."""
     from medvox.descriptors import feature_matrix, make_feature_model, predict_json
     from medvox.metrics.classification import best_threshold, compute_metrics
-    from medvox.cv.summary import calibrated_oof, load_predictions
+    from medvox.run import read_predictions
 
     run, prepared = fused_run
     summary = json.loads((run / "cv_summary.json").read_text())
@@ -256,17 +256,21 @@ def test_cv_feature_fusion_is_fitted_out_of_fold_and_mixed_at_the_oof_weight(fus
         np.testing.assert_allclose(p_feat[folds == k], model.predict_proba(x[folds == k]), atol=1e-6)
         doc = json.loads((run / "features" / f"fold_{k}.json").read_text())
         np.testing.assert_allclose(predict_json(doc, x[folds == k]), p_feat[folds == k], atol=1e-6)
-    y, p_cnn = calibrated_oof(run, summary["calibration"])
+    oof_file = read_predictions(run / "oof_predictions.csv")
+    y, p_cnn = oof_file.labels, oof_file.calibrated
+    assert oof_file.decision.probabilities == "fused"
     aucs = {c["weight"]: c["auc"] for c in json.loads((run / "features" / "fusion.json").read_text())["curve"]}
     assert aucs[w] == max(aucs.values())
     fused = (1 - w) * p_cnn + w * p_feat
-    assert summary["oof_fused"]["auc"] == pytest.approx(compute_metrics(y, fused)["auc"])
+    assert summary["oof"]["auc"] == pytest.approx(compute_metrics(y, fused)["auc"])
+    np.testing.assert_allclose(oof_file.probs, fused, atol=1e-8)
     assert summary["decision"]["threshold"] == pytest.approx(best_threshold(y, fused, rule="youden"), abs=1e-6)
 
     test = summary["test"]
-    assert test["final"] == "fused" and test["fusion_weight"] == w
-    yt, pt, _, rows = load_predictions(run / "test_predictions.csv")
-    _, p_tfeat, _, _ = load_predictions(run / "features" / "test_predictions.csv")
+    assert test["final"] == "fused"
+    test_file = read_predictions(run / "test_predictions.csv")
+    yt, pt = test_file.labels, test_file.probs
+    p_tfeat = read_predictions(run / "features" / "test_predictions.csv").probs
     if w < 1:  # what remains after taking the feature part out is the calibrated TTA ensemble's
         cnn = (pt - w * p_tfeat) / (1 - w)
         assert compute_metrics(yt, cnn)["auc"] == pytest.approx(test["ensemble_tta_calibrated"]["auc"], abs=1e-5)
@@ -326,20 +330,19 @@ def test_summarised_again_without_fusion_the_run_forgets_it(fused_run, tmp_path)
     report do not mix in a feature model the summary no longer has."""
     import shutil
 
-    from medvox.descriptors import load_fusion
-    from medvox.run import load_run
-    from medvox.cv.summary import calibrated_oof, summarize
+    from medvox.cv.summary import summarize
+    from medvox.run import Run
 
     src, prepared = fused_run
     run = tmp_path / "resnet10"
     shutil.copytree(src, run)
-    assert load_fusion(run) is not None or json.loads((run / "cv_summary.json").read_text())["fusion"]["weight"] == 0
+    assert Run(run).fusion is not None or json.loads((run / "cv_summary.json").read_text())["fusion"]["weight"] == 0
     summary = summarize(run, [run / f"fold_{k}" for k in range(3)], prepared, progress=False)
     assert "fusion" not in summary and summary["test"]["final"] == "ensemble_tta_calibrated"
-    assert not (run / "features").exists() and not (run / "oof_fused_predictions.csv").exists()
-    assert load_fusion(run) is None
-    _, plain = calibrated_oof(run, summary["calibration"])  # the CNN's own OOF, per-fold calibrated, unmixed
-    assert list(plain[:, 1]) == pytest.approx(list(load_run(run).oof.probs[:, 1]), abs=1e-7)
+    assert not (run / "features").exists() and Run(run).fusion is None
+    oof = Run(run).oof()  # the CNN's own OOF, per-fold calibrated, unmixed
+    assert oof.decision.probabilities == "calibrated"
+    np.testing.assert_allclose(oof.probs, oof.calibrated)
 
 
 def test_accuracy_harness_fold_level_figures_from_fold_folders_match_the_summary(cv_run, tmp_path):
@@ -443,23 +446,3 @@ def test_descriptors_stay_on_the_native_grid_when_the_cnn_input_is_coarser(nativ
     got = {r["case_id"]: float(r["prob_1"]) for r in _rows(out)}
     for r in test_rows:
         assert got[r["case_id"]] == pytest.approx(float(r["prob_1"]), abs=1e-4)
-
-
-def test_prediction_csvs_label_cases_at_the_decision_threshold(tmp_path):
-    """test_predictions.csv and oof_fused_predictions.csv name the class the run decides on: p1 >= its
-    threshold (a low one, as an imbalanced task's OOF gives), not the argmax; without one, the argmax."""
-    from medvox.engine.artifacts import write_predictions
-    from medvox.cv.summary import write_fused_oof
-
-    probs = np.array([[0.9, 0.1], [0.75, 0.25], [0.6, 0.4], [0.2, 0.8]])
-    ids, labels, classes = ["a", "b", "c", "d"], np.array([0, 1, 1, 1]), ["benign", "malignant"]
-    write_predictions(tmp_path / "t.csv", ids, ids, labels, probs, classes, threshold=0.22)
-    assert [r["predicted"] for r in _rows(tmp_path / "t.csv")] == ["benign", "malignant", "malignant", "malignant"]
-    write_predictions(tmp_path / "a.csv", ids, ids, labels, probs, classes)
-    assert [r["predicted"] for r in _rows(tmp_path / "a.csv")] == ["benign", "benign", "benign", "malignant"]
-    rows = [{"case_id": c, "label": classes[y], "prob_benign": "", "prob_malignant": "", "predicted": "", "fold": "0"}
-            for c, y in zip(ids, labels, strict=True)]
-    path = write_fused_oof(tmp_path, rows, probs, classes, threshold=0.5)
-    assert [r["predicted"] for r in _rows(path)] == ["benign", "benign", "benign", "malignant"]
-    path = write_fused_oof(tmp_path, rows, probs, classes, threshold=0.3)
-    assert [r["predicted"] for r in _rows(path)] == ["benign", "benign", "malignant", "malignant"]

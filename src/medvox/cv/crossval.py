@@ -11,14 +11,24 @@ from medvox.config import ExperimentConfig
 log = logging.getLogger("medvox")
 
 
-def run_cv(cfg: ExperimentConfig, tta: bool = True) -> dict:
+def cross_validate(cfg: ExperimentConfig, tta: bool = True) -> dict:
     """Train folds 0..k-1 (finished folds are skipped, an interrupted one resumes) and summarise.
+
+    ``train.recipe = "auto"`` is applied here, once (:func:`medvox.recipe.apply_recipe`): every fold trains
+    the same resolved config, which records ``train.recipe_applied``.
 
     Writes ``<output>/<run>/cv_summary.json``, ``oof_predictions.csv``, ``test_predictions.csv`` (when a
     held-out test set exists) and ``cv_table.md``; returns the summary.
+
+    Example:
+        >>> from medvox.config import resolve
+        >>> cfg = resolve(overrides={"data.path": "demo_data/manifest.csv", "train.recipe": "auto"})
+        >>> summary = cross_validate(cfg)  # results/resnet18/fold_0..4, cv_summary.json, cv_table.md
     """
     from medvox.engine.setup import one_gpu_warning
+    from medvox.recipe import apply_recipe
 
+    cfg = apply_recipe(cfg)
     with one_gpu_warning(cfg.train.gpu or cfg.train.multi_gpu, "--gpu/--multi_gpu",
                          f"all {cfg.data.folds} folds and the test ensemble"):
         return _run_cv(cfg, tta)

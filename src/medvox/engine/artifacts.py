@@ -4,15 +4,12 @@ prediction tables. Only rank 0 calls these."""
 from __future__ import annotations
 
 import csv
-import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from medvox.engine.checkpoint import share_permissions
 from medvox.metrics.classification import to_jsonable
 
 

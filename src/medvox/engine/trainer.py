@@ -3,8 +3,9 @@
 Per epoch: train (augmented on the device, accumulated, clipped, mixed precision), validate the raw
 and the EMA weights, keep ``best.pt`` / ``best_ema.pt`` by their own monitored metric (with ``--safetensors``
 their weights also as ``best.safetensors`` / ``best_ema.safetensors``: no pickle), write ``last.pt``
-(everything needed to resume exactly), ``metrics.json``, logs and plots. At the end, the EMA weights
-(or the raw ones when EMA is off) at their best epoch are evaluated once more: that is the result, and
+(everything needed to resume exactly), ``metrics.json``, logs and plots. At the end, the final weights at
+their best epoch (``train.final_weights``: the EMA ones, the raw ones, or the better of the two on validation;
+the raw ones when EMA is off) are evaluated once more: that is the result, and
 ``last.pt`` keeps only the last epoch's weights (``train.keep_resume_state`` keeps all of it).
 """
 
@@ -19,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from medvox import __version__
+from medvox._version import __version__
 from medvox.config import ExperimentConfig, save, to_dict
 from medvox.data.loader import ArrayLoader
 from medvox.engine import artifacts, loop

@@ -15,9 +15,9 @@ Files written to ``out_dir``:
   ``members.<k>.<key>`` (:func:`load_exported` rebuilds either);
 * ``export.json``: input shape, classes, temperatures, preprocessing plan, config, the measured
   agreement of each exported file with the PyTorch model on random inputs, and ``decision``: the run's own
-  decision (the one ``medvox predict`` applies): a ``threshold`` on ``probabilities[:, 1]``, or for more than
-  two classes ``class_weights`` (predict the class with the largest ``weight * probability``); neither: the
-  argmax, with the reason.
+  decision (:meth:`~medvox.metrics.decision.Decision.to_json`, the one ``medvox predict`` applies): a
+  ``threshold`` on ``probabilities[:, 1]``, or for more than two classes ``class_weights`` (predict the class
+  with the largest ``weight * probability``); neither: the argmax, with the reason in ``fitted_on``.
 
 A run that ``medvox cv`` fused with its descriptor model (``--recipe auto``) reported the mixture: the
 export holds the CNN part only (the descriptors are NumPy/SciPy code, not a graph), so its probabilities are
@@ -74,39 +74,48 @@ class ProbabilityModel(nn.Module):
 
 
 def export_model(checkpoint_or_run: Path, out_dir: Path, formats: tuple[str, ...] | list[str] = FORMATS, *,
-                 fold: int | None = None, calibrated: bool = True, verify: bool = True) -> dict[str, Any]:
+                 fold: int | None = None, calibrated: bool = True, verify: bool = True,
+                 allow_missing: bool = False) -> dict[str, Any]:
     """Export a checkpoint, a fold folder, or a run's fold ensemble.
 
     Args:
         checkpoint_or_run: a ``.pt`` checkpoint, a ``fold_<k>`` folder, or a run folder (all folds'
-            final checkpoints become one ensemble).
+            final checkpoints become one ensemble); read by
+            :meth:`~medvox.inference.predictor.Predictor.from_run`.
         out_dir: output folder (created).
         formats: any of ``"torchscript"``, ``"onnx"``; safetensors and ``export.json`` are always written.
         fold: with a run folder, export only ``fold_<fold>``.
         calibrated: divide the logits by each fold's fitted temperature (``calibration.json``).
         verify: run the exported files on random inputs and record the largest difference to PyTorch.
+        allow_missing: export the fold models that are there when a fold's final checkpoint is missing (the
+            decision is then the argmax, with a warning); otherwise such a run is refused.
 
     Returns:
         The ``export.json`` document (with ``files`` and ``checks``).
 
     Raises:
         ValueError: an unknown format.
-        CheckpointError: no checkpoint found, or members trained with different plans/classes.
+        RunError: the run is not a finished run / fold, or a fold's final checkpoint is missing (unless
+            ``allow_missing``).
+        CheckpointError: a checkpoint is not a medvox model, or the members are different models.
     """
-    from medvox.inference.models import load_model
-    from medvox.run import resolve_checkpoints
+    from medvox.inference.predictor import Predictor
+    from medvox.run import write_json
 
     unknown = sorted(set(formats) - set(FORMATS))
     if unknown:
         raise ValueError(f"unknown export format(s) {unknown}; choose from {list(FORMATS)}")
-    loaded = [load_model(p) for p in resolve_checkpoints(Path(checkpoint_or_run), fold)]
+    predictor = Predictor.from_run(Path(checkpoint_or_run), fold=fold, calibrated=calibrated,
+                                   allow_missing=allow_missing)
+    loaded = predictor.models
     _check_members(loaded)
-    temps = [m.temperature if calibrated else 1.0 for m in loaded]
+    temps = predictor.temperatures
     wrapper = ProbabilityModel([m.model for m in loaded], temps).eval()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     doc = _describe(loaded, temps, calibrated)
-    doc["decision"], doc["fusion"] = _decision(Path(checkpoint_or_run), fold, loaded, calibrated)
+    doc["decision"], doc["fusion"] = _decision(predictor)
+    doc["all_members_present"] = predictor.complete
     shape = doc["input_shape"][1:]
     files = {"safetensors": _save_safetensors(wrapper, out_dir / "model.safetensors", doc)}
     example = torch.zeros(1, *shape)
@@ -119,7 +128,7 @@ def export_model(checkpoint_or_run: Path, out_dir: Path, formats: tuple[str, ...
         files["onnx"] = _export_onnx(wrapper, example, out_dir / "model.onnx")
     doc["files"] = {k: Path(v).name for k, v in files.items()}
     doc["checks"] = _verify(files, probe, reference) if verify else {}
-    (out_dir / "export.json").write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
+    write_json(out_dir / "export.json", doc)
     return {**doc, "out_dir": str(out_dir)}
 
 
@@ -150,34 +159,32 @@ def _check_members(loaded) -> None:
             raise CheckpointError(f"{ref.path} and {m.path} are different models: export them one at a time")
 
 
-def _decision(source: Path, fold: int | None, loaded, calibrated: bool) -> tuple[dict[str, Any], dict[str, Any] | None]:
-    """(the decision rule for the exported probabilities, the fusion the export leaves out or None)."""
-    from medvox.descriptors import load_fusion
-    from medvox.inference.predict import run_decision
-    from medvox.run import run_source
+def _decision(predictor) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """(the decision for the exported probabilities, :meth:`~medvox.metrics.decision.Decision.to_json`; the
+    fusion the export leaves out, or None)."""
+    from medvox.metrics.decision import Decision
 
-    folder = run_source(source, fold)
-    fusion = load_fusion(folder) if folder.is_dir() else None
+    fusion = predictor.fusion
     if fusion is None:
-        return run_decision([str(folder)], loaded, calibrated), None
-    note = (f"{folder} mixes a descriptor model into its final probabilities (weight {fusion['weight']:g}); this "
-            "export is the CNN fold ensemble alone, whose probabilities are not the run's final ones. `medvox "
-            f"predict --run {folder}` gives the fused predictions.")
+        return predictor.decision.to_json(), None
+    note = (f"{predictor.source} mixes a descriptor model into its final probabilities (weight {fusion['weight']:g}); "
+            "this export is the CNN fold ensemble alone, whose probabilities are not the run's final ones. `medvox "
+            f"predict --run {predictor.source}` gives the fused predictions.")
     log.warning("%s", note)
-    return ({"rule": "argmax", "threshold": None,
-             "from": "the run's threshold was chosen on the fused probabilities, not on these"},
-            {"weight": fusion["weight"], "note": note})
+    decision = Decision.argmax(predictor.classes, "the run's decision was chosen on the fused probabilities, not on "
+                               "these (the CNN fold ensemble alone)")
+    return decision.to_json(), {"weight": fusion["weight"], "note": note}
 
 
 def _describe(loaded, temps: list[float], calibrated: bool) -> dict[str, Any]:
     """``export.json`` without files and checks."""
-    from medvox import __version__
+    from medvox._version import __version__
     from medvox.config import to_dict
+    from medvox.models import uses_cosine_head
 
     ref = loaded[0]
     cfg = ref.config
     in_channels = int(getattr(ref.model, "in_channels", ref.plan.get("in_channels", 1)))
-    cosine = cfg.model.cosine_head if cfg.model.cosine_head is not None else cfg.loss.name == "LDAM"
     return {
         "format_version": 1, "medvox_version": __version__, "torch_version": torch.__version__,
         "model": cfg.model.name, "members": [str(m.path) for m in loaded], "classes": list(ref.classes),
@@ -187,7 +194,7 @@ def _describe(loaded, temps: list[float], calibrated: bool) -> dict[str, Any]:
         "output_meaning": "mean over members of softmax(logits / temperature)",
         "calibrated": calibrated, "temperatures": temps, "onnx_opset": ONNX_OPSET,
         "create_model": {"name": cfg.model.name, "in_channels": in_channels, "num_classes": len(ref.classes),
-                         "dropout": cfg.model.dropout, "cosine_head": cosine, **cfg.model.kwargs},
+                         "dropout": cfg.model.dropout, "cosine_head": uses_cosine_head(cfg), **cfg.model.kwargs},
         "preprocessing": ref.plan, "config": to_dict(cfg),
     }
 

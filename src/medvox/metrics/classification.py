@@ -29,7 +29,6 @@ from typing import Any
 import numpy as np
 
 
-
 def _skm():
     """scikit-learn's metrics, imported on first use: its ~0.6 s import would otherwise delay the first
     training step of every run."""

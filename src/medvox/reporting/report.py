@@ -23,10 +23,10 @@ from typing import Any
 
 import numpy as np
 
-from medvox.reporting import htmlpage as html
-from medvox.reporting.htmlpage import Html, fmt
 from medvox.cv.summary import THRESHOLD_METRICS, figures_of
 from medvox.metrics.decision import Decision
+from medvox.reporting import htmlpage as html
+from medvox.reporting.htmlpage import Html, fmt
 from medvox.run import Run
 
 _FOLD_COLS = ("auc", "accuracy", "balanced_accuracy", "f1", "sensitivity", "specificity", "loss")
@@ -255,9 +255,13 @@ def _calibration_section(run: Run, tmp: Path) -> Html:
                           "those folds' calibrated probabilities are nearly flat.", warn=True)
     oof = run.oof()
     if oof is not None and oof.raw is not None and oof.calibrated is not None:
+        from medvox.metrics.calibration import expected_calibration_error
         from medvox.plots import plot_reliability
 
         oof = oof.labelled()
+        before, after = (expected_calibration_error(oof.labels, p) for p in (oof.raw, oof.calibrated))
+        body += html.para(f"Pooled out-of-fold ECE (15 bins, top-label): raw {fmt(before, 4)}, each fold at its "
+                          f"temperature {fmt(after, 4)}.")
         png = plot_reliability(oof.labels, oof.raw, oof.calibrated, tmp / "reliability.png",
                                title="Reliability, pooled OOF (raw / each fold's temperature)")
         body += html.figure_of(png, "Reliability diagram of the pooled out-of-fold predictions: before = the fold "
