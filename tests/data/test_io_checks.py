@@ -119,7 +119,7 @@ def test_too_big_an_image_is_refused_from_its_header_with_the_size_and_the_fix(t
     monkeypatch.setattr(image_io, "_read_voxels", lambda *a: pytest.fail("decoded"))
     with pytest.raises(ImageError) as err:
         open_image(path, max_mb=1)
-    assert err.value.what == ("too big: 64 x 64 x 64 voxels of int16 need about 2 MB to read (0 MB as stored + "
+    assert err.value.what == ("too big: 64 x 64 x 64 voxels of int16 need about 1.5 MB to read (0.5 MB as stored + "
                               "1 MB as float32), above the limit of 1 MB (data.max_volume_mb)")
     assert err.value.fix.startswith("raise the limit with --max-volume-mb 2 (or data.max_volume_mb in the config)")
 

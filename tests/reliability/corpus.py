@@ -6,6 +6,15 @@ folder. Each writer returns a :class:`BadCase` that says exactly what ``medvox c
 manifest row, the case id, the file as written, the problem and the fix. ``ACCEPTED`` writers produce
 manifests that look odd (UTF-8 BOM, stray whitespace, semicolons, Windows line ends) but must simply work.
 
+The second round adds header problems found before decoding (a voxel size of 0 or below, a singular or NaN
+affine, complex / RGB voxels, an image above ``--max-volume-mb``), labels outside ``--classes``, a class only in
+the test split, fold values out of range or fractional, and 10,000 rows naming one file (``CORPUS``); sources
+that cannot be read at all (``SOURCE_ERRORS``, ``NPZ_ERRORS``: MedMNIST-style ``.npz`` files with one-hot
+multi-labels, fractional labels, the wrong label count, object arrays, channels-last images, or text); inputs
+that are usable but warned about (``WARNED``: a sheared grid, extreme anisotropy or shape, a Latin-1 manifest,
+labels that look like probabilities, one-hot ``.npz`` labels); and odd but valid ones (``ACCEPTED``: int64
+voxels).
+
 Example:
     >>> case = CORPUS["truncated_nifti"](tmp_path)
     >>> main(["check", str(case.manifest), *case.args])  # 1; prints case.expect[0].lines()
@@ -14,6 +23,7 @@ Example:
 from __future__ import annotations
 
 import csv
+import gzip
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,6 +54,8 @@ class Expect:
     row: int | None = None
     case_id: str | None = None
     file: str | None = None
+    level: str = "error"
+    affected: int | None = None  # cases a grouped problem names (default: 1 when it names a case)
 
     def lines(self) -> list[str]:
         """The three lines of the check report for this problem (see ``CheckReport.format``)."""
@@ -51,7 +63,7 @@ class Expect:
             f"row {self.row}" if self.row is not None else "",
             f"case {self.case_id}" if self.case_id is not None else "",
             f"file {self.file}" if self.file else "") if part) or "dataset"
-        return [f"  ERROR   {where}", f"          {self.what}", f"          fix: {self.fix}"]
+        return [f"  {self.level.upper():7s} {where}", f"          {self.what}", f"          fix: {self.fix}"]
 
 
 @dataclass
@@ -275,10 +287,181 @@ def patient_in_two_folds(root: Path) -> BadCase:
     return BadCase("two_folds", manifest, [expect])
 
 
+# --- round two: headers, declared classes, folds, repeated rows -----------------------------------
+
+
+def write_patched_nifti(path: Path, data: np.ndarray, affine: np.ndarray = AFFINE, pixdim=None,
+                        sform: np.ndarray | None = None) -> Path:
+    """A ``.nii.gz`` whose header bytes say ``pixdim`` (pixdim[1:4], byte 80) and ``sform`` (srow_x/y/z, byte
+    280) as given: nibabel's own writer would repair them, as a broken exporter does not."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    plain = path.with_name(path.name.replace(".gz", ""))
+    nib.save(nib.Nifti1Image(np.asarray(data), affine), str(plain))
+    raw = bytearray(plain.read_bytes())
+    if pixdim is not None:
+        raw[80:92] = np.asarray(pixdim, "<f4").tobytes()
+    if sform is not None:
+        raw[280:328] = np.asarray(sform, "<f4").tobytes()
+    plain.unlink()
+    path.write_bytes(gzip.compress(bytes(raw)))
+    return path
+
+
+def _write_rows(path: Path, rows: list[dict]) -> Path:
+    """Every key of every row is a column (the extra ones empty where a row has none)."""
+    columns = list(dict.fromkeys(k for row in rows for k in row))
+    return write_manifest(path, [{c: row.get(c, "") for c in columns} for row in rows], columns)
+
+
+def pixdim_zero(root: Path) -> BadCase:
+    """A voxel size of 0 in the header: nibabel alone reads it as 1 mm."""
+    write_patched_nifti(root / "images/pix0.nii.gz", volume(_rng(), 0), pixdim=(0.0, 0.8, 2.5))
+    return _one_bad_row(root, "pix0", "images/pix0.nii.gz",
+                        "voxel size (pixdim) 0 x 0.8 x 2.5 in the header: a voxel size must be positive",
+                        "re-export the image with its real voxel size (nibabel: header.set_zooms)")
+
+
+def pixdim_negative(root: Path) -> BadCase:
+    write_patched_nifti(root / "images/pixneg.nii.gz", volume(_rng(), 0), pixdim=(0.8, -0.8, 2.5))
+    return _one_bad_row(root, "pixneg", "images/pixneg.nii.gz",
+                        "voxel size (pixdim) 0.8 x -0.8 x 2.5 in the header: a voxel size must be positive",
+                        "re-export the image with its real voxel size (nibabel: header.set_zooms)")
+
+
+def singular_affine(root: Path) -> BadCase:
+    """An sform whose third axis is all zeros ("TypeError: sequence item 0" before)."""
+    sform = AFFINE[:3].copy()
+    sform[:, 2] = 0.0
+    write_patched_nifti(root / "images/flat_affine.nii.gz", volume(_rng(), 0), sform=sform)
+    return _one_bad_row(root, "singular", "images/flat_affine.nii.gz",
+                        "singular affine (voxel -> world transform): a voxel axis of length 0, so the grid has no "
+                        "volume", "re-export the image with its real voxel size and orientation")
+
+
+def nan_affine(root: Path) -> BadCase:
+    """A NaN in the sform ("SVD did not converge" before)."""
+    sform = AFFINE[:3].copy()
+    sform[0, 0] = np.nan
+    write_patched_nifti(root / "images/nan_affine.nii.gz", volume(_rng(), 0), sform=sform)
+    return _one_bad_row(root, "nan_affine", "images/nan_affine.nii.gz",
+                        "the affine (voxel -> world transform) holds NaN or Inf values",
+                        "re-export the image with a valid orientation (sform/qform)")
+
+
+def complex_voxels(root: Path) -> BadCase:
+    """Complex voxels: a float cast would silently drop the imaginary part."""
+    data = volume(_rng(), 0).astype(np.complex64) * (1 + 1j)
+    path = root / "images/complex.nii.gz"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(data, AFFINE, dtype=np.complex64), str(path))
+    return _one_bad_row(root, "complex", "images/complex.nii.gz",
+                        "complex voxels (complex64): medvox needs real intensities (a cast would drop the imaginary "
+                        "part)", "save the magnitude (numpy.abs) or the real part as a float image")
+
+
+def rgb_voxels(root: Path) -> BadCase:
+    data = np.zeros(SHAPE, dtype=[("R", "u1"), ("G", "u1"), ("B", "u1")])
+    path = root / "images/colour.nii.gz"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(data, AFFINE), str(path))
+    return _one_bad_row(root, "rgb", "images/colour.nii.gz",
+                        "RGB voxels (24-bit colour): medvox needs one intensity per voxel",
+                        "convert the image to greyscale, or save the colours as channels (a 4th axis)")
+
+
+def too_big(root: Path) -> BadCase:
+    """A volume above ``--max-volume-mb 1``: refused from its header, before a voxel is inflated."""
+    write_nifti(root / "images/big.nii.gz", np.zeros((64, 64, 64), np.int16))
+    case = _one_bad_row(root, "big", "images/big.nii.gz",
+                        "too big: 64 x 64 x 64 voxels of int16 need about 1.5 MB to read (0.5 MB as stored + 1 MB "
+                        "as float32), above the limit of 1 MB (data.max_volume_mb)",
+                        "raise the limit with --max-volume-mb 2 (or data.max_volume_mb in the config) on a machine "
+                        "with that memory free, or crop / downsample the image")
+    case.args = ["--folds", "2", "--max-volume-mb", "1"]
+    return case
+
+
+def label_not_declared(root: Path) -> BadCase:
+    """A stray label ('maybe') with the classes declared: a row error naming the row, not a tiny class."""
+    write_nifti(root / "images/unsure.nii.gz", volume(_rng(), 0))
+    case = _one_bad_row(root, "maybe", "images/unsure.nii.gz",
+                        "label 'maybe' is not one of the declared classes 'benign', 'malignant'",
+                        "correct the label in column 'label', or add 'maybe' to the declared classes "
+                        "(--classes / data.classes)", label="maybe")
+    case.args = ["--folds", "2", "--classes", "benign,malignant"]
+    return case
+
+
+def class_only_in_test(root: Path) -> BadCase:
+    """A class held out in the test split only ('check' said OK, training crashed in losses._counts)."""
+    write_nifti(root / "images/rare.nii.gz", volume(_rng(), 1))
+    rows = good_rows(root)
+    rows.append({"id": "bad_test_only", "image": "images/rare.nii.gz", "label": "rare", "patient_id": "P_rare",
+                 "split": "test"})
+    manifest = _write_rows(root / "manifest.csv", rows)
+    expect = Expect("class 'rare' is only in the test split (1 case(s): row 10 (case bad_test_only, file "
+                    "images/rare.nii.gz)): no cross-validation case teaches it",
+                    "move patients of class 'rare' into the pool (the 'split' column), or remove its test cases")
+    return BadCase("test_only", manifest, [expect], skippable=False)
+
+
+def _rows_with_folds(root: Path) -> list[dict]:
+    rows = good_rows(root)
+    for i, row in enumerate(rows):
+        row["fold"] = str(i // 2 % 2)  # both classes in both folds
+    return rows
+
+
+def fold_out_of_range(root: Path) -> BadCase:
+    """Folds -1 and 7 with --folds 2 (a marker and a typo): each named with its row."""
+    rows = _rows_with_folds(root)
+    rng = _rng()
+    for name, fold in (("minus", "-1"), ("seven", "7")):
+        write_nifti(root / f"images/fold_{name}.nii.gz", volume(rng, 0))
+        rows.append({"id": f"bad_fold_{name}", "image": f"images/fold_{name}.nii.gz", "label": "benign",
+                     "patient_id": f"P_{name}", "fold": fold})
+    manifest = _write_rows(root / "manifest.csv", rows)
+    fix = "use folds 0..1 in column 'fold', or --folds to match the column; hold a case out with split=test, not a "\
+          "negative fold"
+    return BadCase("fold_range", manifest, [
+        Expect("fold -1 is out of range: folds are 0..1 (data.folds = 2)", fix, BAD_ROW, "bad_fold_minus",
+               "images/fold_minus.nii.gz"),
+        Expect("fold 7 is out of range: folds are 0..1 (data.folds = 2)", fix, BAD_ROW + 1, "bad_fold_seven",
+               "images/fold_seven.nii.gz")])
+
+
+def fold_fractional(root: Path) -> BadCase:
+    """Fold 1.7: refused, not truncated to fold 1."""
+    rows = _rows_with_folds(root)
+    write_nifti(root / "images/fold_frac.nii.gz", volume(_rng(), 0))
+    rows.append({"id": "bad_fold_frac", "image": "images/fold_frac.nii.gz", "label": "benign", "patient_id": "P_frac",
+                 "fold": "1.7"})
+    manifest = _write_rows(root / "manifest.csv", rows)
+    return BadCase("fold_frac", manifest, [Expect("fold '1.7' is not a whole number",
+                                                  "use fold numbers 0..k-1 in column 'fold'", BAD_ROW,
+                                                  "bad_fold_frac", "images/fold_frac.nii.gz")])
+
+
+def many_rows_one_file(root: Path) -> BadCase:
+    """10,000 rows naming one image: one grouped problem (not 9,999), the file inspected once."""
+    rows = good_rows(root)
+    write_nifti(root / "images/same.nii.gz", volume(_rng(), 0))
+    rows += [{"id": f"rep_{i:05d}", "image": "images/same.nii.gz", "label": CLASSES[i % 2], "patient_id": f"R{i:05d}"}
+             for i in range(10_000)]
+    manifest = write_manifest(root / "manifest.csv", rows)
+    first = BAD_ROW + 1
+    shown = ", ".join(str(first + i) for i in range(10))
+    expect = Expect(f"the same image(s) as row {BAD_ROW}, repeated on 9,999 rows: {shown} and 9,989 more",
+                    "list every image once", first, "rep_00001", "images/same.nii.gz", affected=9_999)
+    return BadCase("many_rows", manifest, [expect])
+
+
 CORPUS: dict[str, Callable[[Path], BadCase]] = {f.__name__: f for f in (
     truncated_nifti, text_named_as_image, image_2d, image_5d, nan_inf_voxels, constant_volume,
     dicom_missing_slice, dicom_mixed_series, channels_4d, channels_two_columns, missing_file, unknown_label,
-    label_spelled_two_ways, duplicate_id, path_escapes_root, class_absent_from_fold, patient_in_two_folds)}
+    label_spelled_two_ways, duplicate_id, path_escapes_root, class_absent_from_fold, patient_in_two_folds,
+    pixdim_zero, pixdim_negative, singular_affine, nan_affine, complex_voxels, rgb_voxels, too_big,
+    label_not_declared, class_only_in_test, fold_out_of_range, fold_fractional, many_rows_one_file)}
 
 # the row-level kinds that fit into one manifest together (one image column, no fold column): --skip-bad
 SKIPPABLE_TOGETHER = ("truncated_nifti", "text_named_as_image", "image_2d", "image_5d", "nan_inf_voxels",
@@ -320,9 +503,181 @@ def _accepted(root: Path, *, delimiter: str = ",", bom: bool = False, pad: bool 
                           lineterminator="\r\n" if crlf else "\n")
 
 
+def _int64_images(root: Path) -> Path:
+    """The clean cases with int64 voxels (a valid NIfTI type that medvox once called "unreadable")."""
+    manifest = _accepted(root)
+    for i in range(N_GOOD):
+        path = root / "images" / f"good_{i:02d}.nii.gz"
+        data = np.asarray(nib.load(str(path)).dataobj).astype(np.int64)
+        nib.save(nib.Nifti1Image(data, AFFINE, dtype=np.int64), str(path))
+    return manifest
+
+
 ACCEPTED: dict[str, Callable[[Path], Path]] = {
     "utf8_bom": lambda root: _accepted(root, bom=True),
     "stray_whitespace": lambda root: _accepted(root, pad=True),
     "semicolon": lambda root: _accepted(root, delimiter=";"),
     "excel_export": lambda root: _accepted(root, delimiter=";", bom=True, pad=True, crlf=True),
+    "int64_voxels": _int64_images,
 }
+
+
+# --- sources that cannot be read at all ------------------------------------------------------------
+
+
+@dataclass
+class SourceCase:
+    """A source ``medvox check`` cannot read: exit 1, ``what`` and ``fix`` printed, no traceback."""
+
+    name: str
+    source: Path
+    what: str
+    fix: str
+    args: list[str] = field(default_factory=list)
+
+
+def same_image_col_twice(root: Path) -> SourceCase:
+    manifest = write_manifest(root / "manifest.csv", good_rows(root))
+    return SourceCase("image_col_twice", manifest, "image column 'image' given 2 times (--image-col): every case "
+                      "would get identical channels", "name each image column once",
+                      ["--image-col", "image", "--image-col", "image"])
+
+
+def _npz(root: Path, name: str, labels: np.ndarray | None = None, images: np.ndarray | None = None,
+         **arrays) -> Path:
+    """A small MedMNIST-format ``.npz``: 12 train volumes of 8^3 uint8 (or ``images``) with ``labels``."""
+    root.mkdir(parents=True, exist_ok=True)
+    rng = _rng()
+    images = (rng.random((12, 8, 8, 8)) * 255).astype(np.uint8) if images is None else images
+    labels = np.arange(len(images)) % 2 if labels is None else labels
+    np.savez(root / name, train_images=images, train_labels=labels, **arrays)
+    return root / name
+
+
+def npz_multi_label(root: Path) -> SourceCase:
+    labels = np.eye(2, dtype=np.uint8)[np.arange(12) % 2]
+    labels[3] = 1  # case 3 has both classes
+    return SourceCase("multi_label", _npz(root, "multi.npz", labels),
+                      "train_labels: multi-label: 1 image(s) have several classes (case train_0003: columns 0, 1); "
+                      "medvox trains one class per image, which is not supported here (cases train_0003)",
+                      "give one class per image (e.g. one column of the labels, or one model per label)")
+
+
+def npz_fractional_labels(root: Path) -> SourceCase:
+    labels = np.array([0, 1] * 5 + [0.5, 1.5])
+    return SourceCase("fractional", _npz(root, "frac.npz", labels),
+                      "train_labels: fractional labels (0.5, 1.5, ...) on 2 image(s): a label must be a whole class "
+                      "number (cases train_0010, train_0011)",
+                      "give the class index of each image; probabilities or soft labels are not classes")
+
+
+def npz_label_count(root: Path) -> SourceCase:
+    return SourceCase("label_count", _npz(root, "count.npz", np.arange(10) % 2),
+                      "train_labels: shape (10,): 10 label row(s) for 12 images in train_images",
+                      "give one label per image: shape (12,) or (12, 1)")
+
+
+def npz_object_labels(root: Path) -> SourceCase:
+    labels = np.array(["benign", "malignant"] * 6, dtype=object)
+    return SourceCase("object_labels", _npz(root, "objects.npz", labels),
+                      "train_labels: an array of Python objects (loading it would mean unpickling)",
+                      "save the labels as a numeric array of shape (N,) or (N, 1)")
+
+
+def npz_channels_last(root: Path) -> SourceCase:
+    images = np.zeros((12, 16, 16, 16, 3), np.uint8)
+    return SourceCase("channels_last", _npz(root, "rgb.npz", images=images),
+                      "train_images has shape (12, 16, 16, 16, 3): channels last (N, D, H, W, C) with C = 3; medvox "
+                      "reads (N, D, H, W) or channels first (N, C, D, H, W), so this would be 16 channels of 16 x 16 "
+                      "x 3", "move the channel axis before saving: np.moveaxis(train_images, -1, 1)")
+
+
+def npz_text(root: Path) -> SourceCase:
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "labels.npz").write_text("case,label\n1,benign\n")
+    return SourceCase("text_npz", root / "labels.npz", "not an .npz: the file holds text, not a zip archive of arrays",
+                      "give a MedMNIST-format .npz (numpy.savez of train/val/test_images and _labels)")
+
+
+SOURCE_ERRORS: dict[str, Callable[[Path], SourceCase]] = {f.__name__: f for f in (
+    same_image_col_twice, npz_multi_label, npz_fractional_labels, npz_label_count, npz_object_labels,
+    npz_channels_last, npz_text)}
+
+
+# --- usable, but warned about ----------------------------------------------------------------------
+
+
+@dataclass
+class Warned:
+    """Input that ``check`` passes (exit 0) with exactly these warnings; ``prepare`` logs them and goes on."""
+
+    name: str
+    source: Path
+    expect: list[Expect]
+    args: list[str] = field(default_factory=lambda: ["--folds", "2"])
+
+
+def _warned_row(root: Path, name: str, data: np.ndarray, affine: np.ndarray, what: str, fix: str) -> Warned:
+    image = f"images/{name}.nii.gz"
+    write_nifti(root / image, data, affine)
+    rows = good_rows(root)
+    rows.append({"id": f"odd_{name}", "image": image, "label": "benign", "patient_id": f"P_{name}"})
+    manifest = write_manifest(root / "manifest.csv", rows)
+    return Warned(name, manifest, [Expect(what, fix, BAD_ROW, f"odd_{name}", image, level="warning")])
+
+
+def sheared_grid(root: Path) -> Warned:
+    affine = AFFINE.copy()
+    affine[0, 1] = 0.8 * np.tan(np.radians(15))  # a tilted gantry: j leans 15 degrees towards i
+    return _warned_row(root, "sheared", volume(_rng(), 0), affine,
+                       "sheared grid: the voxel axes are 15 degrees off perpendicular (a tilted CT gantry?); medvox "
+                       "resamples along the voxel axes and drops the shear",
+                       "resample the image onto an orthogonal grid first if the shear matters")
+
+
+def extreme_anisotropy(root: Path) -> Warned:
+    return _warned_row(root, "aniso", volume(_rng(), 0), np.diag([0.1, 0.1, 10.0, 1.0]),
+                       "extreme anisotropy: spacing 10 x 0.1 x 0.1 mm (D x H x W), 100x between the finest and the "
+                       "coarsest axis", "check the voxel size in the header; along the coarse axis the volume holds "
+                       "little 3D detail")
+
+
+def extreme_shape(root: Path) -> Warned:
+    data = np.full((1000, 1000, 3), -1000, np.int16)
+    data[200:800, 200:800] = 40
+    return _warned_row(root, "slab", data, AFFINE, "extreme shape: 3 x 1000 x 1000 voxels (D x H x W)",
+                       "check that this is the 3D volume meant (not a thin slab, a 2D stack or a mosaic); medvox "
+                       "resamples it to the plan's grid")
+
+
+def latin1_manifest(root: Path) -> Warned:
+    rows = good_rows(root)
+    rows[2]["patient_id"] = "P_Müller"
+    manifest = write_manifest(root / "manifest.csv", rows, encoding="latin-1")
+    return Warned("latin1", manifest, [Expect(
+        "the manifest is not UTF-8 (line 4 holds byte 0xfc): read as Windows-1252, where that byte is 'ü'",
+        "save the manifest as UTF-8 (Excel: 'CSV UTF-8') to be sure every character reads as written",
+        4, None, str(manifest), level="warning")])
+
+
+def probability_labels(root: Path) -> Warned:
+    rows = good_rows(root, n=9)
+    for i, row in enumerate(rows):
+        row["label"] = ("0", "0.5", "1")[i % 3]
+    manifest = write_manifest(root / "manifest.csv", rows)
+    return Warned("probabilities", manifest, [Expect(
+        "labels 0, 0.5, 1 in column 'label' include fractions between 0 and 1: probabilities or soft labels? each "
+        "distinct value is a class of its own (3 classes)", "give one class label per case (e.g. threshold the "
+        "probabilities), or declare the classes with --classes", None, None, str(manifest), level="warning")])
+
+
+def npz_one_hot(root: Path) -> Warned:
+    labels = np.eye(2, dtype=np.uint8)[np.arange(12) % 2]
+    path = _npz(root, "onehot.npz", labels)
+    return Warned("one_hot", path, [Expect("train_labels is one-hot (12 x 2): read as class = the column holding the 1",
+                                           "save one class index per image, shape (12,), to silence this", None, None,
+                                           str(path), level="warning")])
+
+
+WARNED: dict[str, Callable[[Path], Warned]] = {f.__name__: f for f in (
+    sheared_grid, extreme_anisotropy, extreme_shape, latin1_manifest, probability_labels, npz_one_hot)}

@@ -65,6 +65,7 @@ def test_bad_input_is_reported_exactly_and_nothing_is_written(name, previous, tm
     assert last.startswith(f"FAILED: {len(case.expect)} error(s), 0 warning(s), ") and last.endswith(
         "; nothing was written."), last
     named = len({(e.row, e.case_id) for e in case.expect if e.case_id is not None})  # cases, not dataset problems
+    named += sum(e.affected - 1 for e in case.expect if e.affected)  # a grouped problem names many
     assert f", {named} of " in last and " cases affected (" in last, last
 
     argv = ["train", "--data", str(case.manifest), *case.args, "--epochs", "1", *MIL, *FAST,

@@ -238,10 +238,15 @@ def _check_memory(path: Path, shape: tuple[int, ...], dtype: np.dtype, max_mb: f
         voxels = math.prod(int(n) for n in shape)
         stored, as_float = voxels * np.dtype(dtype).itemsize / 2**20, voxels * 4 / 2**20
         raise ImageError(path, f"too big: {' x '.join(str(int(n)) for n in shape)} voxels of {np.dtype(dtype)} need "
-                         f"about {need:,.0f} MB to read ({stored:,.0f} MB as stored + {as_float:,.0f} MB as float32), "
-                         f"above the limit of {max_mb:,.0f} MB (data.max_volume_mb)",
+                         f"about {_mb(need)} MB to read ({_mb(stored)} MB as stored + {_mb(as_float)} MB as float32), "
+                         f"above the limit of {_mb(max_mb)} MB (data.max_volume_mb)",
                          f"raise the limit with --max-volume-mb {_round_up(need)} (or data.max_volume_mb in the "
                          "config) on a machine with that memory free, or crop / downsample the image")
+
+
+def _mb(value: float) -> str:
+    """1,234 / 56 / 1.5 / 0.25: whole MB from 10 up, two significant digits below."""
+    return f"{value:,.0f}" if value >= 10 else f"{value:.2g}"
 
 
 def _round_up(mb: float) -> int:

@@ -216,7 +216,7 @@ def _kept_cases(report: CheckReport, caseset: CaseSet, cfg: DataConfig) -> tuple
     skipped = []
     for i in sorted(bad):
         case = caseset.cases[i]
-        whats = [p.what for p in report.errors if p.case_index == i]
+        whats = [p.what for p in report.errors if p.case_index == i or any(a[2] == i for a in p.also)]
         skipped.append({"row": case.row, "id": case.id, "file": case.file, "problems": whats})
     return kept, skipped
 
