@@ -23,6 +23,7 @@ from medvox.models.registry import (
     create_model_from_config,
     list_models,
     register_model,
+    uses_cosine_head,
 )
 from medvox.models.resnet import MedResNet3D
 from medvox.models.swin import SwinClassifier
@@ -43,4 +44,5 @@ __all__ = [
     "load_pretrained",
     "read_state_dict",
     "register_model",
+    "uses_cosine_head",
 ]

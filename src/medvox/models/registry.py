@@ -83,6 +83,20 @@ def create_model(name: str, in_channels: int = 1, num_classes: int = 2, dropout:
     return model
 
 
+def uses_cosine_head(cfg: Any) -> bool:
+    """Whether the model of an :class:`~medvox.config.ExperimentConfig` has a cosine (normalised linear) head:
+    ``model.cosine_head`` when set, else on for the LDAM loss, whose margins are set on cosine logits. Training,
+    rebuilding a checkpoint and exporting all ask here, so a checkpoint always loads into the model it came from.
+
+    Example:
+        >>> from medvox.config import ExperimentConfig
+        >>> uses_cosine_head(ExperimentConfig())  # the default loss is LDAM
+        True
+    """
+    chosen = cfg.model.cosine_head
+    return bool(chosen) if chosen is not None else cfg.loss.name == "LDAM"
+
+
 def create_model_from_config(cfg: Any, in_channels: int, num_classes: int, *,
                              cosine_head: bool | None = None) -> nn.Module:
     """``create_model`` from a ``medvox.config.ModelConfig``.
