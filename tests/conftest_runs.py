@@ -109,38 +109,43 @@ def _randomise_batchnorm(model: torch.nn.Module, seed: int) -> None:
 
 
 def write_synthetic_run(path: Path, ids: list[str], labels: list[int], probs: np.ndarray, classes=("0", "1"),
-                        test: tuple[list[str], list[int], np.ndarray] | None = None) -> Path:
-    """A minimal run folder written by hand (no training): cv_summary.json, one fold, prediction CSVs."""
+                        test: tuple[list[str], list[int], np.ndarray] | None = None, decision=None,
+                        temperatures: list[float] | None = None, folds: list[int] | None = None) -> Path:
+    """A run folder written by hand (no training) in the format `medvox cv` writes: cv_summary.json, one fold per
+    distinct value of ``folds`` (default one), the prediction CSVs through medvox's own writer; ``probs`` are the
+    final (calibrated) OOF probabilities, ``decision`` the run's (default: the argmax)."""
+    from medvox import run as runfiles
+    from medvox.cv.summary import figures_of, fold_table
     from medvox.metrics.classification import compute_metrics
-    from medvox.cv.summary import fold_table
+    from medvox.metrics.decision import Decision
 
     classes = list(classes)
     path.mkdir(parents=True, exist_ok=True)
+    decision = decision or Decision.argmax(classes, "a synthetic run")
+    folds = list(folds) if folds is not None else [0] * len(ids)
+    k = max(folds) + 1
+    oof_path = runfiles.write_predictions(path / runfiles.OOF_PREDICTIONS, ids, ids, np.asarray(labels), probs, classes,
+                                          decision, extra={"fold": [str(f) for f in folds]})
     oof = compute_metrics(labels, probs, class_names=classes)
-    summary = {"model": "synthetic", "folds": 1, "classes": classes, "monitor": "auc", "cv": fold_table([oof]),
-               "oof": oof, "calibration": [], "test": None}
-    _write_csv(path / "oof_predictions.csv", ids, labels, probs, classes, extra=("fold", "0"))
+    summary = {"format_version": runfiles.FORMAT_VERSION, "model": "synthetic", "folds": k, "classes": classes,
+               "monitor": "auc", "members": [f"fold_{f}/best.pt" for f in range(k)], "probabilities": "calibrated",
+               "decision": decision.to_json(), "cv": fold_table([oof] * k), "cv_at_decision": fold_table([oof] * k),
+               "oof": figures_of(runfiles.read_predictions(oof_path)),
+               "calibration": [{"temperature": t} for t in temperatures or []], "test": None}
     if test is not None:
         t_ids, t_labels, t_probs = test
-        summary["test"] = {"n": len(t_ids), "tta": False, "members": [],
-                           "ensemble": compute_metrics(t_labels, t_probs, class_names=classes)}
-        _write_csv(path / "test_predictions.csv", t_ids, t_labels, t_probs, classes, extra=("spread", "0.0"))
-    (path / "cv_summary.json").write_text(json.dumps(summary))
-    fold = path / "fold_0"
-    fold.mkdir(exist_ok=True)
-    (fold / "metrics.json").write_text(json.dumps({"status": "complete", "classes": classes, "epochs_run": 1,
-                                                   "final": {"weights": "best.pt", "epoch": 1, "val": oof}}))
+        t_path = runfiles.write_predictions(path / runfiles.TEST_PREDICTIONS, t_ids, t_ids, np.asarray(t_labels),
+                                            t_probs, classes, decision, extra={"spread": ["0.0"] * len(t_ids)})
+        summary["test"] = {"n": len(t_ids), "tta": False, "members": [], "final": "ensemble_calibrated",
+                           "ensemble_calibrated": compute_metrics(t_labels, t_probs, class_names=classes),
+                           "final_at_threshold": figures_of(runfiles.read_predictions(t_path))}
+    (path / runfiles.CV_SUMMARY).write_text(json.dumps(summary))
+    for f in range(k):
+        fold = path / f"fold_{f}"
+        fold.mkdir(exist_ok=True)
+        (fold / runfiles.METRICS).write_text(json.dumps({"status": "complete", "classes": classes, "epochs_run": 1,
+                                                         "final": {"weights": "best.pt", "epoch": 1, "val": oof}}))
     return path
-
-
-def _write_csv(path: Path, ids, labels, probs, classes, extra: tuple[str, str]) -> None:
-    import csv
-
-    with open(path, "w", newline="", encoding="utf-8") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(["case_id", "patient_id", "label", *[f"prob_{c}" for c in classes], "predicted", extra[0]])
-        for cid, y, p in zip(ids, labels, np.asarray(probs), strict=True):
-            writer.writerow([cid, cid, classes[y], *[f"{v:.6f}" for v in p], classes[int(np.argmax(p))], extra[1]])
 
 
 # ------------------------------------------------------------------ HTML pages

@@ -10,21 +10,14 @@ import pytest
 from sklearn.metrics import roc_auc_score
 
 from medvox.reporting.compare import write_comparison
-from medvox.run import load_run
 from medvox.metrics.stats import delong_test
 from tests.conftest_runs import assert_self_contained, image_sources, write_synthetic_run
 
 
 def _oof(run):
-    """{case: (label, P(class 1))} of a binary run's pooled OOF, each fold's probabilities rescaled by hand by its
-    temperature from cv_summary.json (softmax of log p / T), as the run's decision threshold sees them."""
-    temps = [c["temperature"] for c in json.loads((run / "cv_summary.json").read_text())["calibration"]]
-    out = {}
+    """{case: (label, P(class 1))} of a binary run's pooled OOF as its file holds the final probabilities."""
     with open(run / "oof_predictions.csv", newline="") as fh:
-        for r in csv.DictReader(fh):
-            p1, t = float(r["prob_1"]), temps[int(r["fold"])] if temps else 1.0
-            out[r["case_id"]] = (int(r["label"]), p1 ** (1 / t) / (p1 ** (1 / t) + (1 - p1) ** (1 / t)))
-    return out
+        return {r["case_id"]: (int(r["label"]), float(r["prob_1"])) for r in csv.DictReader(fh)}
 
 
 @pytest.mark.slow
@@ -52,8 +45,9 @@ def test_compare_two_real_runs(cv_runs, tmp_path):
     summary = json.loads((runs[0] / "cv_summary.json").read_text())
     row = result["runs"][0]
     assert row["cv"]["auc"]["mean"] == pytest.approx(summary["cv"]["auc"]["mean"])
-    assert row["test_auc"] == pytest.approx(summary["test"]["ensemble_tta_calibrated"]["auc"])
-    assert result["runs"][1]["test_variant"] == "ensemble"  # the MIL run had no TTA
+    assert row["test_auc"] == summary["test"]["final_at_threshold"]["auc"]
+    assert row["test_variant"] == "ensemble_tta_calibrated"
+    assert result["runs"][1]["test_variant"] == "ensemble_calibrated"  # the MIL run had no TTA
     assert "resnet10" in page and "DeLong" in page
 
 
@@ -81,32 +75,18 @@ def test_different_case_sets_are_paired_on_the_intersection(tmp_path):
     assert pair["delong"]["z"] == pytest.approx(expected["z"], abs=1e-9)
 
 
-def test_a_plain_run_is_compared_on_its_per_fold_calibrated_oof(tmp_path):
-    """A fused run's OOF file is calibrated; a plain run's raw one is rescaled fold by fold when read, so the
-    two are compared on the same footing (and on what each run's decision threshold was chosen from)."""
+def test_runs_are_compared_on_the_probabilities_their_decisions_use(tmp_path):
+    """compare tests the runs' final probabilities (the prob_ columns), the ones their summary's pooled OOF AUC
+    is computed from."""
     ids = [f"case_{i}" for i in range(80)]
     plain, other = _binary_run(tmp_path / "plain", ids, seed=3), _binary_run(tmp_path / "other", ids, seed=4)
-    with open(plain / "oof_predictions.csv", newline="") as fh:
-        rows = list(csv.DictReader(fh))
-    for i, r in enumerate(rows):
-        r["fold"] = str(i % 2)
-    with open(plain / "oof_predictions.csv", "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    summary = json.loads((plain / "cv_summary.json").read_text())
-    summary["calibration"] = [{"temperature": 0.4}, {"temperature": 3.0}]
-    (plain / "cv_summary.json").write_text(json.dumps(summary))
-
-    run = load_run(plain)
-    expected = _oof(plain)
-    assert run.oof.probs[:, 1] == pytest.approx([expected[i][1] for i in run.oof.ids], abs=1e-7)
-    y = [expected[i][0] for i in ids]
-    calibrated, raw = roc_auc_score(y, [expected[i][1] for i in ids]), roc_auc_score(y, [float(r["prob_1"]) for r in rows])
-    assert abs(calibrated - raw) > 0.005  # the two folds' scales differ: the pooled ranking changes
+    y, p1 = zip(*_oof(plain).values(), strict=True)
     write_comparison([plain, other], tmp_path / "cmp")
-    pair = next(p for p in json.loads((tmp_path / "cmp" / "comparison.json").read_text())["pairs"] if p["split"] == "oof")
-    assert pair["delong"]["auc_a"] == pytest.approx(calibrated)
+    result = json.loads((tmp_path / "cmp" / "comparison.json").read_text())
+    pair = next(p for p in result["pairs"] if p["split"] == "oof")
+    summary = json.loads((plain / "cv_summary.json").read_text())
+    assert pair["delong"]["auc_a"] == pytest.approx(roc_auc_score(y, p1)) == pytest.approx(summary["oof"]["auc"])
+    assert result["runs"][0]["oof_auc"] == summary["oof"]["auc"]
 
 
 def test_runs_with_different_classes_are_refused(tmp_path):

@@ -16,6 +16,7 @@ import pytest
 
 from medvox.reporting.htmlpage import fmt
 from medvox.reporting.report import write_report
+from medvox.run import RunError
 from tests.conftest_runs import assert_self_contained, image_sources, write_synthetic_run
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -38,7 +39,7 @@ def test_report_of_a_real_cv_run(cv_runs, tmp_path):
     auc = summary["cv"]["auc"]
     assert f"{fmt(auc['mean'])} ± {fmt(auc['std'])} [{fmt(auc['ci95'][0])}, {fmt(auc['ci95'][1])}]" in page
     assert f"<td>{fmt(summary['oof']['auc'])}</td>" in page
-    for variant in ("ensemble", "ensemble_tta", "ensemble_tta_calibrated"):
+    for variant in ("ensemble", "ensemble_calibrated", "ensemble_tta", "ensemble_tta_calibrated"):
         assert f"<td>{fmt(summary['test'][variant]['auc'])}</td>" in page
     assert "fold ensemble" in page and "ensemble + TTA + temperature scaling" in page
     for k, calib in enumerate(summary["calibration"]):
@@ -46,12 +47,12 @@ def test_report_of_a_real_cv_run(cv_runs, tmp_path):
     assert "Dataset fingerprint" in page and "StratifiedGroupKFold" in page  # cache found, splits shown
     assert "<td>target_shape</td><td>28, 28, 28</td>" in page
     assert "<td>LDAM</td>" in page and "best_ema.pt" in page
-    assert "No held-out test set" not in page and "EMA was off" not in page
+    assert "No held-out test set" not in page and "best.pt), not the EMA" not in page
     # the threshold metrics at the run's decision: folds (each fold's validation cases), pooled OOF, test
     decision, at = summary["decision"], summary["cv_at_decision"]["balanced_accuracy"]
-    assert html.escape(f"At the run's decision, p(1) >= {decision['threshold']:.3f} (youden") in page
+    assert html.escape(f"The run's figures at its decision: calibrated p(1) >= {decision['threshold']:.3f} (youden") in page
     row = (f"<tr><td>balanced_accuracy</td><td>{fmt(at['mean'])} ± {fmt(at['std'])} [{fmt(at['ci95'][0])}, "
-           f"{fmt(at['ci95'][1])}]</td><td>{fmt(decision['oof']['balanced_accuracy'])}</td>"
+           f"{fmt(at['ci95'][1])}]</td><td>{fmt(summary['oof']['balanced_accuracy'])}</td>"
            f"<td>{fmt(summary['test']['final_at_threshold']['balanced_accuracy'])}</td></tr>")
     assert row in page
 
@@ -61,7 +62,7 @@ def test_report_notes_ema_off_and_no_tta(cv_runs):
     out = write_report(cv_runs["mil"])
     page = out.read_text(encoding="utf-8")
     assert out == cv_runs["mil"] / "report.html"
-    assert "EMA was off" in page and "TTA was off" in page
+    assert "raw weights at their best epoch (best.pt), not the EMA" in page and "TTA was off" in page
     assert "ensemble + TTA" not in page  # only the variants that ran are shown
 
 
@@ -103,19 +104,21 @@ def test_report_counts_errors_at_the_runs_decision_threshold(tmp_path):
     decisions its tables and `medvox predict` give), not at the argmax."""
     p1 = np.r_[np.linspace(0.05, 0.45, 40), np.linspace(0.15, 0.9, 20)]  # positives mostly below 0.5
     labels = [0] * 40 + [1] * 20
-    run = write_synthetic_run(tmp_path / "run", [f"c{i}" for i in range(60)], labels, np.c_[1 - p1, p1],
-                              classes=("benign", "malignant"))
+    from medvox.metrics.decision import Decision
+
+    ids = [f"c{i}" for i in range(60)]
+    run = write_synthetic_run(tmp_path / "run", ids, labels, np.c_[1 - p1, p1], classes=("benign", "malignant"))
     page = write_report(run).read_text(encoding="utf-8")
     argmax_errors = sum((v >= 0.5) != y for v, y in zip(p1, labels, strict=True))
-    assert "Confusion matrix (argmax)" in page and f"of {argmax_errors}</summary>" in page
-    summary = json.loads((run / "cv_summary.json").read_text())
-    summary["decision"] = {"rule": "youden", "threshold": 0.3}
-    (run / "cv_summary.json").write_text(json.dumps(summary))
+    assert "Confusion matrix at the most probable class" in page and f"of {argmax_errors}</summary>" in page
+    cut = Decision(("benign", "malignant"), "youden", threshold=0.3)
+    run = write_synthetic_run(tmp_path / "run2", ids, labels, np.c_[1 - p1, p1], classes=("benign", "malignant"),
+                              decision=cut)
     page = write_report(run).read_text(encoding="utf-8")
     errors = sum((v >= 0.3) != y for v, y in zip(p1, labels, strict=True))
     assert errors != argmax_errors
-    assert "Confusion matrix (at the OOF threshold p(malignant) &gt;= 0.300)" in page
-    assert f"of {errors}</summary>" in page and "(argmax)" not in page
+    assert "Confusion matrix at calibrated p(malignant) &gt;= 0.300" in page
+    assert f"of {errors}</summary>" in page and "most probable class" not in page
 
 
 def test_report_of_a_three_class_run_with_a_test_set(tmp_path, rng):
@@ -131,7 +134,7 @@ def test_report_of_a_three_class_run_with_a_test_set(tmp_path, rng):
 
 
 def test_report_refuses_a_folder_that_is_not_a_run(tmp_path):
-    with pytest.raises(FileNotFoundError, match="not a medvox run folder"):
+    with pytest.raises(RunError, match="not a medvox run folder"):
         write_report(tmp_path)
 
 
