@@ -261,8 +261,8 @@ def choose_weight(labels: np.ndarray, cnn: np.ndarray, features: np.ndarray) -> 
 
 
 def fusion_scores(fusion: dict[str, Any], features: str = "features") -> str:
-    """The pooled OOF scores of a fusion record, the chosen criterion's first (a record from before log-loss
-    was a criterion has AUC only); ``features`` names the descriptor model.
+    """The pooled OOF scores of a fusion record, the chosen criterion's first (AUC when it records no
+    criterion); ``features`` names the descriptor model.
 
     Example:
         >>> fusion_scores({"oof_auc": {"cnn": 0.856, "features": 0.85, "fused": 0.878}})

@@ -19,7 +19,11 @@ the cross-validation pool), and leaves every setting the user gave (flag, ``--se
 * optimizer: AdamW, lr 1e-3, weight decay 0.05 (not on norms and biases), warmup + cosine;
 * length: about 2,600 optimizer steps (20 to 100 epochs, from the training part of a fold), early
   stopping after 10 epochs without improvement;
-* EMA: bias-corrected, time constant a fifth of the optimizer steps (0.998 for 2,600 steps);
+* EMA: bias-corrected, time constant a fifth of the optimizer steps that will run (0.998 for 2,600 steps;
+  :func:`ema_decay_for_steps`): counted with the user's epochs, batch, accumulation and processes where
+  given, so ``--epochs 12`` gets the decay of its own, shorter run;
+* final weights: whichever of the raw and the EMA weights scored better on validation by the monitored
+  metric (``train.final_weights = "best"``; the original recipe keeps the EMA weights);
 * loss: inverse-frequency weighted cross-entropy when the largest class is >= 1.5x the smallest, else
   cross-entropy;
 * augmentation: the original affine ranges, plus left-right flips (axis W of the RAS grid: anatomy is
@@ -33,7 +37,10 @@ the cross-validation pool), and leaves every setting the user gave (flag, ``--se
   ``data.target_shape`` to save compute: they cost milliseconds per case and see thickness and surface
   better on the finer grid.
 
-The recipe and the reason for every choice are logged and saved with the config (``config.json``).
+The recipe and the reason for every choice are logged on the ``medvox`` logger; the settings it chose are in
+the resolved config (``config.json``), which records ``train.recipe_applied``. :func:`apply_recipe` applies it:
+``medvox.engine.train`` and ``medvox.cv.crossval.cross_validate`` call it themselves, so a config built in
+Python trains what the command line trains.
 """
 
 from __future__ import annotations
@@ -50,6 +57,12 @@ EFFECTIVE_BATCH = 16
 CPU_INPUT_VOXELS = 28 ** 3  # 5 folds of the recipe in ~100 min on a 2-core CPU (benchmarks/accuracy.md)
 FIXED_INPUT_MODELS = ("swin_unetr",)  # inputs must be multiples of 32: the CPU cap leaves them alone
 MIN_SIDE = 16  # a capped axis keeps at least this many voxels (or all it has)
+# EMA decay bounds: a time constant of at least 10 steps (an average over fewer is hardly one) and at most
+# 10,000 (a fifth of 50,000 steps, beyond any run of this recipe)
+EMA_DECAY_RANGE = (0.9, 0.9999)
+# the settings the number of optimizer steps depends on, besides the plan: a user's value of any of them
+# changes the steps that run, and with them the recipe's EMA decay
+STEP_KEYS = ("train.epochs", "train.batch_size", "train.grad_accum")
 
 
 def capped_shape(shape: list[int] | tuple[int, ...], max_voxels: int = CPU_INPUT_VOXELS) -> list[int] | None:
@@ -80,6 +93,36 @@ def capped_shape(shape: list[int] | tuple[int, ...], max_voxels: int = CPU_INPUT
             out[i] = floors[i]
             free.remove(i)
     return out
+
+
+def ema_decay_for_steps(total_steps: int) -> float:
+    """The EMA decay whose time constant ``1 / (1 - decay)`` is a fifth of ``total_steps`` optimizer steps,
+    rounded down to 4 digits and kept in :data:`EMA_DECAY_RANGE`.
+
+    Example:
+        >>> ema_decay_for_steps(2600), ema_decay_for_steps(600), ema_decay_for_steps(100)
+        (0.998, 0.9916, 0.95)
+    """
+    low, high = EMA_DECAY_RANGE
+    decay = math.floor((1 - 1 / (0.2 * max(1, total_steps))) * 1e4 + 1e-9) / 1e4
+    return min(high, max(low, decay))
+
+
+def optimizer_steps(n_train: int, batch: int, accum: int, epochs: int, processes: int = 1) -> int:
+    """The optimizer steps of ``epochs`` epochs over ``n_train`` cases, counted as the trainer counts them: each
+    of ``processes`` DDP ranks reads ``ceil(n_train / processes)`` cases (the shard is padded) in batches of
+    ``batch``, dropping a smaller last batch when the shard holds more than one batch
+    (:class:`~medvox.data.loader.ArrayLoader`), and steps every ``accum`` batches, the last ones included.
+
+    Example:
+        >>> optimizer_steps(1028, 16, 1, 40), optimizer_steps(1028, 8, 2, 40), optimizer_steps(10, 16, 1, 3)
+        (2560, 2560, 3)
+    """
+    processes = max(1, processes)
+    shard = math.ceil(n_train / processes)
+    full = shard // batch
+    batches = full if (n_train // processes > batch and full > 0) else math.ceil(shard / batch)
+    return max(1, epochs * math.ceil(max(1, batches) / accum))
 
 
 def fit_batch(per_sample_bytes: float, fixed_bytes: float, free_bytes: float, effective: int = EFFECTIVE_BATCH,
@@ -168,7 +211,7 @@ def gpu_batch(plan: dict[str, Any], model_name: str, model_kwargs: dict | None =
             f"--model, or free the card ({(total - free) / 2**30:.1f} GiB of it is in use)") from exc
     free, _ = torch.cuda.mem_get_info(device)
     # not below the smallest probe batch: it has just trained on this card, and BatchNorm needs 2 samples
-    # where the deepest map is one voxel (a micro-batch of 1 would crash there like the old probe did)
+    # where the deepest map is one voxel (a micro-batch of 1 crashes there)
     batch, accum = fit_batch(per_sample, fixed, free, smallest=min(PROBE_BATCHES))
     over = fixed + batch * per_sample > 0.8 * free
     why = (f"GPU: {per_sample / 2**20:.0f} MiB per sample + {fixed / 2**20:.0f} MiB fixed in a bf16 step, "
@@ -179,8 +222,8 @@ def gpu_batch(plan: dict[str, Any], model_name: str, model_kwargs: dict | None =
 
 
 def auto_recipe(plan: dict[str, Any], folds: int, pretrained: bool, gpu_model: str | None = None,
-                gpu_model_kwargs: dict | None = None,
-                cpu_input_voxels: int | None = None) -> tuple[dict[str, Any], list[str]]:
+                gpu_model_kwargs: dict | None = None, cpu_input_voxels: int | None = None,
+                given: dict[str, Any] | None = None, processes: int = 1) -> tuple[dict[str, Any], list[str]]:
     """Dotted config overrides for a plan, and one line of reasoning per choice.
 
     Args:
@@ -193,6 +236,10 @@ def auto_recipe(plan: dict[str, Any], folds: int, pretrained: bool, gpu_model: s
         gpu_model_kwargs: that model's factory arguments.
         cpu_input_voxels: training on a CPU: the CNN's input (``data.target_shape``) is resized to at most
             this many voxels (:func:`capped_shape`); ``None``: the plan's grid.
+        given: the user's own values of :data:`STEP_KEYS` (epochs, batch, accumulation): they win over the
+            recipe's (the caller drops the recipe's values of every key the user set), so the EMA decay is
+            computed from the optimizer steps they make.
+        processes: DDP processes (each reads a shard of the training cases).
 
     Example:
         >>> plan = {"target_shape": [28, 28, 28], "in_channels": 1, "n_cases": 1286, "imbalance_ratio": 3.5}
@@ -220,8 +267,13 @@ def auto_recipe(plan: dict[str, Any], folds: int, pretrained: bool, gpu_model: s
     n_train = max(1, int(plan["n_cases"]) * max(folds - 1, 1) // max(folds, 1))
     steps_per_epoch = max(1, math.ceil(n_train / (batch * accum)))
     epochs = int(min(100, max(20, round(TARGET_STEPS / steps_per_epoch))))
-    total_steps = epochs * steps_per_epoch
-    ema = min(0.9999, max(0.99, math.floor((1 - 1 / (0.2 * total_steps)) * 1e4) / 1e4))  # 4 digits, rounded down
+    # the EMA's time constant follows the steps that will run: the user's epochs / batch / accumulation win
+    mine = {"train.epochs": epochs, "train.batch_size": batch, "train.grad_accum": accum}
+    users = {k: v for k, v in (given or {}).items() if k in mine and v is not None}
+    run = {**mine, **users}
+    total_steps = optimizer_steps(n_train, run["train.batch_size"], run["train.grad_accum"], run["train.epochs"],
+                                  processes)
+    ema = ema_decay_for_steps(total_steps)
     imbalance = float(plan.get("imbalance_ratio", 1.0))
     loss = "weighted_CE" if imbalance >= 1.5 else "CE"
     values = {
@@ -229,7 +281,7 @@ def auto_recipe(plan: dict[str, Any], folds: int, pretrained: bool, gpu_model: s
         "train.batch_size": batch, "train.grad_accum": accum, "train.epochs": epochs, "train.early_stopping": 10,
         "train.ema_decay": ema, "optim.optimizer": "adamw", "optim.lr": 1e-3, "optim.weight_decay": 0.05,
         "loss.name": loss, "augment.flip_axes": [2], "train.threshold_rule": "youden",
-        "train.feature_fusion": True,
+        "train.feature_fusion": True, "train.final_weights": "best",
     }
     if shape != native:
         values["data.target_shape"] = shape
@@ -241,7 +293,10 @@ def auto_recipe(plan: dict[str, Any], folds: int, pretrained: bool, gpu_model: s
         batch_why,
         f"{n_train} training cases per fold -> {steps_per_epoch} optimizer steps per epoch -> {epochs} epochs "
         f"(~{TARGET_STEPS} steps), early stopping after 10 epochs",
-        f"EMA decay {ema}: time constant a fifth of the {total_steps} optimizer steps",
+        f"EMA decay {ema}: time constant a fifth of the {total_steps} optimizer steps that run "
+        f"({run['train.epochs']} epochs x {total_steps // run['train.epochs']})"
+        + (f" with your {', '.join(f'{k} {v}' for k, v in sorted(users.items()))}" if users else ""),
+        "final weights: the better of the raw and the EMA weights on validation",
         f"class imbalance {imbalance:g}:1 -> {loss}",
         "from scratch: ResNet-18-3D, dropout 0.2, AdamW lr 1e-3, weight decay 0.05, left-right flips, "
         "Youden threshold on validation (class weights maximising balanced accuracy for more than two classes)",
@@ -251,16 +306,85 @@ def auto_recipe(plan: dict[str, Any], folds: int, pretrained: bool, gpu_model: s
     return values, why
 
 
+def _flat(node: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested config dict as ``{dotted key: value}`` (``model.kwargs`` stays one value)."""
+    out: dict[str, Any] = {}
+    for key, value in node.items():
+        if isinstance(value, dict) and key != "kwargs":
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
 def explicit_keys(file_data: dict[str, Any] | None, overrides: dict[str, Any]) -> set[str]:
     """Dotted keys the user set: in the config file (nested) or as flags / ``--set``."""
-    keys = set(overrides)
+    return set(overrides) | set(_flat(file_data or {}))
 
-    def walk(node: dict[str, Any], prefix: str) -> None:
-        for key, value in node.items():
-            if isinstance(value, dict) and key != "kwargs":
-                walk(value, f"{prefix}{key}.")
-            else:
-                keys.add(f"{prefix}{key}")
 
-    walk(file_data or {}, "")
-    return keys
+def changed_keys(cfg) -> set[str]:
+    """Dotted keys whose value in ``cfg`` differs from the code default: what a config built in Python set.
+
+    Example:
+        >>> from medvox.config import ExperimentConfig, TrainConfig
+        >>> sorted(changed_keys(ExperimentConfig(train=TrainConfig(recipe="auto", epochs=12))))
+        ['train.epochs', 'train.recipe']
+    """
+    from medvox.config import ExperimentConfig, to_dict
+
+    now, default = _flat(to_dict(cfg)), _flat(to_dict(ExperimentConfig()))
+    return {key for key, value in now.items() if default.get(key) != value}
+
+
+def apply_recipe(cfg, given: set[str] | None = None):
+    """``cfg`` with its recipe applied: for ``train.recipe = "auto"``, the plan's choice of every setting in
+    :func:`auto_recipe` that the user did not give, and ``train.recipe_applied = True``.
+
+    The recipe is applied once: a config that records ``train.recipe_applied`` (or uses the original recipe)
+    is returned as it is, so ``cross_validate`` applies it and its folds' ``train`` calls do not again, and a
+    run's ``config.json`` trains the same again.
+
+    Args:
+        cfg: the resolved :class:`~medvox.config.ExperimentConfig`.
+        given: the dotted keys the user set (the command line passes its config file's keys and flags,
+            :func:`explicit_keys`); ``None``: the keys whose value differs from the code default
+            (:func:`changed_keys`), which is what a config built in Python can tell. A setting given at its
+            default value is only seen as given through ``given``.
+
+    Example:
+        >>> from medvox.config import ExperimentConfig, TrainConfig
+        >>> cfg = apply_recipe(ExperimentConfig())  # the original recipe: nothing to apply
+        >>> cfg.train.recipe, cfg.train.recipe_applied
+        ('original', False)
+    """
+    from medvox.config import apply_overrides, validate
+
+    tc = cfg.train
+    if tc.recipe != "auto" or tc.recipe_applied or not cfg.data.path:
+        return cfg  # without data, train() reports the missing data with its fix
+    validate(cfg)  # the plan reads the data: a bad setting fails first
+    given = changed_keys(cfg) if given is None else set(given)
+    from medvox.data import plan_dataset
+
+    plan = plan_dataset(cfg.data)  # no volume is preprocessed here: the recipe may change the input grid
+    gpu_model = None
+    if tc.gpu or tc.multi_gpu:  # the micro-batch is fitted to the GPU's memory for the model trained
+        gpu_model = cfg.model.name if "model.name" in given else "resnet18"
+    # on a CPU the CNN's input is made coarser, unless the user chose the grid or the model needs its own
+    cap_input = (gpu_model is None and not {"data.target_shape", "data.target_spacing"} & given
+                 and cfg.model.name not in FIXED_INPUT_MODELS)
+    processes = tc.devices or 1
+    if tc.devices is None and tc.multi_gpu:  # make_fabric's count: every visible GPU
+        import torch
+
+        processes = max(1, torch.cuda.device_count())
+    values = {"train.epochs": tc.epochs, "train.batch_size": tc.batch_size, "train.grad_accum": tc.grad_accum}
+    chosen, why = auto_recipe(plan, cfg.data.folds, pretrained=bool(cfg.model.pretrained_path), gpu_model=gpu_model,
+                              gpu_model_kwargs=cfg.model.kwargs if "model.kwargs" in given else None,
+                              cpu_input_voxels=CPU_INPUT_VOXELS if cap_input else None,
+                              given={k: v for k, v in values.items() if k in given}, processes=processes)
+    log.info("--recipe auto: %s", "; ".join(why))
+    kept = sorted(set(chosen) & given)
+    if kept:
+        log.info("--recipe auto: your settings win for %s", ", ".join(kept))
+    return apply_overrides(cfg, {**{k: v for k, v in chosen.items() if k not in given}, "train.recipe_applied": True})
