@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import os
 from pathlib import Path
@@ -12,7 +13,16 @@ import pytest
 
 from medvox.cli import build_parser, config_from_args
 from medvox.data import plan_dataset, prepare
-from medvox.recipe import CPU_INPUT_VOXELS, MIN_SIDE, auto_recipe, capped_shape, explicit_keys, fit_batch
+from medvox.recipe import (
+    CPU_INPUT_VOXELS,
+    MIN_SIDE,
+    auto_recipe,
+    capped_shape,
+    ema_decay_for_steps,
+    explicit_keys,
+    fit_batch,
+    optimizer_steps,
+)
 from tests.conftest import medmnist_subset
 
 
@@ -55,7 +65,8 @@ def test_explicit_keys_from_file_and_flags():
     assert keys == {"optim.lr", "model.kwargs", "loss.name"}
 
 
-def test_cli_auto_recipe_fills_only_what_the_user_left_open(tiny_medmnist, tmp_path, monkeypatch, capsys):
+def test_cli_auto_recipe_fills_only_what_the_user_left_open(tiny_medmnist, tmp_path, monkeypatch, caplog):
+    caplog.set_level(logging.INFO, logger="medvox")
     monkeypatch.chdir(tmp_path)
     (tmp_path / "exp.json").write_text(json.dumps({"loss": {"name": "focal"}}))
     args = build_parser().parse_args(["cv", "--data", str(tiny_medmnist), "--recipe", "auto", "--lr", "5e-4",
@@ -64,8 +75,9 @@ def test_cli_auto_recipe_fills_only_what_the_user_left_open(tiny_medmnist, tmp_p
     assert cfg.optim.lr == 5e-4 and cfg.loss.name == "focal"  # flag and config file win
     assert cfg.model.name == "resnet18" and cfg.optim.optimizer == "adamw" and cfg.train.batch_size == 16
     assert cfg.augment.flip_axes == [2] and cfg.train.recipe == "auto"
-    err = capsys.readouterr().err
-    assert "--recipe auto" in err and "your settings win for loss.name, optim.lr" in err
+    assert cfg.train.recipe_applied and cfg.train.final_weights == "best"
+    said = caplog.text
+    assert "--recipe auto" in said and "your settings win for loss.name, optim.lr" in said
     # the default stays the original pipeline's settings
     original = config_from_args(build_parser().parse_args(["cv", "--data", str(tiny_medmnist)]))
     assert (original.model.name, original.optim.lr, original.train.batch_size, original.loss.name) == (
@@ -138,8 +150,8 @@ def test_gpu_model_without_a_visible_gpu_keeps_the_voxel_rule(monkeypatch):
 
 def test_the_gpu_memory_probe_trains_where_the_deepest_map_is_one_voxel():
     """ResNet-18 on 28^3 (AdrenalMNIST3D) ends in a 1-voxel map, where BatchNorm cannot train on one sample:
-    the probe of `--recipe auto --gpu` used batch 1 and crashed every fold on an H100 (2026-11-26). Its
-    steps run on any device, so the CPU checks them here."""
+    the probe of `--recipe auto --gpu` must not use batch 1. Its steps run on any device, so the CPU checks
+    them here."""
     import torch
 
     from medvox.models import create_model
@@ -195,11 +207,12 @@ def test_cpu_cap_sets_the_cnn_input_and_sizes_the_batch_for_it():
     assert "data.target_shape" not in small and not any("resized" in line for line in why)
 
 
-def test_cli_caps_the_cpu_input_unless_the_user_or_the_model_decides(medmnist_64, tmp_path, monkeypatch, capsys):
+def test_cli_caps_the_cpu_input_unless_the_user_or_the_model_decides(medmnist_64, tmp_path, monkeypatch, caplog):
     """`--recipe auto` on the 64^3 release without --gpu trains the CNN at 28^3 (the whole volume) and keeps the
     descriptors at 64^3; a grid or a Swin UNETR given by the user, or --gpu, keeps the user's / plan's input."""
     import torch
 
+    caplog.set_level(logging.INFO, logger="medvox")
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     data = medmnist_subset(medmnist_64, {"train": 40, "val": 10, "test": 10}, tmp_path / "adrenal64_tiny.npz")
@@ -210,7 +223,7 @@ def test_cli_caps_the_cpu_input_unless_the_user_or_the_model_decides(medmnist_64
     cfg = cfg_for()
     assert cfg.data.target_shape == [28, 28, 28] and cfg.data.target_spacing is None
     assert cfg.train.feature_grid == "native" and cfg.train.batch_size == 16
-    assert "64x64x64 volume resized to 28x28x28" in capsys.readouterr().err
+    assert "64x64x64 volume resized to 28x28x28" in caplog.text
     assert cfg == cfg_for("--target-shape", "28", "28", "28")  # the accuracy study's auto64 command, exactly
     cache_dir = Path(os.environ["MEDVOX_CACHE"])
     assert not list(cache_dir.rglob("images.npy"))  # the recipe read the plan only: no volume preprocessed
@@ -222,3 +235,76 @@ def test_cli_caps_the_cpu_input_unless_the_user_or_the_model_decides(medmnist_64
     assert spaced.target_shape is None and spaced.target_spacing == [2.0, 2.0, 2.0]
     assert cfg_for("--model", "swin_unetr").data.target_shape is None
     assert cfg_for("--gpu").data.target_shape is None  # a GPU trains on the plan's grid
+
+
+@pytest.mark.parametrize(("steps", "decay"), [
+    (2600, 0.998),  # the recipe's own length: time constant 520 steps
+    (768, 0.9934),  # AdrenalMNIST3D's 64 steps per epoch at --epochs 12: tau 153.6 -> 0.99349, rounded down
+    (600, 0.9916), (100, 0.95),
+    (20, 0.9), (1, 0.9),  # a time constant of at least 10 steps
+    (10**6, 0.9999),  # and at most 10,000
+])
+def test_ema_decay_has_a_time_constant_of_a_fifth_of_the_steps(steps, decay):
+    assert ema_decay_for_steps(steps) == decay
+    if 50 <= steps <= 50_000:  # within the bounds: 1 / (1 - decay) is a fifth of the steps, to the rounding
+        assert 1 / (1 - decay) <= 0.2 * steps < 1 / (1 - decay - 1e-4)
+
+
+@pytest.mark.parametrize(("n", "batch", "accum", "processes"), [
+    (1028, 16, 1, 1), (1028, 8, 2, 1), (50, 16, 1, 1), (16, 16, 1, 1), (10, 16, 1, 1), (101, 4, 3, 1),
+    (101, 4, 3, 2), (1028, 16, 1, 4), (33, 16, 2, 2),
+])
+def test_optimizer_steps_count_what_the_trainer_runs(n, batch, accum, processes):
+    """The recipe counts steps as FoldTrainer does: ceil(len(train loader of rank 0) / accumulation) per epoch,
+    the loader built as the trainer builds it (drop_last when a rank's shard holds more than one batch)."""
+    import numpy as np
+
+    from medvox.data.loader import ArrayLoader
+
+    images, labels = np.zeros((n, 1, 2, 2, 2), np.float32), np.zeros(n, np.int64)
+    loader = ArrayLoader(images, labels, np.arange(n), batch, shuffle=True, seed=0,
+                         drop_last=n // processes > batch, rank=0, world_size=processes)
+    assert optimizer_steps(n, batch, accum, epochs=3, processes=processes) == 3 * math.ceil(len(loader) / accum)
+
+
+def test_user_epochs_or_batch_give_the_ema_of_the_steps_that_run():
+    """`--epochs 12` under the recipe used to keep the EMA decay of the recipe's own 40 epochs (0.998, a time
+    constant of most of a 768-step run); now the decay is the one of the steps the user's settings make."""
+    plan = _plan((28, 28, 28))  # 1,028 training cases per fold, batch 16 x 1: 64 steps per epoch
+    own, _ = auto_recipe(plan, folds=5, pretrained=False)
+    assert (own["train.epochs"], own["train.ema_decay"]) == (40, ema_decay_for_steps(40 * 64)) == (40, 0.998)
+    short, why = auto_recipe(plan, folds=5, pretrained=False, given={"train.epochs": 12})
+    assert short["train.ema_decay"] == ema_decay_for_steps(12 * 64) == 0.9934
+    assert any("768 optimizer steps that run (12 epochs x 64) with your train.epochs 12" in line for line in why)
+    small_batch, _ = auto_recipe(plan, folds=5, pretrained=False, given={"train.batch_size": 4})
+    assert small_batch["train.ema_decay"] == ema_decay_for_steps(40 * 257) == 0.9995  # 1028 // 4 = 257 steps
+    accumulated, _ = auto_recipe(plan, folds=5, pretrained=False, given={"train.grad_accum": 4, "train.epochs": 12})
+    assert accumulated["train.ema_decay"] == ema_decay_for_steps(12 * 16) == 0.9739
+    two_ranks, _ = auto_recipe(plan, folds=5, pretrained=False, given={"train.epochs": 12}, processes=2)
+    assert two_ranks["train.ema_decay"] == ema_decay_for_steps(12 * 32)  # each rank: 514 cases, 32 steps
+
+
+def test_apply_recipe_from_python_fills_the_same_keys_and_applies_once(tiny_medmnist, caplog):
+    """A config built in Python gets the recipe the CLI gives it (the keys that differ from the defaults are the
+    user's); the resolved config records that it was applied, and applying it again changes nothing."""
+    from medvox.config import DataConfig, ExperimentConfig, TrainConfig
+    from medvox.recipe import apply_recipe, changed_keys
+
+    caplog.set_level(logging.INFO, logger="medvox")
+    cfg = ExperimentConfig(data=DataConfig(path=str(tiny_medmnist), folds=2), train=TrainConfig(recipe="auto",
+                                                                                              epochs=3))
+    assert changed_keys(cfg) == {"data.path", "data.folds", "train.recipe", "train.epochs"}
+    done = apply_recipe(cfg)
+    cli = config_from_args(build_parser().parse_args(["train", "--data", str(tiny_medmnist), "--folds", "2",
+                                                      "--recipe", "auto", "--epochs", "3"]))
+    assert done == cli and done.train.recipe_applied and done.train.epochs == 3  # the user's epochs win
+    assert (done.model.name, done.optim.optimizer, done.train.final_weights) == ("resnet18", "adamw", "best")
+    n_train = 100 // 2  # the pool's 100 cases, 2 folds
+    assert done.train.ema_decay == ema_decay_for_steps(optimizer_steps(n_train, done.train.batch_size,
+                                                                       done.train.grad_accum, 3))
+    lines = caplog.text.count("--recipe auto: ")
+    assert apply_recipe(done) is done and caplog.text.count("--recipe auto: ") == lines  # once, silently
+    # the user's explicit value at its default is seen through `given` (the CLI's flags / file keys)
+    assert apply_recipe(cfg, given={"data.path", "data.folds", "train.recipe", "train.batch_size"}).train.batch_size == 6
+    original = ExperimentConfig(data=DataConfig(path=str(tiny_medmnist)))
+    assert apply_recipe(original) is original

@@ -156,10 +156,8 @@ def test_cv_skips_finished_folds(cv_run, tiny_medmnist, capsys, caplog, monkeypa
 
 
 def test_cv_runs_its_test_ensemble_on_the_device_it_trained_on(cv_run, tiny_medmnist, tmp_path, monkeypatch):
-    """`medvox cv --gpu` used to predict its test ensemble (with TTA) on the CPU: on an H100 the summaries of a
-    64^3 ResNet-18 and a Swin UNETR run sat at 0 % GPU for over 3 minutes. The members now go to the GPU it
-    trained on. No GPU here: CUDA is reported present to the device choice (:func:`inference_device`) and the
-    device each member is asked for is recorded (then loaded on the CPU)."""
+    """`medvox cv --gpu` predicts its test ensemble (with TTA) on the GPU it trained on, not on the CPU. No GPU
+    here: CUDA is reported present to the device choice (:func:`inference_device`) and the device each member is asked for is recorded (then loaded on the CPU)."""
     import shutil
 
     import torch
@@ -205,12 +203,12 @@ def test_predict_from_the_run_folder_matches_validation(cv_run, tiny_medmnist, t
             assert float(got[r["case_id"]][c]) == pytest.approx(float(r[c]), abs=1e-4)
         assert got[r["case_id"]]["status"] == "ok"
     doc = json.loads(out.with_suffix(".json").read_text())
-    assert doc["decision"]["threshold"] is None and "checkpoint files" in doc["decision"]["from"]
+    assert doc["decision"]["threshold"] is None and "checkpoint file" in doc["decision"]["fitted_on"]
     # the fold folder, calibrated: the fold's validation threshold moved through its temperature, so the
     # labels are those of its val_predictions.csv (at the threshold on the raw probabilities)
     assert main(["predict", "--run", str(fold), str(folder), "--out", str(out)]) == 0
     got, doc = {r["case_id"]: r for r in _rows(out)}, json.loads(out.with_suffix(".json").read_text())
-    assert "metrics.json" in doc["decision"]["from"] and 0.0 < doc["decision"]["threshold"] < 1.0
+    assert "validation set" in doc["decision"]["fitted_on"] and 0.0 < doc["decision"]["threshold"] < 1.0
     assert [got[r["case_id"]]["predicted"] for r in val] == [r["predicted"] for r in val]
 
 
@@ -281,7 +279,7 @@ def test_cv_feature_fusion_is_fitted_out_of_fold_and_mixed_at_the_oof_weight(fus
 
 def test_predict_from_a_fused_run_folder_reproduces_its_test_predictions(fused_run, tiny_medmnist, tmp_path):
     """`medvox predict --run <fused run> --tta` on NIfTI copies of test cases gives the fused test ensemble's
-    probabilities; given the fold checkpoints instead (no run folder), the CNN alone."""
+    probabilities; the CSV's calibrated_prob_ columns hold the CNN alone."""
     run, _ = fused_run
     rows = _rows(run / "test_predictions.csv")[:5]
     folder = _as_nifti(tiny_medmnist, [r["case_id"] for r in rows], tmp_path / "nifti")
@@ -314,14 +312,13 @@ def test_predict_from_a_fused_run_folder_reproduces_its_test_predictions(fused_r
     for flag, rule in (("--argmax", "--argmax"), ("--uncalibrated", "--uncalibrated")):
         assert main(["predict", "--run", str(run), str(folder), "--out", str(out), flag]) == 0
         doc = json.loads(out.with_suffix(".json").read_text())
-        assert doc["decision"]["rule"] == "argmax" and rule in doc["decision"]["from"]
+        assert doc["decision"]["rule"] == "argmax" and rule in doc["decision"]["fitted_on"]
         if flag == "--argmax":  # the same probabilities, labelled by the most probable class
             assert [r["predicted"] for r in _rows(out)] == [
                 "1" if probs[r["case_id"]] > 0.5 else "0" for r in _rows(out)]
     if weight > 0:
-        folds = [str(run / f"fold_{k}") for k in range(3)]
-        assert main(["predict", *sum((["--run", f] for f in folds), []), str(folder), "--out", str(out), "--tta"]) == 0
-        cnn = {r["case_id"]: float(r["prob_1"]) for r in _rows(out)}
+        assert main(["predict", "--run", str(run), str(folder), "--out", str(out), "--tta"]) == 0
+        cnn = {r["case_id"]: float(r["calibrated_prob_1"]) for r in _rows(out)}
         assert any(abs(cnn[r["case_id"]] - float(r["prob_1"])) > 1e-3 for r in rows)
 
 
@@ -347,23 +344,29 @@ def test_summarised_again_without_fusion_the_run_forgets_it(fused_run, tmp_path)
 
 def test_accuracy_harness_fold_level_figures_from_fold_folders_match_the_summary(cv_run, tmp_path):
     """`benchmarks/accuracy.py folds` on a run's fold folders alone (a GPU session's runs whose summary never
-    ran) gives the pooled OOF AUC and the no-TTA ensemble's test AUC that `medvox cv` wrote."""
+    ran, nor its calibration) gives the pooled OOF AUCs (uncalibrated, and per-fold calibrated: the summary's
+    pooled OOF of a run without fusion) and the no-TTA ensemble's test AUC that `medvox cv` wrote."""
     import shutil
 
     from benchmarks import accuracy
+    from medvox.metrics.classification import compute_metrics
+    from medvox.run import read_predictions
 
     run = tmp_path / "resnet10"
     shutil.copytree(cv_run, run)
     summary = json.loads((run / "cv_summary.json").read_text())
+    oof = read_predictions(run / "oof_predictions.csv")  # the raw and the per-fold calibrated OOF `medvox cv` wrote
+    raw_auc = compute_metrics(oof.labels, oof.raw if oof.raw is not None else oof.probs)["auc"]
     for name in ("cv_summary.json", "oof_predictions.csv", "test_predictions.csv", *(f"fold_{k}/{w}" for k in range(3) for w in (
-            "best.pt", "best_ema.pt", "best.safetensors", "best_ema.safetensors"))):
+            "best.pt", "best_ema.pt", "best.safetensors", "best_ema.safetensors", "calibration.json"))):
         (run / name).unlink(missing_ok=True)
     got = accuracy.fold_level(run)
-    assert got["oof_auc"] == pytest.approx(summary["oof"]["auc"], abs=1e-9)
+    assert got["oof_auc"] == pytest.approx(raw_auc, abs=1e-9)
+    assert got["oof_auc_calibrated"] == pytest.approx(summary["oof"]["auc"], abs=1e-9)
     assert got["test_ensemble_auc"] == pytest.approx(summary["test"]["ensemble"]["auc"], abs=1e-6)
     assert got["val_auc"] == pytest.approx(summary["cv"]["auc"]["per_fold"], abs=1e-9)
     table = accuracy.render_fold_level([got, accuracy.fold_level(cv_run)])  # and from the summary itself
-    assert table.count(f"| {got['oof_auc']:.3f} |") == 2
+    assert table.count(f"| {got['oof_auc']:.3f} | {got['oof_auc_calibrated']:.3f} |") == 2
 
 
 def test_accuracy_harness_fuse_matches_medvox_cv_fusion(cv_run, fused_run, tmp_path):
@@ -380,10 +383,11 @@ def test_accuracy_harness_fuse_matches_medvox_cv_fusion(cv_run, fused_run, tmp_p
     accuracy.fuse_kept(src, tmp_path / "out", name="r10f")
     got_dir, (want_dir, _) = tmp_path / "out" / "kept" / "r10f_s0", fused_run
     got, want = (json.loads((d / "cv_summary.json").read_text()) for d in (got_dir, want_dir))
-    assert got["fusion"]["weight"] == want["fusion"]["weight"]
-    assert got["oof_fused"]["auc"] == pytest.approx(want["oof_fused"]["auc"], abs=1e-9)
+    assert got["fusion"]["weight"] == want["fusion"]["weight"] and set(got["fusion"]) == set(want["fusion"])
+    assert got["probabilities"] == want["probabilities"] == "fused" and got["test"]["final"] == want["test"]["final"]
+    assert got["oof"]["auc"] == pytest.approx(want["oof"]["auc"], abs=1e-9)
     assert got["decision"]["threshold"] == pytest.approx(want["decision"]["threshold"], abs=1e-6)
-    for name in ("oof_fused_predictions.csv", "test_predictions.csv"):
+    for name in ("oof_predictions.csv", "test_predictions.csv"):
         a, b = _rows(got_dir / name), _rows(want_dir / name)
         assert [r["case_id"] for r in a] == [r["case_id"] for r in b]
         assert [float(r["prob_1"]) for r in a] == pytest.approx([float(r["prob_1"]) for r in b], abs=1e-6)

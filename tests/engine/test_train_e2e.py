@@ -138,8 +138,7 @@ def test_existing_run_is_never_overwritten_without_resume(tiny_medmnist, tmp_pat
 
 
 def test_resume_refuses_a_run_started_on_another_preprocessing_plan(tiny_medmnist, tmp_path):
-    """Same config, other plan (the data changed, or an upgrade plans differently: 2026-11-26 added
-    anti-aliased downsampling): --resume used to continue on the new inputs; it now refuses, names what
+    """Same config, other plan (the data changed, or medvox plans differently): --resume refuses, names what
     changed and leaves the run as it was."""
     # keep_resume_state: the last.pt of a fold killed after its last epoch, before it finished
     cmd = _train_cmd(tiny_medmnist, tmp_path, "--epochs", "2", "--set", "train.keep_resume_state=true")
