@@ -142,7 +142,8 @@ def test_the_reliability_figures_are_raw_before_and_calibrated_after(run_dir, tm
         writer.writerows(rows)
     assert main(["report", str(run), "--out", str(tmp_path / "r.html")]) == 0
     page = (tmp_path / "r.html").read_text()
-    m = re.search(r"Pooled out-of-fold ECE \(15 bins, top-label\): raw ([0-9.]+), each fold at its temperature ([0-9.]+)",
+    m = re.search(r"Pooled out-of-fold ECE \(15 bins, top-label\): raw ([0-9]+\.[0-9]+), "
+                  r"each fold at its temperature ([0-9]+\.[0-9]+)",
                   page)
     assert m, "the report states the pooled OOF ECE before and after"
     assert float(m.group(1)) == pytest.approx(_ece_by_hand(labels, raw), abs=5e-5)

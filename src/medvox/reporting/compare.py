@@ -23,11 +23,11 @@ from typing import Any
 
 import numpy as np
 
+from medvox.cv.summary import figures_of
+from medvox.metrics.stats import delong_test, paired_bootstrap_auc
 from medvox.reporting import htmlpage as html
 from medvox.reporting.htmlpage import Html, fmt
-from medvox.cv.summary import figures_of
 from medvox.run import Predictions, Run, RunError
-from medvox.metrics.stats import delong_test, paired_bootstrap_auc
 
 _CV_METRICS = ("auc", "accuracy", "balanced_accuracy", "f1")
 
