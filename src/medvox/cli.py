@@ -187,7 +187,8 @@ def _default_config_file() -> str | None:
 def config_from_args(args: argparse.Namespace, table: dict[str, str] | None = None,
                      fixed: dict[str, Any] | None = None) -> config_mod.ExperimentConfig:
     """The experiment config: defaults < config file (``--config`` or ``medvox.yaml``/``.json`` here) < flags <
-    ``fixed`` (what the command itself sets); checked, then ``--recipe auto`` fills what nobody gave."""
+    ``fixed`` (what the command itself sets); checked, then ``--recipe auto`` fills what nobody gave
+    (:func:`medvox.recipe.apply_recipe`, told exactly which keys the file and the flags set)."""
     table = table if table is not None else {**_DATA_FLAGS, **_TRAIN_FLAGS}
     config_file = getattr(args, "config", None) or _default_config_file()
     overrides = _overrides(args, table) | (fixed or {})
@@ -196,36 +197,12 @@ def config_from_args(args: argparse.Namespace, table: dict[str, str] | None = No
     cfg = config_mod.resolve(config_file, overrides)
     if config_file and not getattr(args, "config", None):
         print(f"medvox: using settings from {config_file}", file=sys.stderr)
-    if cfg.train.recipe == "auto" and "recipe" in table:
-        cfg = _apply_auto_recipe(cfg, config_mod.load_file(config_file) if config_file else None, overrides)
+    if "recipe" in table:
+        from medvox.recipe import apply_recipe, explicit_keys
+
+        given = explicit_keys(config_mod.load_file(config_file) if config_file else None, overrides)
+        cfg = apply_recipe(cfg, given)
     return cfg
-
-
-def _apply_auto_recipe(cfg: config_mod.ExperimentConfig, file_data: dict | None,
-                       overrides: dict) -> config_mod.ExperimentConfig:
-    """``--recipe auto``: the plan's recipe for every setting the user did not give."""
-    from medvox.data import plan_dataset
-    from medvox.recipe import CPU_INPUT_VOXELS, FIXED_INPUT_MODELS, auto_recipe, explicit_keys
-
-    if not cfg.data.path:
-        return cfg  # train() reports the missing data with its fix
-    plan = plan_dataset(cfg.data)  # no volume is preprocessed here: the recipe may change the input grid
-    given = explicit_keys(file_data, overrides)
-    gpu_model = None
-    if cfg.train.gpu or cfg.train.multi_gpu:  # the micro-batch is fitted to the GPU's memory for the model trained
-        gpu_model = cfg.model.name if "model.name" in given else "resnet18"
-    # on a CPU the CNN's input is made coarser, unless the user chose the grid or the model needs its own
-    cap_input = (gpu_model is None and not {"data.target_shape", "data.target_spacing"} & given
-                 and cfg.model.name not in FIXED_INPUT_MODELS)
-    values, why = auto_recipe(plan, cfg.data.folds, pretrained=bool(cfg.model.pretrained_path),
-                              gpu_model=gpu_model, gpu_model_kwargs=cfg.model.kwargs if "model.kwargs" in given else None,
-                              cpu_input_voxels=CPU_INPUT_VOXELS if cap_input else None)
-    chosen = {k: v for k, v in values.items() if k not in given}
-    print("medvox: --recipe auto: " + "; ".join(why), file=sys.stderr)
-    kept = sorted(set(values) & given)
-    if kept:
-        print(f"medvox: --recipe auto: your settings win for {', '.join(kept)}", file=sys.stderr)
-    return config_mod.apply_overrides(cfg, chosen)
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
@@ -263,14 +240,14 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_cv(args: argparse.Namespace) -> int:
-    from medvox.cv.crossval import run_cv
+    from medvox.cv.crossval import cross_validate
 
     if args.fold is not None:
         raise config_mod.ConfigError(f"--fold {args.fold}: `medvox cv` trains every fold in turn; give how many "
                                      "with --folds K, or train one fold with `medvox train --fold K`")
     # a fold named in the project's config file is for `medvox train`; cv sets each fold itself
     cfg = config_from_args(args, fixed={"train.fold": 0})
-    run_cv(cfg, tta=not args.no_tta)
+    cross_validate(cfg, tta=not args.no_tta)
     return 0
 
 

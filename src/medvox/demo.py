@@ -44,13 +44,13 @@ def run_demo(out: Path, data_dir: Path = Path("demo_data"), epochs: int | None =
              model: str = "resnet10") -> dict:
     """Run the demo; returns the cross-validation summary."""
     from medvox.data.demo import make_demo_data
-    from medvox.cv.crossval import run_cv
+    from medvox.cv.crossval import cross_validate
 
     manifest = data_dir / "manifest.csv"
     if not manifest.exists():
         log.info("writing the demo dataset to %s", data_dir)
         make_demo_data(data_dir)
-    summary = run_cv(demo_config(manifest, out, model, epochs))
+    summary = cross_validate(demo_config(manifest, out, model, epochs))
     run_dir = out / model
     report = _report(run_dir)
     print(f"\ndemo finished: results in {run_dir}" + (f", report {report}" if report else ""))
