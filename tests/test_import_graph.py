@@ -13,7 +13,7 @@ SRC = Path(medvox.__file__).parent
 # the stages, lowest first: a module may import its own stage and those before it, never a later one
 STAGES = (
     ("medvox.metrics",),
-    ("medvox.errors", "medvox.config", "medvox.machine", "medvox._version"),
+    ("medvox.errors", "medvox.config", "medvox.machine", "medvox._version", "medvox.logs"),
     ("medvox.data", "medvox.models", "medvox.transforms", "medvox.losses", "medvox.plots"),
     ("medvox.run", "medvox.recipe"),
     ("medvox.engine",),

@@ -9,6 +9,8 @@ The original pipeline's flags keep working verbatim, e.g.::
 from __future__ import annotations
 
 import argparse
+import contextlib
+import logging
 import os
 import sys
 from pathlib import Path
@@ -340,6 +342,12 @@ def build_parser() -> argparse.ArgumentParser:
     from medvox import __version__
 
     parser.add_argument("--version", action="version", version=f"medvox {__version__}")
+    loudness = parser.add_mutually_exclusive_group()
+    loudness.add_argument("--quiet", "-q", dest="log_level", action="store_const", const=logging.WARNING,
+                          help="print warnings and errors only")
+    loudness.add_argument("--verbose", "-v", dest="log_level", action="store_const", const=logging.DEBUG,
+                          help="print debugging messages too")
+    parser.set_defaults(log_level=logging.INFO)
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("check", help="check a dataset: every problem, by row and file, before anything runs")
@@ -426,9 +434,34 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@contextlib.contextmanager
+def _console_logging(level: int):
+    """The command's messages: the ``medvox`` logger's records at ``level`` and above, printed on stdout.
+
+    The library logs and never prints; the command line is the application, so it sets the handler and the
+    level, and takes both back when the command ends (``main`` can run several times in one process).
+    """
+    logger = logging.getLogger("medvox")
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    previous = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(level)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(previous)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    with _console_logging(args.log_level):
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     try:
         return int(args.func(args) or 0)
     except config_mod.ConfigError as exc:

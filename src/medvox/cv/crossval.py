@@ -26,12 +26,14 @@ def cross_validate(cfg: ExperimentConfig, tta: bool = True) -> dict:
         >>> summary = cross_validate(cfg)  # results/resnet18/fold_0..4, cv_summary.json, cv_table.md
     """
     from medvox.engine.setup import one_gpu_warning
+    from medvox.logs import library_logging
     from medvox.recipe import apply_recipe
 
-    cfg = apply_recipe(cfg)
-    with one_gpu_warning(cfg.train.gpu or cfg.train.multi_gpu, "--gpu/--multi_gpu",
-                         f"all {cfg.data.folds} folds and the test ensemble"):
-        return _run_cv(cfg, tta)
+    with library_logging():
+        cfg = apply_recipe(cfg)
+        with one_gpu_warning(cfg.train.gpu or cfg.train.multi_gpu, "--gpu/--multi_gpu",
+                             f"all {cfg.data.folds} folds and the test ensemble"):
+            return _run_cv(cfg, tta)
 
 
 def _run_cv(cfg: ExperimentConfig, tta: bool) -> dict:

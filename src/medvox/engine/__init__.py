@@ -5,61 +5,14 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import sys
 from pathlib import Path
 
 from medvox.config import ConfigError, ExperimentConfig, validate
 from medvox.errors import CheckpointError, DataError
-from medvox.run import RunLock
+from medvox.logs import library_logging, train_log
+from medvox.run import TRAIN_LOG, RunLock
 
 log = logging.getLogger("medvox")
-
-
-@contextlib.contextmanager
-def _library_logging():
-    """The ``medvox`` logger while :func:`train` runs, undone when it returns.
-
-    The host's handlers, the logger's propagation and any level the host (or the CLI) chose are left alone.
-    Only when nobody chose a level for ``medvox`` is it INFO for the call, so the fold's ``train.log`` records
-    every epoch (at Python's default WARNING it would hold the warnings only); on DDP ranks other than 0 a filter
-    keeps the warnings and errors only, so one line is not logged once per process.
-    """
-    unset = log.level == logging.NOTSET
-    if unset:
-        log.setLevel(logging.INFO)
-    log.addFilter(_rank_zero_or_warning)
-    try:
-        yield
-    finally:
-        log.removeFilter(_rank_zero_or_warning)
-        if unset:
-            log.setLevel(logging.NOTSET)
-
-
-def _rank_zero_or_warning(record: logging.LogRecord) -> bool:
-    """True for a warning or worse, and for every record of the process of rank 0 (or without DDP)."""
-    dist = sys.modules.get("torch.distributed")  # imported by the trainer; never imported here for a filter
-    if record.levelno >= logging.WARNING or dist is None or not (dist.is_available() and dist.is_initialized()):
-        return True
-    return dist.get_rank() == 0
-
-
-@contextlib.contextmanager
-def _train_log(run_dir: Path, is_zero: bool):
-    """The fold's ``train.log`` (rank 0): a file handler on the ``medvox`` logger, removed and closed after."""
-    if not is_zero:
-        yield
-        return
-    from medvox.run import TRAIN_LOG
-
-    handler = logging.FileHandler(run_dir / TRAIN_LOG, encoding="utf-8")
-    handler.setFormatter(logging.Formatter("%(message)s"))
-    log.addHandler(handler)
-    try:
-        yield
-    finally:
-        log.removeHandler(handler)
-        handler.close()
 
 
 def _finished(run_dir: Path) -> dict | None:
@@ -180,7 +133,7 @@ def train(cfg: ExperimentConfig) -> dict:
         ...                          "train.epochs": 2})
         >>> metrics = train(cfg)  # writes results/resnet10/fold_0/{best,best_ema,last}.pt, metrics.json, ...
     """
-    with _library_logging():
+    with library_logging():
         return _train(cfg)
 
 
@@ -227,7 +180,7 @@ def _train_locked(cfg: ExperimentConfig, fabric, prepared, run_dir: Path, state:
         remove_stale_temp_files(run_dir)  # half-written checkpoints of a killed run: never loaded, only deleted
     fabric.barrier()
     # the fold's own lines go to its train.log; later lines of this process (the next fold, predict) do not
-    with _train_log(run_dir, fabric.is_global_zero):
+    with train_log(run_dir / TRAIN_LOG if fabric.is_global_zero else None):
         if prepared.skipped:
             log.warning("--skip-bad: skipped %d bad case(s), listed with the reasons in %s", len(prepared.skipped),
                         prepared.cache_dir / "skipped_cases.json")
