@@ -13,7 +13,7 @@ import importlib
 import pytest
 
 RUNNABLE = (
-    "medvox.config", "medvox.losses", "medvox.recipe",
+    "medvox", "medvox.api", "medvox.config", "medvox.losses", "medvox.recipe",
     "medvox.metrics.calibration", "medvox.descriptors", "medvox.metrics.classification",
     "medvox.plots", "medvox.inference.predict", "medvox.metrics.stats",
     "medvox.models", "medvox.models.base", "medvox.models.densenet", "medvox.models.mil",

@@ -155,6 +155,16 @@ class TrainConfig:
 
 @dataclass
 class ExperimentConfig:
+    """Every setting of an experiment: ``data``, ``model``, ``optim``, ``loss``, ``augment``, ``train``.
+
+    Example:
+        >>> cfg = ExperimentConfig(data=DataConfig(path="data.npz", folds=3), train=TrainConfig(recipe="auto"))
+        >>> cfg.model.name, cfg.train.recipe, cfg.train.recipe_applied
+        ('resnet50', 'auto', False)
+        >>> apply_overrides(cfg, {"train.epochs": 12}).train.epochs
+        12
+    """
+
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
