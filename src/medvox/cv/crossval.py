@@ -63,4 +63,16 @@ def _run_cv(cfg: ExperimentConfig, tta: bool) -> dict:
         table = format_table(summary)
         (run_dir / CV_TABLE).write_text(table + "\n", encoding="utf-8")
     log.info("cross-validation of %s over %d folds:\n%s", cfg.model.name, cfg.data.folds, table)
+    log.info("results: %s (%s: cv_summary.json, cv_table.md, oof_predictions.csv%s, fold_0..%d/)", run_dir,
+             _size_text(run_dir), ", test_predictions.csv" if summary.get("test") else "", cfg.data.folds - 1)
+    log.info("next: medvox report %s  |  medvox predict --run %s SCANS... --out predictions.csv", run_dir, run_dir)
     return summary
+
+
+def _size_text(folder: Path) -> str:
+    """The folder's size on disk, in words (``1.3 GB``)."""
+    total = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if total >= scale:
+            return f"{total / scale:.1f} {unit}"
+    return f"{total} B"
