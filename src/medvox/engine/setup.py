@@ -209,7 +209,8 @@ def resume_state(cfg: ExperimentConfig, run_dir: Path) -> dict[str, Any] | None:
             )
         return None
     if not last.exists():
-        log.info("--resume: no last.pt in %s, starting a fresh run", run_dir)
+        if existing:  # only worth a line when the folder held something: a fresh fold starts silently
+            log.info("--resume: no last.pt in %s, starting a fresh run", run_dir)
         return None
     state = load_checkpoint(last)
     finished = finished_status(state)
