@@ -341,7 +341,7 @@ class FoldTrainer:
         raw, ema = self.best["raw"], self.best["ema"]
         if self.ema is None or ema["epoch"] is None:
             kind = "raw"
-            chosen_by = "no EMA (train.ema_decay = 0)" if self.ema is None else f"the EMA never had a {monitor}"
+            chosen_by = "no EMA (train.ema_decay = 0)" if self.ema is None else f"no validation {monitor} for the EMA weights"
         elif rule == "raw" and raw["epoch"] is not None:
             kind, chosen_by = "raw", "train.final_weights = raw"
         elif rule == "best" and _better(raw["value"], ema["value"], self.mode):
