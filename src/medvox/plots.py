@@ -45,7 +45,7 @@ _STYLES = {"train": ("tab:blue", "-"), "val": ("tab:orange", "-"), "val_ema": ("
 _LABELS = {"train": "train", "val": "val (raw)", "val_ema": "val (EMA)"}
 
 
-def plot_loss_curve(history: Sequence[dict], path: str | Path, title: str = "Loss") -> Path:
+def plot_loss_curve(history: Sequence[dict], path: str | Path, title: str = "Loss", train_loss: str = "train") -> Path:
     """Train and validation loss per epoch (raw and EMA when present).
 
     Args:
@@ -58,21 +58,24 @@ def plot_loss_curve(history: Sequence[dict], path: str | Path, title: str = "Los
     """
     fig = Figure(figsize=(6.4, 4.2), layout="constrained")
     ax = fig.add_subplot()
-    _plot_metric(ax, history, "loss", sections=("train", "val", "val_ema"))
-    ax.set(title=title, xlabel="epoch", ylabel="loss")
+    _plot_metric(ax, history, "loss", sections=("train", "val", "val_ema"), train_loss=train_loss)
+    ax.set(title=title, xlabel="epoch")
     return _save(fig, path)
 
 
-def plot_learning_curves(history: Sequence[dict], path: str | Path) -> Path:
+def plot_learning_curves(history: Sequence[dict], path: str | Path, train_loss: str = "train") -> Path:
     """A 2 x 3 grid: loss, accuracy, AUC, F1, balanced accuracy (train / raw / EMA), and the LR."""
     fig = Figure(figsize=(15, 8.5), layout="constrained")
     axes = fig.subplots(2, 3).ravel()
     for ax, (key, label) in zip(axes, _CURVES, strict=False):
-        _plot_metric(ax, history, key, sections=("train", "val", "val_ema"))
+        _plot_metric(ax, history, key, sections=("train", "val", "val_ema"), train_loss=train_loss)
         ax.set(title=label, xlabel="epoch")
     epochs, lrs = _series(history, None, "lr")
     axes[5].plot(epochs, lrs, color="tab:purple", marker=".")
     axes[5].set(title="Learning rate", xlabel="epoch")
+    from matplotlib.ticker import MaxNLocator
+
+    axes[5].xaxis.set_major_locator(MaxNLocator(integer=True))
     if np.isfinite(lrs).any() and np.nanmin(lrs) > 0:
         axes[5].set_yscale("log")
     fig.suptitle("Learning curves")
@@ -208,18 +211,33 @@ def _finite(value: Any) -> float:
     return out if math.isfinite(out) else math.nan
 
 
-def _plot_metric(ax, history: Sequence[dict], key: str, sections: Sequence[str]) -> None:
-    drawn = False
+def _plot_metric(ax, history: Sequence[dict], key: str, sections: Sequence[str], train_loss: str = "train") -> None:
+    """``key`` per epoch for each section, integer epochs on the x axis. The loss is drawn with the training
+    loss on its own (left) axis, named ``train_loss``, and the validation cross-entropy on a right axis: a
+    margin loss such as LDAM's is not on the cross-entropy's scale."""
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    handles = []
     for section in sections:
         epochs, values = _series(history, section, key)
         if not np.isfinite(values).any():
             continue
+        target = ax
+        label = _LABELS[section]
+        if key == "loss" and section != "train":
+            if not hasattr(ax, "_medvox_val_axis"):
+                ax._medvox_val_axis = ax.twinx()
+                ax._medvox_val_axis.set_ylabel("validation cross-entropy")
+            target, label = ax._medvox_val_axis, f"{label}, cross-entropy"
+        elif key == "loss":
+            ax.set_ylabel(f"{train_loss} loss")
+            label = f"train, {train_loss}"
         color, ls = _STYLES[section]
-        ax.plot(epochs, values, color=color, ls=ls, marker="." if len(epochs) < 40 else None,
-                label=_LABELS[section])
-        drawn = True
-    if drawn:
-        ax.legend(loc="best", fontsize=8)
+        handles += target.plot(epochs, values, color=color, ls=ls, marker="." if len(epochs) < 40 else None,
+                               label=label)
+    if handles:
+        ax.legend(handles=handles, loc="best", fontsize=8)
     else:
         ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes, color="grey")
     ax.grid(alpha=0.3)

@@ -321,13 +321,13 @@ class FoldTrainer:
         self.logger.log(entry, self.history)
         if self.cfg.train.plots != "final":  # "final": drawn once in _finish (sweeps where plotting costs more than a GPU epoch)
             self._curves()
-        log.info(_summary_line(entry, self.cfg.train.monitor))
+        log.info(_summary_line(entry, self.cfg.train.monitor, self.cfg.loss.name))
 
     def _curves(self) -> None:
         from medvox import plots
 
-        plots.plot_loss_curve(self.history, self.run_dir / "loss_curve.png")
-        plots.plot_learning_curves(self.history, self.run_dir / "learning_curves.png")
+        plots.plot_loss_curve(self.history, self.run_dir / "loss_curve.png", train_loss=self.cfg.loss.name)
+        plots.plot_learning_curves(self.history, self.run_dir / "learning_curves.png", train_loss=self.cfg.loss.name)
 
     def _choose_final(self) -> tuple[str, dict]:
         """Which best weights are the fold's result (``train.final_weights``), and the record of the choice.
@@ -429,10 +429,12 @@ def _fmt(v) -> str:
     return "n/a" if v is None else f"{v:.4f}"
 
 
-def _summary_line(entry: dict, monitor: str) -> str:
+def _summary_line(entry: dict, monitor: str, loss_name: str = "CE") -> str:
+    """One epoch in one line; each loss named by its kind (the training loss is the configured one, e.g.
+    LDAM's scaled margins, the validation loss plain cross-entropy: they are not on one scale)."""
     v, e, t = entry["val"], entry.get("val_ema", {}), entry["time"]
-    parts = [f"epoch {entry['epoch']:3d}", f"lr {entry['lr']:.2e}", f"train loss {entry['train']['loss']:.4f}",
-             f"val loss {_fmt(v.get('loss'))}", f"val {monitor} {_fmt(v.get(monitor))}",
+    parts = [f"epoch {entry['epoch']:3d}", f"lr {entry['lr']:.2e}", f"train {loss_name} loss {entry['train']['loss']:.4f}",
+             f"val CE loss {_fmt(v.get('loss'))}", f"val {monitor} {_fmt(v.get(monitor))}",
              f"acc {_fmt(v.get('accuracy'))}", f"f1 {_fmt(v.get('f1'))}"]
     if e:
         parts.append(f"ema {monitor} {_fmt(e.get(monitor))}")
@@ -453,13 +455,20 @@ class _Progress:
 
     def __enter__(self):
         if self.enabled:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TextColumn,
+                TimeElapsedColumn,
+                TimeRemainingColumn,
+            )
 
             self._progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                      TextColumn("loss {task.fields[loss]:.4f}"), TextColumn("{task.fields[rate]}"),
-                                      TimeElapsedColumn(), transient=True)
+                                      TextColumn("{task.fields[loss]}"), TextColumn("{task.fields[rate]}"),
+                                      TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), transient=True)
             self._progress.start()
-            self._task = self._progress.add_task(self.description, total=self.total, loss=float("nan"), rate="")
+            self._task = self._progress.add_task(self.description, total=self.total, loss="", rate="")
             self._t0 = time.perf_counter()
         return self
 
@@ -467,7 +476,7 @@ class _Progress:
         if self._progress is not None:
             done = self._progress.tasks[0].completed + n
             rate = f"{done / max(time.perf_counter() - self._t0, 1e-9):.1f} samples/s"
-            self._progress.update(self._task, advance=n, loss=loss, rate=rate)
+            self._progress.update(self._task, advance=n, loss=f"loss {loss:.4f}", rate=rate)
 
     def __exit__(self, *exc):
         if self._progress is not None:
