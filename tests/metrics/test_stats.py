@@ -133,3 +133,27 @@ def test_bad_labels_raise(labels, message):
 def test_score_length_must_match():
     with pytest.raises(ValueError, match="one per label"):
         fast_delong([0, 1, 0, 1], [[0.1, 0.2, 0.3]])
+
+
+def test_wilson_interval_matches_the_textbook_value_and_edges():
+    from medvox.metrics.stats import wilson_ci
+
+    assert wilson_ci(8, 10) == pytest.approx([0.4902, 0.9433], abs=1e-4)  # Wilson (1927) / Newcombe (1998)
+    lo, hi = wilson_ci(0, 20)
+    assert lo == 0.0 and hi == pytest.approx(0.1611, abs=1e-4)
+    assert wilson_ci(0, 0) is None
+
+
+def test_metric_intervals_count_what_each_proportion_rests_on():
+    from medvox.metrics.stats import delong_ci, metric_intervals
+
+    y = np.array([0, 0, 0, 0, 1, 1, 1, 0, 1, 0])
+    p1 = np.array([0.1, 0.2, 0.6, 0.3, 0.8, 0.4, 0.9, 0.2, 0.7, 0.35])
+    pred = (p1 >= 0.5).astype(int)
+    got = metric_intervals(y, np.c_[1 - p1, p1], pred)
+    assert (got["sensitivity"]["k"], got["sensitivity"]["n"]) == (3, 4)
+    assert (got["specificity"]["k"], got["specificity"]["n"]) == (5, 6)
+    assert (got["precision"]["k"], got["precision"]["n"]) == (3, 4)
+    assert (got["accuracy"]["k"], got["accuracy"]["n"]) == (8, 10)
+    assert got["accuracy"]["ci"] == pytest.approx([0.4902, 0.9433], abs=1e-4)
+    assert got["auc"]["ci"] == delong_ci(y, p1) and got["auc"]["method"] == "DeLong"

@@ -55,6 +55,15 @@ def test_report_of_a_real_cv_run(cv_runs, tmp_path):
            f"{fmt(at['ci95'][1])}]</td><td>{fmt(summary['oof']['balanced_accuracy'])}</td>"
            f"<td>{fmt(summary['test']['final_at_threshold']['balanced_accuracy'])}</td></tr>")
     assert row in page
+    # the test figures with their 95 % intervals and counts; a 20-case test set is flagged as small
+    from medvox.metrics.stats import delong_ci
+    from medvox.run import read_predictions
+
+    test = read_predictions(run / "test_predictions.csv")
+    lo, hi = delong_ci(test.labels, test.probs[:, 1])
+    assert f"<td>auc</td><td>{fmt(summary['test']['final_at_threshold']['auc'])}</td><td>[{fmt(lo)}, {fmt(hi)}]</td>" in page
+    assert "Small test set: n = 20" in page and "Wilson" in page
+    assert "fg_sample</td><td>" not in page or "values: min" in page
 
 
 @pytest.mark.slow

@@ -177,3 +177,50 @@ def _binary_labels(y_true: Any) -> np.ndarray:
     if y.sum() == 0 or y.sum() == len(y):
         raise ValueError("DeLong's test needs both positive and negative cases")
     return y
+
+
+def wilson_ci(successes: int, n: int, level: float = 0.95) -> list[float] | None:
+    """Wilson score interval of a proportion ``successes / n`` (None when ``n`` is 0).
+
+    Example:
+        >>> [round(v, 4) for v in wilson_ci(8, 10)]
+        [0.4902, 0.9433]
+    """
+    if n <= 0:
+        return None
+    z = float(sps.norm.ppf(0.5 + level / 2))
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return [max(0.0, centre - half), min(1.0, centre + half)]
+
+
+def metric_intervals(y_true: Any, probs: Any, predicted: Any, level: float = 0.95) -> dict[str, dict[str, Any]]:
+    """95 % intervals of a binary test set's figures, with the counts they rest on: AUC by DeLong
+    (:func:`delong_ci`), accuracy, sensitivity, specificity and precision by Wilson (:func:`wilson_ci`) at the
+    given ``predicted`` classes (the run's decision). For more than two classes: accuracy only.
+
+    Returns:
+        ``{metric: {"value", "ci", "k", "n", "method"}}`` (``k`` / ``n``: the proportion's counts).
+    """
+    y = np.asarray(y_true).astype(int)
+    pred = np.asarray(predicted).astype(int)
+    p = np.asarray(probs, dtype=float)
+    out: dict[str, dict[str, Any]] = {}
+
+    def prop(name: str, k: int, n: int) -> None:
+        out[name] = {"value": k / n if n else None, "ci": wilson_ci(k, n, level), "k": int(k), "n": int(n),
+                     "method": "Wilson"}
+
+    prop("accuracy", int((pred == y).sum()), len(y))
+    if p.ndim == 2 and p.shape[1] == 2:
+        pos, neg = y == 1, y == 0
+        if pos.any() and neg.any():
+            from sklearn.metrics import roc_auc_score
+
+            out["auc"] = {"value": float(roc_auc_score(y, p[:, 1])), "ci": delong_ci(y, p[:, 1], level),
+                          "k": int(pos.sum()), "n": len(y), "method": "DeLong"}
+        prop("sensitivity", int((pred[pos] == 1).sum()), int(pos.sum()))
+        prop("specificity", int((pred[neg] == 0).sum()), int(neg.sum()))
+        prop("precision", int((y[pred == 1] == 1).sum()), int((pred == 1).sum()))
+    return out

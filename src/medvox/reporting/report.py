@@ -232,10 +232,40 @@ def _test_section(run: Run, tmp: Path) -> Html:
     text = (f"{test.get('n')} held-out cases, never seen in training or model selection. The fold models' "
             f"probabilities are averaged; TTA {'on' if test.get('tta') else 'off'}. "
             "Per-fold rows score each member alone (with the ensemble's best setting).")
-    body = html.para(text) + html.table(["predictor", *cols], rows)
+    body = _intervals_table(run) + html.para(text) + html.table(["predictor", *cols], rows)
     if "ensemble_tta" not in test:
         body += html.note("TTA was off for this run (--no-tta): only the plain ensemble was scored.")
     return Html(body + _predictions_section(run, "test", tmp))
+
+
+SMALL_TEST_N, SMALL_TEST_POSITIVES, FEW_FOLDS = 50, 10, 5
+
+
+def _intervals_table(run: Run) -> str:
+    """The final test ensemble's figures at the run's decision with 95 % intervals and the counts they rest
+    on (:func:`~medvox.metrics.stats.metric_intervals`), and warnings where they are too few to read much."""
+    from medvox.metrics.stats import metric_intervals
+
+    preds = run.test()
+    if preds is None:
+        return ""
+    preds = preds.labelled()
+    found = metric_intervals(preds.labels, preds.probs, preds.decision.apply(preds.probs))
+    rows = [[name, fmt(v["value"]), f"[{fmt(v['ci'][0])}, {fmt(v['ci'][1])}]" if v["ci"] else "–",
+             f"{v['k']} / {v['n']}" if name != "auc" else f"n = {v['n']}, {v['k']} positive", v["method"]]
+            for name, v in found.items()]
+    warnings = []
+    positives = int((preds.labels == 1).sum()) if len(preds.classes) == 2 else None
+    if preds.n < SMALL_TEST_N or (positives is not None and min(positives, preds.n - positives) < SMALL_TEST_POSITIVES):
+        warnings.append(f"Small test set: n = {preds.n}" + (f" with {positives} positive" if positives is not None
+                                                               else "") + ": the intervals are wide; read the "
+                        "figures with them.")
+    if len(run.folds) < FEW_FOLDS:
+        warnings.append(f"{len(run.folds)} folds: the fold spread and its bootstrap interval rest on few values.")
+    text = (f"The final test ensemble at the run's decision ({preds.decision.text()}), {preds.n} cases, with 95 % "
+            "intervals: DeLong for the AUC, Wilson for proportions (the counts beside them).")
+    return (html.notes(warnings, warn=True) + html.para(text)
+            + html.table(["metric", "value", "95 % CI", "counts", "interval"], rows))
 
 
 def _calibration_section(run: Run, tmp: Path) -> Html:
@@ -287,13 +317,29 @@ def _data_section(run: Run) -> Html:
 
 def _fingerprint_summary(fp: dict[str, Any]) -> dict[str, Any]:
     """The fingerprint without its per-case lists (ranges instead)."""
-    out = {k: v for k, v in fp.items() if k not in ("spacings", "shapes")}
+    out = {k: _summarised(v) for k, v in fp.items() if k not in ("spacings", "shapes")}
     for key in ("spacings", "shapes"):
         values = np.asarray(fp.get(key) or [], dtype=float)
         if values.ndim == 2 and len(values):
             out[f"{key} min"] = values.min(0).round(4).tolist()
             out[f"{key} max"] = values.max(0).round(4).tolist()
     return out
+
+
+def _summarised(value: Any) -> Any:
+    """A fingerprint value for a page: long lists of numbers (per-case values, intensity samples) as their
+    range and count, dicts recursively."""
+    if isinstance(value, dict):
+        return {k: _summarised(v) for k, v in value.items()}
+    if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+        return [_summarised(v) for v in value]
+    if isinstance(value, list) and len(value) > 12:
+        values = np.asarray([v for v in value if isinstance(v, (int, float))], dtype=float)
+        if len(values):
+            return (f"{len(value)} values: min {fmt(float(values.min()))}, median {fmt(float(np.median(values)))}, "
+                    f"max {fmt(float(values.max()))}")
+        return f"{len(value)} values"
+    return value
 
 
 def _splits_table(run: Run) -> str:
