@@ -148,24 +148,42 @@ def test_slabs_and_scaled_reads_match_nibabel(tmp_path):
     np.testing.assert_array_equal(np.concatenate(list(volume.slabs(0, voxels=150))), want)
 
 
-@pytest.mark.slow
-def test_inspecting_a_640_cubed_int16_volume_peaks_near_its_own_size(tmp_path):
-    """524 MB of int16 voxels (a few MB as .nii.gz): ``check`` reads it at most ~1.5x its decompressed size
-    (measured 650 MB peak RSS of which 69 MB is the interpreter and imports), where a float32 copy alone is 2x."""
+@pytest.fixture(scope="module")
+def big_volume(tmp_path_factory) -> Path:
+    """640^3 int16 (524 MB of voxels, a few MB as .nii.gz): a body block in air."""
     n = 640
     data = np.full((n, n, n), -1000, np.int16)
     data[100:540, 100:540, 100:540] = 40
-    path = write_nifti(tmp_path / "big.nii.gz", data, np.diag([0.7, 0.7, 0.7, 1.0]))
-    del data
-    code = (
-        "import resource, sys; from pathlib import Path\n"
-        "from medvox.data.inspection import inspect_case; from medvox.data.sources import Case\n"
-        "base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
-        f"record, problems = inspect_case(Case(id='b', group='b', images=[Path({str(path)!r})]))\n"
-        "assert record is not None and record['shape'] == [640, 640, 640], problems\n"
-        "print(base * 1024, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)\n"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, check=True)
+    return write_nifti(tmp_path_factory.mktemp("big") / "big.nii.gz", data, np.diag([0.7, 0.7, 0.7, 1.0]))
+
+
+_PEAK = """
+import resource, sys
+from pathlib import Path
+from medvox.data.sources import Case
+case = Case(id="b", group="b", images=[Path(sys.argv[2])])
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+if sys.argv[1] == "inspect":
+    from medvox.data.inspection import inspect_case
+    record, problems = inspect_case(case)
+    assert record is not None and record["shape"] == [640, 640, 640], problems
+else:
+    from medvox.data.preprocess import preprocess_case
+    plan = {"target_spacing": [2.8] * 3, "target_shape": [160] * 3, "antialias": True,
+            "normalization": [{"scheme": "ct", "clip": [-1000, 400], "mean": 0.0, "std": 100.0}]}
+    assert preprocess_case(case, plan).shape == (1, 160, 160, 160)
+print(base * 1024, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("step", "limit"), [("inspect", 1.5), ("preprocess", 2.5)])
+def test_a_640_cubed_int16_volume_is_read_within_a_small_multiple_of_its_size(big_volume, step, limit):
+    """Peak RSS (``resource.getrusage``) above the interpreter's, in a fresh process, over the 500 MiB of
+    decompressed voxels. Measured (AMD EPYC, nibabel 5.4): ``check``'s inspection 1.16x (581 MiB; 6.5x before it
+    went slab by slab), the read + resample + normalise of ``prepare`` / ``predict`` 2.10x (1049 MiB, of which the
+    float32 volume is 1000; 4.05x before the read streamed into it and the anti-aliasing filter ran in place)."""
+    out = subprocess.run([sys.executable, "-c", _PEAK, step, str(big_volume)], capture_output=True, text=True,
+                         timeout=600, check=True)
     base, peak = map(int, out.stdout.split())
-    decompressed = n**3 * 2
-    assert peak - base <= 1.5 * decompressed, (peak - base) / decompressed
+    assert peak - base <= limit * 640**3 * 2, (peak - base) / (640**3 * 2)

@@ -182,8 +182,9 @@ def _volume_stats(volume: image_io.Volume, c: int) -> dict[str, Any]:
 
     The numbers of the whole float32 array at once: ``values`` is the channel in C order without NaN/Inf,
     the subsample every ``step``-th of them, the foreground sample seeded. Peak memory is the volume as
-    stored plus one 16 MB slab: a 640^3 int16 CT (524 MB, 3.3 MB as .nii.gz) is inspected at 0.6 GB peak RSS
-    (3.3 GB over a whole float32 copy); measured with ``resource.getrusage`` in a fresh process.
+    stored plus one 16 MB slab: a 640^3 int16 CT (500 MiB of voxels, 3.3 MB as .nii.gz) is inspected at 581 MiB
+    peak RSS above the interpreter's (3.2 GiB over a whole float32 copy); ``resource.getrusage`` in a fresh
+    process (``tests/data/test_io_checks.py``).
     """
     size = math.prod(volume.channel(c).shape)
     n_finite, lo, hi, total = 0, math.inf, -math.inf, 0.0

@@ -36,18 +36,22 @@ _FLOAT16_MAX = 60000.0
 MIN_FILES_FOR_PROCESSES = 64
 
 
-def preprocess_volume(array: np.ndarray, meta: dict[str, Any], plan: dict[str, Any]) -> np.ndarray:
+def preprocess_volume(array: np.ndarray, meta: dict[str, Any], plan: dict[str, Any],
+                      overwrite: bool = False) -> np.ndarray:
     """Resample, normalise and crop/pad one volume.
 
     Args:
         array: ``(D, H, W)`` or ``(C, D, H, W)`` in RAS array order (as ``read_image`` returns it).
         meta: needs ``spacing`` in array axis order (mm); 1.0 is assumed when absent.
         plan: ``target_spacing``, ``target_shape`` and per-channel ``normalization``.
+        overwrite: ``array`` may be used as scratch space (the anti-aliasing filter runs in place): a 640^3
+            volume then needs one float32 copy of itself instead of two (``preprocess_case`` owns its array).
 
     Returns:
         float32 array ``(C, *plan["target_shape"])``.
     """
     x = np.asarray(array, dtype=np.float32)
+    overwrite = overwrite or not np.may_share_memory(x, array)  # a converted copy is ours to overwrite
     x = x[None] if x.ndim == 3 else x
     norms = plan["normalization"]
     if len(norms) != x.shape[0]:
@@ -56,13 +60,13 @@ def preprocess_volume(array: np.ndarray, meta: dict[str, Any], plan: dict[str, A
     factors = np.asarray(meta.get("spacing", [1.0, 1.0, 1.0]), float) / np.asarray(plan["target_spacing"], float)
     out = []
     for channel, norm in zip(x, norms, strict=True):
-        channel = resample(channel, factors, antialias=bool(plan.get("antialias", False)))
+        channel = resample(channel, factors, antialias=bool(plan.get("antialias", False)), overwrite=overwrite)
         channel = normalize(channel, norm)
         out.append(crop_or_pad(channel, plan["target_shape"], float(channel.min())))
     return np.stack(out).astype(np.float32, copy=False)
 
 
-def resample(x: np.ndarray, factors: np.ndarray, antialias: bool = True) -> np.ndarray:
+def resample(x: np.ndarray, factors: np.ndarray, antialias: bool = True, overwrite: bool = False) -> np.ndarray:
     """One channel ``(D, H, W)`` zoomed by ``factors`` (output / input voxels per axis), linear, voxel centres
     kept; ``antialias``: axes with a factor below 1 are Gaussian-filtered first (sigma (1/f - 1) / 2).
 
@@ -81,7 +85,9 @@ def resample(x: np.ndarray, factors: np.ndarray, antialias: bool = True) -> np.n
         return x
     if antialias:
         sigma = np.maximum(0.0, (1.0 / factors - 1.0) / 2.0)
-        if sigma.max() > 0:
+        if sigma.max() > 0 and overwrite and x.flags.writeable:  # in place: scipy filters line by line
+            ndimage.gaussian_filter(x, sigma, mode="nearest", output=x)
+        elif sigma.max() > 0:
             x = ndimage.gaussian_filter(x, sigma, mode="nearest")
     return ndimage.zoom(x, factors, order=1, mode="nearest", grid_mode=True)
 
@@ -130,13 +136,14 @@ def read_case(case: Case) -> tuple[np.ndarray, dict[str, Any]]:
         metas.append(meta)
     if not arrays:
         raise DataError(f"case {case.id}: no image")
-    return np.concatenate(arrays), metas[0]
+    return (arrays[0] if len(arrays) == 1 else np.concatenate(arrays)), metas[0]  # one channel file: no copy
 
 
 def preprocess_case(case: Case, plan: dict[str, Any]) -> np.ndarray:
     """Read and preprocess one case (``predict`` uses it on new files): ``(C, *target_shape)`` float32."""
     array, meta = read_case(case)
-    return preprocess_volume(array, meta, plan)
+    # a file's array was just read for this call; an in-memory case's (an npz row) is shared with its source
+    return preprocess_volume(array, meta, plan, overwrite=case.array is None)
 
 
 def _store_row(case: Case, plan: dict[str, Any], store: str, row: int, images: np.ndarray | None = None) -> None:
