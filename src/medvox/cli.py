@@ -255,10 +255,17 @@ def _cmd_cv(args: argparse.Namespace) -> int:
 
 def _cmd_predict(args: argparse.Namespace) -> int:
     from medvox.inference.predict import predict_cases
+    from medvox.metrics.decision import Decision
 
-    result = predict_cases(args.run, args.inputs, args.out, tta=args.tta, calibrated=not args.uncalibrated,
-                           batch_size=args.batch_size, argmax=args.argmax, gpu=args.gpu)
+    if len(args.run) > 1:  # the run's decision and temperatures belong to one ensemble
+        print(f"medvox: error: --run was given {len(args.run)} times; predict takes one run folder, fold folder or "
+              "checkpoint (predict with each run separately, or cross-validate them as one run)", file=sys.stderr)
+        return 2
+    result = predict_cases(args.run[0], args.inputs, args.out, tta=args.tta, calibrated=not args.uncalibrated,
+                           batch_size=args.batch_size, argmax=args.argmax, gpu=args.gpu,
+                           allow_missing=args.allow_missing)
     print(f"predicted {result['predicted']} case(s) -> {result['output']}")
+    print(f"decision: {Decision.from_json(result['decision']).describe()}")
     if result["failed"]:
         print(f"{result['failed']} input(s) could not be read (status 'error' in the CSV):", file=sys.stderr)
         for f in result["failures"]:
@@ -298,7 +305,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
     from medvox.inference.export import FORMATS, export_model
 
     info = export_model(Path(args.run), Path(args.out), formats=tuple(args.format or FORMATS), fold=args.fold,
-                        calibrated=not args.uncalibrated)
+                        calibrated=not args.uncalibrated, allow_missing=args.allow_missing)
     for name, item in (info.get("files") or {}).items():
         print(f"{name}: {item}")
     for fmt, check in (info.get("checks") or {}).items():
@@ -306,13 +313,13 @@ def _cmd_export(args: argparse.Namespace) -> int:
     decision = info["decision"]
     if decision["threshold"] is not None:
         print(f"decision: {info['classes'][1]} when probabilities[:, 1] >= {decision['threshold']:.6g} "
-              f"({decision['rule']}, from {decision['from']})")
+              f"({decision['rule']}, chosen on {decision['fitted_on']})")
     elif decision.get("class_weights"):
         weights = ", ".join(f"{c}: {w:.6g}" for c, w in zip(info["classes"], decision["class_weights"], strict=True))
         print(f"decision: the class with the largest weight x probability (class weights {weights}; "
-              f"{decision['rule']}, from {decision['from']})")
+              f"{decision['rule']}, chosen on {decision['fitted_on']})")
     else:
-        print(f"decision: the most probable class ({decision['from']})")
+        print(f"decision: the most probable class ({decision['fitted_on']})")
     return 0
 
 
@@ -321,7 +328,7 @@ def _cmd_explain(args: argparse.Namespace) -> int:
 
     target = int(args.target_class) if args.target_class and args.target_class.isdigit() else args.target_class
     results = explain(Path(args.run), args.inputs, Path(args.out), fold=args.fold, target_class=target, tta=args.tta,
-                      layer=args.layer)
+                      layer=args.layer, allow_missing=args.allow_missing)
     for r in results:
         shows = (f"Grad-CAM of class {r['target_class']} at {r['cam_layer']}" if r.get("target_class") is not None
                  else "attention")
@@ -376,7 +383,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("predict", help="predict new inputs with a trained run (fold ensemble)")
     p.add_argument("--run", action="append", required=True,
-                   help="run folder (results/<model>), fold folder, or checkpoint .pt; repeatable")
+                   help="run folder (results/<model>), fold folder, or one checkpoint .pt (decided by the argmax)")
     p.add_argument("inputs", nargs="+", help="NIfTI/DICOM/.npy files, folders of them, or a manifest")
     p.add_argument("--out", default="predictions.csv", help="output CSV (default predictions.csv)")
     p.add_argument("--tta", action="store_true", help="test-time augmentation (flips, small affines)")
@@ -385,6 +392,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="predict the most probable class instead of the run's own decision threshold")
     p.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int, default=8)
     p.add_argument("--gpu", action="store_true", help="predict on the first visible GPU (the CPU when there is none)")
+    p.add_argument("--allow-missing", "--allow_missing", dest="allow_missing", action="store_true",
+                   help="when a fold's final checkpoint is missing, predict with the fold models that are there, by the "
+                        "most probable class (the run's decision belongs to the full ensemble); default: refuse")
     p.set_defaults(func=_cmd_predict)
 
     p = sub.add_parser("demo", help="the main job on the embedded demo data: make it, cross-validate, report")
@@ -413,6 +423,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", action="append", choices=["torchscript", "onnx"], help="repeatable; default both")
     p.add_argument("--fold", type=int, help="export one fold instead of the ensemble")
     p.add_argument("--uncalibrated", action="store_true", help="ignore the fitted temperatures")
+    p.add_argument("--allow-missing", "--allow_missing", dest="allow_missing", action="store_true",
+                   help="when a fold's final checkpoint is missing, export with the fold models that are there, by the "
+                        "most probable class (the run's decision belongs to the full ensemble); default: refuse")
     p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser("explain", help="3D Grad-CAM (CNN/Swin) or attention maps (MIL) as NIfTI overlay + PNG")
@@ -427,6 +440,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(the map is computed on the volume as it is)")
     p.add_argument("--layer", help="module Grad-CAM reads (default: the last one whose map is at least 4 voxels "
                                    "along every axis, e.g. layer4, else layer3 / layer2 of a ResNet)")
+    p.add_argument("--allow-missing", "--allow_missing", dest="allow_missing", action="store_true",
+                   help="when a fold's final checkpoint is missing, explain with the fold models that are there, by "
+                        "the most probable class (the run's decision belongs to the full ensemble); default: refuse")
     p.set_defaults(func=_cmd_explain)
 
     p = sub.add_parser("models", help="list the registered models")

@@ -168,6 +168,76 @@ def _as_written(a: np.ndarray) -> np.ndarray:
     return np.vectorize(lambda v: float(_fmt_prob(v)), otypes=[np.float64])(a) if a.size else a
 
 
+class PredictionsWriter:
+    """A predictions CSV (see the module docstring) written a few rows at a time, each call flushed: ``medvox
+    predict`` over thousands of inputs shows its progress in the file and keeps what it finished.
+
+    Args:
+        path: the CSV (written in place; :func:`write_predictions` writes a whole file atomically instead).
+        classes: the ``K`` class names.
+        decision: the decision ``predicted`` follows from (its cell is in every row).
+        raw, calibrated: whether the file has ``raw_prob_`` / ``calibrated_prob_`` columns.
+        extra: the names of further columns.
+
+    A row whose ``extra["status"]`` is not ``"ok"`` (an input that could not be predicted) is kept with empty
+    probability and ``predicted`` cells; its ``probs`` rows are ignored (NaN is fine).
+    """
+
+    def __init__(self, path: str | Path, classes: list[str], decision: Decision, *, raw: bool = False,
+                 calibrated: bool = False, extra: list[str] | tuple[str, ...] = ()):
+        self.path, self.classes, self.decision = Path(path), list(classes), decision
+        self.sets = [name for name, on in (("raw", raw), ("calibrated", calibrated)) if on]
+        self.extra = list(extra)
+        self._cell = decision.to_cell()
+        self._fh = open(self.path, "w", newline="", encoding="utf-8")  # noqa: SIM115 (closed by close())
+        self._writer = csv.writer(self._fh)
+        self._writer.writerow(["case_id", "patient_id", "label", *[f"prob_{c}" for c in self.classes], "predicted",
+                               "decision", *[f"{name}_prob_{c}" for name in self.sets for c in self.classes],
+                               *self.extra])
+        self._fh.flush()
+
+    def write(self, ids: list[str], groups: list[str], labels: np.ndarray, probs: np.ndarray, *,
+              raw: np.ndarray | None = None, calibrated: np.ndarray | None = None,
+              extra: dict[str, list[Any]] | None = None) -> None:
+        """Rows ``ids`` (``labels`` -1: unknown, an empty cell), then a flush."""
+        k = len(self.classes)
+        # decided on the values as the file holds them: `predicted` follows from the file
+        probs = _as_written(np.asarray(probs, dtype=np.float64).reshape(len(ids), k))
+        extra = extra or {}
+        if sorted(extra) != sorted(self.extra):
+            raise ValueError(f"extra columns {sorted(extra)}, the file has {sorted(self.extra)}")
+        given = {"raw": raw, "calibrated": calibrated}
+        sets = []
+        for name in self.sets:
+            if given[name] is None:
+                raise ValueError(f"the file has {name}_prob_ columns: give {name}=")
+            sets.append(_as_written(np.asarray(given[name], dtype=np.float64).reshape(probs.shape)))
+        status = extra.get("status")
+        ok = np.array([s == "ok" for s in status] if status is not None else [True] * len(ids), dtype=bool)
+        decided = iter(self.decision.labels(probs[ok]) if ok.any() else [])
+
+        def cells(a: np.ndarray, i: int) -> list[str]:
+            return list(map(_fmt_prob, a[i])) if ok[i] else [""] * k
+
+        for i, cid in enumerate(ids):
+            label = self.classes[int(labels[i])] if int(labels[i]) >= 0 else ""
+            self._writer.writerow([cid, groups[i], label, *cells(probs, i), next(decided) if ok[i] else "",
+                                   self._cell, *[v for a in sets for v in cells(a, i)],
+                                   *[extra[c][i] for c in self.extra]])
+        self._fh.flush()
+
+    def close(self) -> None:
+        if not self._fh.closed:
+            self._fh.close()
+            os.chmod(self.path, 0o644)
+
+    def __enter__(self) -> PredictionsWriter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
 def write_predictions(path: str | Path, ids: list[str], groups: list[str], labels: np.ndarray, probs: np.ndarray,
                       classes: list[str], decision: Decision, *, raw: np.ndarray | None = None,
                       calibrated: np.ndarray | None = None, extra: dict[str, list[Any]] | None = None) -> Path:
@@ -176,36 +246,20 @@ def write_predictions(path: str | Path, ids: list[str], groups: list[str], label
     ``probs`` are the probabilities ``decision`` applies to; ``raw`` / ``calibrated`` are added as their own
     columns when given and different from ``probs``. The file is read back the same by :func:`read_predictions`
     (9 significant digits: every figure computed from the file equals one computed from what it read).
-
-    A row whose ``extra["status"]`` is not ``"ok"`` (an input that could not be predicted) is kept with empty
-    probability and ``predicted`` cells; its ``probs`` rows are ignored (NaN is fine)."""
+    Rows whose ``extra["status"]`` is not ``"ok"`` are kept without probabilities (:class:`PredictionsWriter`)."""
     path = Path(path)
-    probs = np.asarray(probs, dtype=np.float64).reshape(len(ids), len(classes))
-    probs = _as_written(probs)  # decided on the values as the file holds them: `predicted` follows from the file
+    probs = _as_written(np.asarray(probs, dtype=np.float64).reshape(len(ids), len(classes)))
     extra = dict(extra or {})
     ok = np.array([s == "ok" for s in extra["status"]] if "status" in extra else [True] * len(ids), dtype=bool)
-    sets = [(f"{name}_prob_", _as_written(np.asarray(a, dtype=np.float64).reshape(probs.shape)))
-            for name, a in (("raw", raw), ("calibrated", calibrated)) if a is not None]
-    sets = [(prefix, a) for prefix, a in sets if not np.array_equal(a[ok], probs[ok])]
-    decided = iter(decision.labels(probs[ok]) if ok.any() else [])
-    predicted = [next(decided) if k else "" for k in ok]
-    cell = decision.to_cell()
-
-    def cells(a: np.ndarray, i: int) -> list[str]:
-        return list(map(_fmt_prob, a[i])) if ok[i] else [""] * len(classes)
-
-    header = ["case_id", "patient_id", "label", *[f"prob_{c}" for c in classes], "predicted", "decision",
-              *[f"{prefix}{c}" for prefix, _ in sets for c in classes], *extra]
+    given = {name: None if a is None else _as_written(np.asarray(a, dtype=np.float64).reshape(probs.shape))
+             for name, a in (("raw", raw), ("calibrated", calibrated))}
+    differs = {name: a is not None and not np.array_equal(a[ok], probs[ok]) for name, a in given.items()}
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "w", newline="", encoding="utf-8") as fh:
-            writer = csv.writer(fh)
-            writer.writerow(header)
-            for i, cid in enumerate(ids):
-                label = classes[int(labels[i])] if int(labels[i]) >= 0 else ""
-                writer.writerow([cid, groups[i], label, *cells(probs, i), predicted[i], cell,
-                                 *[v for _, a in sets for v in cells(a, i)], *[values[i] for values in extra.values()]])
-        os.chmod(tmp, 0o644)
+        with PredictionsWriter(tmp, classes, decision, raw=differs["raw"], calibrated=differs["calibrated"],
+                               extra=list(extra)) as writer:
+            writer.write(ids, groups, labels, probs, raw=given["raw"], calibrated=given["calibrated"], extra=extra)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -455,12 +509,24 @@ class Run:
         if self.summary is not None:
             return Decision.from_json(self.summary["decision"])
         if self.is_fold:
+            recorded = self.raw_decision
+            if recorded is not None:
+                return recorded.through_temperature(self.temperatures[0])
+            return Decision.argmax(self.classes, f"{self.folds[0].path / METRICS} records no decision")
+        return Decision.argmax(self.classes, f"{self.path} has no {CV_SUMMARY} (the cross-validation is unfinished)")
+
+    @property
+    def raw_decision(self) -> Decision | None:
+        """The run's decision for uncalibrated probabilities, where it has one: a fold's (chosen on its raw
+        validation probabilities), a cv run's when it was chosen on raw ones; else None."""
+        if self.summary is not None:
+            decision = Decision.from_json(self.summary["decision"])
+            return decision if decision.probabilities == "raw" else None
+        if self.is_fold:
             fold = self.folds[0]
             recorded = (((fold.metrics or {}).get("final") or {}).get("val") or {}).get("decision")
-            if recorded:
-                return Decision.from_json(recorded).through_temperature(self.temperatures[0])
-            return Decision.argmax(self.classes, f"{fold.path / METRICS} records no decision")
-        return Decision.argmax(self.classes, f"{self.path} has no {CV_SUMMARY} (the cross-validation is unfinished)")
+            return Decision.from_json(recorded) if recorded else None
+        return None
 
     @cached_property
     def fusion(self) -> dict[str, Any] | None:
@@ -604,5 +670,5 @@ def require_output_file(path: str | Path, what: str = "--out") -> Path:
     return path
 
 
-__all__ = ["FORMAT_VERSION", "Fold", "Predictions", "Run", "RunError", "RunLock", "read_json",
+__all__ = ["FORMAT_VERSION", "Fold", "Predictions", "PredictionsWriter", "Run", "RunError", "RunLock", "read_json",
            "read_predictions", "require_output_file", "write_json", "write_predictions"]

@@ -114,13 +114,13 @@ def test_report_and_predict_handle_three_grades(graded_run, graded_npz, tmp_path
         assert got[r["case_id"]]["predicted"] == r["predicted"]
     summary = json.loads((graded_run / "cv_summary.json").read_text())
     used = json.loads(out.with_suffix(".json").read_text())["decision"]
-    assert used["class_weights"] == summary["decision"]["class_weights"] and "cv_summary.json" in used["from"]
+    assert used["class_weights"] == summary["decision"]["class_weights"] and used["rule"] == summary["decision"]["rule"]
     assert "OOF-chosen decision: the largest weighted probability" in text
     # one fold folder: its validation weights, moved through its temperature
     fold_out = tmp_path / "fold.csv"
     assert main(["predict", "--run", str(graded_run / "fold_0"), str(folder), "--out", str(fold_out)]) == 0
     used = json.loads(fold_out.with_suffix(".json").read_text())["decision"]
-    assert len(used["class_weights"]) == 3 and "the fold's validation set" in used["from"]
+    assert len(used["class_weights"]) == 3 and "validation set" in used["fitted_on"]
     # exporting that fold prints the same weights, with the deployer's precision
     capsys.readouterr()
     assert main(["export", str(graded_run), "--fold", "0", "--out", str(tmp_path / "export"),

@@ -113,16 +113,18 @@ def test_export_of_real_runs(cv_runs, tmp_path):
         for out_probs in _exported_outputs(out, x).values():
             np.testing.assert_allclose(out_probs, direct, atol=1e-4)
         if fold is None:  # uncalibrated: the run's threshold was chosen on calibrated probabilities
-            assert info["decision"]["threshold"] is None and "--uncalibrated" in info["decision"]["from"]
+            assert info["decision"]["threshold"] is None and "--uncalibrated" in info["decision"]["fitted_on"]
         else:  # the fold's own validation threshold, on its raw probabilities
             metrics = json.loads((run / "fold_0" / "metrics.json").read_text())
-            assert info["decision"]["threshold"] == metrics["final"]["val"]["at_val_threshold"]["threshold"]
+            assert info["decision"]["threshold"] == metrics["final"]["val"]["decision"]["threshold"]
+            assert info["decision"]["probabilities"] == "raw"
 
 
 @pytest.mark.slow
 def test_export_records_the_runs_decision_or_the_fusion_it_leaves_out(cv_runs, tmp_path, caplog, capsys):
     """The whole calibrated run: the threshold chosen on its OOF predictions (what `medvox predict` applies to
-    these probabilities). A fused run: no threshold (it was chosen on the mixture), the fusion named, a warning."""
+    these probabilities). A fused run (cv_summary.json names its fusion, features/ holds the descriptor model): no
+    threshold (it was chosen on the mixture), the fusion named, a warning."""
     run = cv_runs["resnet10"]
     info = export_model(run, tmp_path / "plain", formats=())
     decision = json.loads((run / "cv_summary.json").read_text())["decision"]
@@ -136,8 +138,10 @@ def test_export_records_the_runs_decision_or_the_fusion_it_leaves_out(cv_runs, t
     (fused / "features").mkdir(exist_ok=True)
     (fused / "features" / "fusion.json").write_text(json.dumps({"weight": 0.6}))
     (fused / "features" / "fold_0.json").write_text("{}")
+    summary = json.loads((fused / "cv_summary.json").read_text())
+    (fused / "cv_summary.json").write_text(json.dumps({**summary, "fusion": {"weight": 0.6}}))
     with caplog.at_level("WARNING", logger="medvox"):
         info = export_model(fused, tmp_path / "fused_export", formats=())
-    assert info["decision"]["threshold"] is None and "fused" in info["decision"]["from"]
+    assert info["decision"]["threshold"] is None and "fused" in info["decision"]["fitted_on"]
     assert info["fusion"]["weight"] == 0.6 and "medvox predict --run" in info["fusion"]["note"]
     assert "descriptor model" in caplog.text

@@ -182,16 +182,17 @@ def test_decide_applies_a_binary_threshold_and_otherwise_the_argmax():
 def test_a_threshold_moved_through_the_temperature_makes_the_same_decisions():
     """`medvox predict` on a fold folder: the fold's threshold was chosen on raw probabilities; on the
     same model's calibrated ones (temperature T) the moved threshold cuts between the same cases."""
+    from medvox.metrics.calibration import rescale
     from medvox.metrics.classification import decide
-    from medvox.inference.predict import _through_temperature
-    from medvox.cv.summary import rescale
+    from medvox.metrics.decision import Decision
 
     rng = np.random.default_rng(3)
     logits = rng.normal(0, 2, (400, 2))
     raw = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
     for t_raw in (0.12, 0.3, 0.5, 0.81):
         for temperature in (0.4, 1.0, 2.5):
-            moved = _through_temperature(t_raw, temperature)
+            moved = Decision(("0", "1"), "youden", threshold=t_raw, probabilities="raw").through_temperature(
+                temperature).threshold
             assert decide(rescale(raw, temperature), moved).tolist() == decide(raw, t_raw).tolist()
             if temperature != 1.0:  # T > 1 flattens the probabilities towards 1/2, T < 1 sharpens them
                 assert (abs(moved - 0.5) < abs(t_raw - 0.5)) == (temperature > 1.0) or t_raw == 0.5
@@ -267,9 +268,9 @@ def test_class_weights_keep_the_argmax_when_nothing_gains():
 def test_class_weights_moved_through_the_temperature_make_the_same_decisions():
     """`medvox predict` on a fold folder of more than two classes: weights chosen on raw probabilities, applied
     to the calibrated ones (temperature T) as w ** (1 / T), decide every case as before."""
+    from medvox.metrics.calibration import rescale
     from medvox.metrics.classification import decide
-    from medvox.inference.predict import _weights_through_temperature
-    from medvox.cv.summary import rescale
+    from medvox.metrics.decision import Decision
 
     rng = np.random.default_rng(4)
     logits = rng.normal(0, 2, (500, 4))
@@ -277,5 +278,6 @@ def test_class_weights_moved_through_the_temperature_make_the_same_decisions():
     weights = [0.5, 1.0, 2.5, 0.8]
     assert decide(raw, weights).tolist() != decide(raw).tolist()
     for temperature in (0.4, 1.0, 2.5):
-        moved = _weights_through_temperature(weights, temperature)
+        moved = list(Decision(("a", "b", "c", "d"), "youden", class_weights=weights, probabilities="raw")
+                     .through_temperature(temperature).class_weights)
         assert decide(rescale(raw, temperature), moved).tolist() == decide(raw, weights).tolist()

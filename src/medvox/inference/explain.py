@@ -7,7 +7,8 @@
   (a slice, a 2.5D slab, a 3D patch; a slice covered by overlapping slabs gets their mean weight). The
   attention does not depend on a class.
 
-With a run folder, the fold models' maps are averaged (the ensemble that ``medvox predict`` uses).
+With a run folder, the fold models' maps are averaged (the ensemble that ``medvox predict`` uses), and the
+predicted class is :class:`~medvox.inference.predictor.Predictor`'s, as ``medvox predict`` gives it.
 
 Each map is computed on the preprocessed volume (the plan's spacing and shape) and taken back to the input
 grid by undoing the two geometric steps of preprocessing: the centre crop/pad (voxels the model never saw,
@@ -26,7 +27,6 @@ Example:
 from __future__ import annotations
 
 import copy
-import json
 import re
 from pathlib import Path
 from typing import Any
@@ -43,11 +43,13 @@ APPROXIMATION = ("map computed on the preprocessed volume; crop/pad undone (crop
 
 
 def explain(checkpoint_or_run: Path, inputs: list[Path | str], out_dir: Path, *, fold: int | None = None,
-            target_class: int | str | None = None, tta: bool = False, layer: str | None = None) -> list[dict[str, Any]]:
+            target_class: int | str | None = None, tta: bool = False, layer: str | None = None,
+            allow_missing: bool = False) -> list[dict[str, Any]]:
     """Write ``<case>_cam.nii.gz`` and ``<case>_cam.png`` for every input; also ``explain.json``.
 
     Args:
-        checkpoint_or_run: a checkpoint ``.pt``, a fold folder, or a run folder (fold ensemble).
+        checkpoint_or_run: a checkpoint ``.pt`` (decided by the argmax), a fold folder, or a run folder (fold
+            ensemble); read by :meth:`~medvox.inference.predictor.Predictor.from_run`.
         inputs: NIfTI / DICOM series folders / ``.npy`` files, or folders of them.
         out_dir: output folder (created).
         fold: with a run folder, use only ``fold_<fold>``.
@@ -57,51 +59,47 @@ def explain(checkpoint_or_run: Path, inputs: list[Path | str], out_dir: Path, *,
             --tta` gives them; the map itself is always computed on the volume as it is.
         layer: the module Grad-CAM reads (default: :func:`cam_layer` picks the model's last one whose feature
             map is at least ``MIN_CAM_GRID`` voxels along every axis at this input size).
+        allow_missing: explain with the fold models that are there when a fold's final checkpoint is missing
+            (deciding by the argmax, with a warning); otherwise such a run is refused.
 
     Returns:
         One dict per input: ``case_id``, ``source``, ``method`` (``"gradcam"``/``"attention"``),
-        ``target_class``, ``predicted``, ``decision`` (:func:`~medvox.inference.predict.run_decision`),
+        ``target_class``, ``predicted``, ``decision`` (:meth:`~medvox.metrics.decision.Decision.to_json`),
         ``probabilities`` (the run's final ones), ``tta``, ``cam_nifti``, ``cam_png``, ``peak_voxel`` (index into the
         NIfTI's data array), ``peak_world_mm`` (RAS), ``attention`` (MIL: the instance weights, mean over
         members), ``cam_layer`` and ``cam_resolution`` (Grad-CAM: the layer read and its spatial size), ``note`` (why another
         layer than the model's last was read), ``warning`` (e.g. a
         1 x 1 x 1 feature map that cannot localise), ``approximation``, and for ``.npy`` inputs ``cam_npy``
         (the map in the input array's own ``(D, H, W)`` order; the NIfTI holds it as ``(W, H, D)``).
+
+    Raises:
+        RunError: the run is not a finished run / fold, or a fold's final checkpoint is missing (unless
+            ``allow_missing``).
     """
     from medvox.data import cases_from_paths
-    from medvox.descriptors import load_fusion
-    from medvox.inference.models import load_model
-    from medvox.inference.predict import run_decision
-    from medvox.run import resolve_checkpoints, run_source
+    from medvox.inference.predictor import Predictor
+    from medvox.run import write_json
 
-    members = [load_model(p) for p in resolve_checkpoints(Path(checkpoint_or_run), fold)]
-    source = run_source(Path(checkpoint_or_run), fold)
-    fusion = load_fusion(source) if source.is_dir() else None
-    decision = run_decision([str(source)], members, calibrated=True)
+    predictor = Predictor.from_run(Path(checkpoint_or_run), fold=fold, tta=tta, allow_missing=allow_missing)
+    cases = cases_from_paths([str(p) for p in inputs])
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    results = [_explain_case(members, case, out_dir, target_class, decision, fusion, tta, layer)
-               for case in cases_from_paths([str(p) for p in inputs])]
-    (out_dir / "explain.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    results = [_explain_case(predictor, case, out_dir, target_class, layer) for case in cases]
+    write_json(out_dir / "explain.json", results)
     return results
 
 
-def _explain_case(members, case, out_dir: Path, target_class: int | str | None, decision: dict[str, Any],
-                  fusion: dict[str, Any] | None, tta: bool = False, layer: str | None = None) -> dict[str, Any]:
-    from medvox.data.preprocess import preprocess_volume, read_case
-    from medvox.descriptors import fuse_probs
-    from medvox.inference.models import ensemble_predict
-    from medvox.metrics.classification import decide, decision_cut
+def _explain_case(predictor, case, out_dir: Path, target_class: int | str | None,
+                  layer: str | None = None) -> dict[str, Any]:
+    from medvox.data.preprocess import read_case
 
-    plan, classes = members[0].plan, members[0].classes
+    members, plan, classes = predictor.models, predictor.plan, predictor.classes
     array, meta = read_case(case)
     spacing = meta.get("spacing", [1.0, 1.0, 1.0])
-    x = preprocess_volume(array, meta, plan)
-    probs = ensemble_predict(members, x[None], tta=tta)[0][0]
-    if fusion is not None:  # the run's final probabilities, as `medvox predict` gives them
-        features = preprocess_volume(array, meta, fusion["plan"]) if fusion.get("plan") else x
-        probs = fuse_probs(fusion, probs[None], features[None])[0]
-    predicted = int(decide(probs[None], decision_cut(decision))[0])
+    x, features = predictor.preprocess(array, meta)
+    prediction = predictor.predict_preprocessed(x[None], None if features is None else features[None])
+    probs = prediction.probs[0]  # the run's final probabilities, as `medvox predict` gives them
+    predicted = classes.index(prediction.label)
     target = _class_index(target_class, classes, predicted)
     explained = _ensemble_map(members, torch.from_numpy(x)[None], target, layer)
     method = explained["method"]
@@ -118,13 +116,13 @@ def _explain_case(members, case, out_dir: Path, target_class: int | str | None, 
                        value_range=_attention_range(explained["attention"]))
     return {"case_id": case.id, "source": case.file, "method": method,
             "target_class": classes[target] if method == "gradcam" else None,
-            "predicted": classes[predicted], "decision": decision,
-            "probabilities": {c: float(p) for c, p in zip(classes, probs, strict=True)}, "tta": tta,
+            "predicted": classes[predicted], "decision": prediction.decision.to_json(),
+            "probabilities": {c: float(p) for c, p in zip(classes, probs, strict=True)}, "tta": predictor.tta,
             "cam_nifti": str(nifti), "cam_png": str(png), "peak_voxel": peak, "peak_world_mm": world,
             "attention": explained["attention"], "cam_layer": explained["cam_layer"],
             "cam_resolution": explained["cam_resolution"],
             "note": explained["note"], "warning": explained["warning"], "members": [str(m.path) for m in members],
-            "approximation": APPROXIMATION, **extra}
+            "all_members_present": predictor.complete, "approximation": APPROXIMATION, **extra}
 
 
 def _attention_range(attention: list[float] | None) -> tuple[float, float] | None:

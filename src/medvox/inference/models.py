@@ -1,7 +1,8 @@
-"""Rebuild models from checkpoints alone and predict with a fold ensemble and test-time augmentation.
+"""Rebuild one model from its checkpoint alone, and its logits with optional test-time augmentation.
 
 A checkpoint carries the resolved config, the preprocessing plan and the class names, so a run folder
-is enough to predict (as nnU-Net's predictor does).
+is enough to predict (as nnU-Net's predictor does). Which checkpoints make a run's ensemble is decided by
+:meth:`medvox.run.Run.members`; the ensemble is averaged by :class:`~medvox.inference.predictor.Predictor`.
 """
 
 from __future__ import annotations
@@ -36,13 +37,12 @@ class LoadedModel:
 
 def build_from_checkpoint(ckpt: dict[str, Any]) -> nn.Module:
     """The model a checkpoint's config describes, with the checkpoint's weights."""
-    from medvox.models import create_model
+    from medvox.models import create_model, uses_cosine_head
 
     cfg = from_dict(ckpt["config"])
-    cosine = cfg.model.cosine_head if cfg.model.cosine_head is not None else cfg.loss.name == "LDAM"
     in_channels = int(ckpt.get("in_channels") or ckpt["plan"].get("in_channels") or 1)
     model = create_model(cfg.model.name, in_channels=in_channels, num_classes=len(ckpt["classes"]),
-                         dropout=cfg.model.dropout, cosine_head=cosine, **cfg.model.kwargs)
+                         dropout=cfg.model.dropout, cosine_head=uses_cosine_head(cfg), **cfg.model.kwargs)
     model.load_state_dict(ckpt["model"])
     return model.eval()
 
@@ -71,38 +71,6 @@ def inference_device(gpu: bool) -> torch.device:
     return torch.device("cpu")
 
 
-def final_checkpoint(fold_dir: Path) -> Path | None:
-    """The checkpoint a fold's final evaluation used (from metrics.json), else best_ema.pt, else best.pt."""
-    metrics = fold_dir / "metrics.json"
-    if metrics.exists():
-        weights = json.loads(metrics.read_text()).get("final", {}).get("weights")
-        if weights and (fold_dir / weights).exists():
-            return fold_dir / weights
-    for name in ("best_ema.pt", "best.pt"):
-        if (fold_dir / name).exists():
-            return fold_dir / name
-    return None
-
-
-def find_checkpoints(paths: list[str | Path]) -> list[Path]:
-    """Checkpoints from run folders (``<run>/fold_*``), fold folders, or ``.pt`` files."""
-    found: list[Path] = []
-    for p in map(Path, paths):
-        if p.is_file():
-            found.append(p)
-            continue
-        is_fold = any((p / name).exists() for name in ("metrics.json", "best_ema.pt", "best.pt"))
-        folds = [p] if is_fold else sorted(p.glob("fold_*"))
-        for fold in folds:
-            ck = final_checkpoint(fold)
-            if ck is not None:
-                found.append(ck)
-    if not found:
-        raise CheckpointError(f"no model checkpoint found in {', '.join(map(str, paths))} "
-                              "(expected a run folder with fold_*/best_ema.pt or best.pt, or .pt files)")
-    return found
-
-
 @torch.inference_mode()
 def predict_logits(model: nn.Module, images, batch_size: int = 16, tta: bool = False,
                    device: str | torch.device | None = None) -> np.ndarray:
@@ -125,19 +93,3 @@ def predict_logits(model: nn.Module, images, batch_size: int = 16, tta: bool = F
         views = [torch.log_softmax(model(v).float(), dim=1) for v in tta_views(x)]
         out.append(torch.stack(views).mean(0).cpu())
     return torch.cat(out).numpy() if out else np.zeros((0, 0), dtype=np.float32)
-
-
-def ensemble_predict(models: list[LoadedModel], images, tta: bool = False, calibrated: bool = True,
-                     batch_size: int = 16) -> tuple[np.ndarray, np.ndarray]:
-    """Average the members' probabilities.
-
-    Returns:
-        (mean probabilities (N, K), per-member probabilities (M, N, K)).
-    """
-    per_model = []
-    for m in models:
-        logits = predict_logits(m.model, images, batch_size=batch_size, tta=tta)
-        t = m.temperature if calibrated else 1.0
-        per_model.append(torch.softmax(torch.from_numpy(logits).double() / t, dim=1).numpy())
-    stacked = np.stack(per_model)
-    return stacked.mean(0), stacked

@@ -22,7 +22,7 @@ Example:
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -168,7 +168,8 @@ class Predictor:
             tta: average flipped / shifted views.
             device: ``"cpu"``, ``"cuda"``, a ``torch.device``; None: the CPU.
             calibrated: apply the temperatures (the run's decision was chosen on calibrated probabilities;
-                ``False`` decides by the argmax of the raw ones).
+                ``False`` decides on the raw ones: by a fold's own validation decision, which was chosen on
+                them, else by the argmax).
             argmax: decide by the most probable class instead of the run's decision.
             allow_missing: predict with the folds whose final checkpoint is there when some is missing, by
                 the argmax (the run's decision belongs to the full ensemble); a warning names what is missing.
@@ -206,8 +207,8 @@ class Predictor:
                                        f"({len(members)} of {len(run.folds)} present): the run's decision belongs "
                                        "to the full ensemble", final)
         elif not calibrated:
-            decision = Decision.argmax(classes, "--uncalibrated: the run's decision was chosen on calibrated "
-                                       "probabilities", "raw")
+            decision = run.raw_decision or Decision.argmax(
+                classes, "--uncalibrated: the run's decision was chosen on calibrated probabilities", "raw")
         else:
             decision = run.decision
         return cls(run, models, decision, calibrated=calibrated, tta=tta, fusion=fusion, batch_size=batch_size,
@@ -300,11 +301,16 @@ class Predictor:
 
     def predict_cases(self, cases: Sequence[Case], batch_size: int | None = None,
                       progress: bool = False) -> list[CaseResult]:
-        """Every case read and preprocessed as :func:`medvox.data.preprocess.preprocess_case` does, predicted a
-        chunk of ``batch_size`` at a time (memory stays flat over thousands of inputs); an input that cannot be
-        read or preprocessed gets its error and the others are still predicted. One result per case, in order."""
+        """Every case read and preprocessed as :func:`medvox.data.preprocess.preprocess_case` does; an input that
+        cannot be read or preprocessed gets its error and the others are still predicted. One result per case,
+        in order (:meth:`iter_cases` gives them a chunk at a time)."""
+        return [r for chunk in self.iter_cases(cases, batch_size, progress) for r in chunk]
+
+    def iter_cases(self, cases: Sequence[Case], batch_size: int | None = None,
+                   progress: bool = False) -> Iterator[list[CaseResult]]:
+        """:meth:`predict_cases` a chunk of ``batch_size`` cases at a time (memory stays flat over thousands of
+        inputs): yields each chunk's results, in order."""
         batch_size = batch_size or self.batch_size
-        results: list[CaseResult] = []
         with progress_bar(progress) as bar:
             task = bar.add_task("predict", total=len(cases))
             for start in range(0, len(cases), batch_size):
@@ -314,7 +320,7 @@ class Predictor:
                 for i, case in enumerate(chunk):
                     try:
                         x, f = self.preprocess(*read_case(case))
-                    except Exception as exc:  # noqa: BLE001 - one bad input must not stop the others
+                    except Exception as exc:  # one bad input must not stop the others
                         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
                         done[i] = CaseResult(case, None, reason)
                         continue
@@ -326,9 +332,8 @@ class Predictor:
                     pred = self.predict_preprocessed(np.stack(volumes), np.stack(features) if features else None)
                     for j, i in enumerate(ready):
                         done[i] = CaseResult(chunk[i], pred[j])
-                results.extend(done)
                 bar.advance(task, len(chunk))
-        return results
+                yield done
 
     def predict_files(self, paths: Sequence[str | Path], batch_size: int | None = None,
                       progress: bool = False) -> list[CaseResult]:
