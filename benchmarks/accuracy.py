@@ -25,7 +25,6 @@ out-of-fold predictions (never on test); the rule is the recipe's (``youden`` by
 from __future__ import annotations
 
 import argparse
-import csv
 import dataclasses
 import json
 import os
@@ -105,7 +104,7 @@ PUBLISHED = [  # MedMNIST v2 (Yang et al., Scientific Data 2023), AdrenalMNIST3D
     ("MedMNIST v2: ResNet-18 + ACS (published)", 0.839, 0.754),
     ("MedMNIST v2: auto-sklearn (published)", 0.828, 0.802),
 ]
-KEEP = ("cv_summary.json", "cv_table.md", "oof_predictions.csv", "oof_fused_predictions.csv", "test_predictions.csv")
+KEEP = ("cv_summary.json", "cv_table.md", "oof_predictions.csv", "test_predictions.csv")  # medvox.run's names
 
 
 def _npz(kind: str) -> Path:
@@ -293,37 +292,24 @@ def run_jobs(jobs: list[tuple[str, int]], out: Path, parallel: int, gpu: bool, t
     timing_path.write_text(json.dumps(timings, indent=1) + "\n", encoding="utf-8")
 
 
-def _append_column(path: Path, name: str, values: list[str]) -> None:
-    with open(path, newline="", encoding="utf-8") as fh:
-        rows = list(csv.reader(fh))
-    if len(rows) - 1 != len(values):
-        raise ValueError(f"{path}: {len(rows) - 1} rows, {len(values)} values for column {name!r}")
-    rows[0].append(name)
-    for row, value in zip(rows[1:], values, strict=True):
-        row.append(value)
-    with open(path, "w", newline="", encoding="utf-8") as fh:
-        csv.writer(fh).writerows(rows)
-
-
 def fuse_kept(src: Path, out: Path, rule: str = "youden", name: str = "r18f", features_data: Path | None = None) -> str:
     """Fuse a finished run's kept predictions with the descriptor model, as ``medvox cv --set
     train.feature_fusion=true`` does at its end (:func:`medvox.cv.summary.summarize`), into
-    ``out/kept/<name>_s<seed>``. The kept folder has no checkpoints, so the CNN's test probabilities are its
-    ``test_predictions.csv`` (the calibrated TTA ensemble, which is what ``summarize`` mixes). The time
-    recorded is the source run's plus the fusion's."""
+    ``out/kept/<name>_s<seed>``, through medvox's own functions: :func:`medvox.descriptors.fit_fusion` on the
+    run's per-fold calibrated out-of-fold predictions (``oof_predictions.csv``), the decision chosen by ``rule``
+    on the mixture (:class:`~medvox.metrics.decision.Decision`), the files written by :mod:`medvox.run` and the
+    figures computed from them by :func:`~medvox.cv.summary.figures_of`. The kept folder has no checkpoints,
+    so the CNN's test probabilities are its ``test_predictions.csv``'s calibrated ones (the calibrated TTA
+    ensemble, which is what ``summarize`` mixes) and its ``spread`` column is kept (the CNN members' spread
+    of the decided class: the same for two classes whichever class is decided). The time recorded is the
+    source run's plus the fusion's."""
+    from medvox import run as runfiles
     from medvox.config import from_dict
-    from medvox.cv.summary import (
-        calibrated_oof,
-        format_table,
-        fuse_oof,
-        fuse_test,
-        load_predictions,
-        oof_decision,
-        record_fusion,
-    )
+    from medvox.cv.summary import figures_of, folds_at_decision, format_table
     from medvox.data import prepare
-    from medvox.engine.artifacts import write_json, write_predictions
+    from medvox.descriptors import fit_fusion, mix
     from medvox.metrics.classification import compute_metrics
+    from medvox.metrics.decision import Decision
 
     src, out = src.resolve(), out.resolve()
     timings_src = json.loads((src.parent.parent / "timings.json").read_text())[src.name]
@@ -333,31 +319,44 @@ def fuse_kept(src: Path, out: Path, rule: str = "youden", name: str = "r18f", fe
     if dest.exists():
         shutil.rmtree(dest)
     shutil.copytree(src, dest)
-    cfg = from_dict(json.loads((dest / "fold_0" / "config.json").read_text()))
+    shutil.rmtree(dest / runfiles.FEATURES, ignore_errors=True)  # a former fusion must not be read as this one
+    run = runfiles.Run(dest)
+    cfg = from_dict(run.config)
     t0 = time.time()
     prepared = prepare(cfg.data, progress=False)
     features_from = None
     if features_data is not None:  # the same cases from another file (the 64^3 release), on its own grid
         features_from = prepare(dataclasses.replace(cfg.data, path=str(features_data), target_shape=None,
                                                     target_spacing=None), progress=False)
-    summary = json.loads((dest / "cv_summary.json").read_text())
-    y, p = calibrated_oof(dest, summary["calibration"])
-    fusion = fuse_oof(dest, prepared, y, p, progress=False, seed=cfg.train.seed, features_from=features_from)
-    yt, pt, classes, trows = load_predictions(dest / "test_predictions.csv")
-    if [r["case_id"] for r in trows] != fusion["test_ids"]:
-        raise ValueError(f"{src}: test_predictions.csv does not list the prepared test cases in order")
+    summary, oof, test_preds = run.summary, run.oof(), run.test()
+    if oof is None or test_preds is None:
+        raise runfiles.RunError(f"{src}: the kept run lacks {runfiles.OOF_PREDICTIONS} or {runfiles.TEST_PREDICTIONS}")
+    classes = run.classes
+    fusion = fit_fusion(dest, prepared, oof.ids, oof.folds, oof.labels, _column(oof, "calibrated"), progress=False,
+                        seed=cfg.train.seed, features_from=features_from)
+    if test_preds.ids != fusion["test_ids"]:
+        raise ValueError(f"{src}: {runfiles.TEST_PREDICTIONS} does not list the prepared test cases in order")
+    decision = Decision.fit(oof.labels, fusion["oof"], classes, rule=rule, probabilities="fused",
+                            fitted_on="the pooled out-of-fold predictions, each fold's calibrated, mixed with the "
+                                      "descriptor model (benchmarks/accuracy.py fuse)")
+    oof_path = runfiles.write_predictions(dest / runfiles.OOF_PREDICTIONS, oof.ids, oof.groups, oof.labels,
+                                          fusion["oof"], classes, decision, raw=_column(oof, "raw"),
+                                          calibrated=_column(oof, "calibrated"), extra=oof.extra)
+    fused = mix(_column(test_preds, "calibrated"), fusion["test_features"], fusion["weight"])
+    test_path = runfiles.write_predictions(dest / runfiles.TEST_PREDICTIONS, test_preds.ids, test_preds.groups,
+                                           test_preds.labels, fused, classes, decision,
+                                           raw=_column(test_preds, "raw"), calibrated=_column(test_preds, "calibrated"),
+                                           extra=test_preds.extra)
+    oof = runfiles.read_predictions(oof_path, classes)
     test = summary["test"]
-    fused = fuse_test(test, yt, pt, fusion, classes)
-    summary["decision"] = oof_decision(y, fusion["oof"], rule=rule)
-    threshold = summary["decision"]["threshold"]
-    test["final_at_threshold"] = compute_metrics(yt, fused, threshold=threshold, class_names=classes)
-    record_fusion(dest, summary, fusion, y, classes, threshold)
-    write_predictions(dest / "test_predictions.csv", [r["case_id"] for r in trows], [r["patient_id"] for r in trows],
-                      yt, fused, classes, threshold=threshold)
-    if all(r.get("spread") for r in trows):  # the CNN members' spread, as medvox cv's fused test CSV keeps it
-        _append_column(dest / "test_predictions.csv", "spread", [r["spread"] for r in trows])
-    write_json(summary, dest / "cv_summary.json")
-    (dest / "cv_table.md").write_text(format_table(summary) + "\n", encoding="utf-8")
+    test["fused"] = compute_metrics(test_preds.labels, fused, class_names=classes)
+    test["final"] = "fused"
+    test["final_at_threshold"] = figures_of(runfiles.read_predictions(test_path, classes))
+    fusion_json = runfiles.read_json(dest / runfiles.FEATURES / runfiles.FUSION)  # written by fit_fusion
+    summary.update({"probabilities": "fused", "decision": decision.to_json(), "cv_at_decision": folds_at_decision(oof),
+                    "oof": figures_of(oof), "fusion": {k: v for k, v in fusion_json.items() if k != "curve"}})
+    runfiles.write_json(dest / runfiles.CV_SUMMARY, summary)
+    (dest / runfiles.CV_TABLE).write_text(format_table(summary) + "\n", encoding="utf-8")
     seconds = time.time() - t0
     timing_path = out / "timings.json"
     timings = json.loads(timing_path.read_text()) if timing_path.is_file() else {}
@@ -375,16 +374,39 @@ def fuse_kept(src: Path, out: Path, rule: str = "youden", name: str = "r18f", fe
 # ------------------------------------------------------------------------------------------- analysis
 
 
-def medvox_result(kept: Path, rule: str = "youden") -> dict:
-    """Test metrics of a finished cv run: single folds, ensemble, + TTA, + calibration, + OOF threshold."""
-    from medvox.cv.summary import final_oof, load_predictions
-    from medvox.metrics.classification import best_threshold, compute_metrics
+def _column(preds, which: str) -> np.ndarray:
+    """``preds``' ``raw`` or ``calibrated`` probabilities: a predictions CSV leaves out the columns equal to its
+    ``prob_`` ones, so those are the ``probs``."""
+    found = getattr(preds, which)
+    return preds.probs if found is None else found
 
-    summary = json.loads((kept / "cv_summary.json").read_text())
-    classes = summary["classes"]
+
+def _auc(preds, probs: np.ndarray) -> float | None:
+    """The AUC of ``preds``' cases with the probabilities ``probs`` (its raw or calibrated ones), computed by
+    :func:`~medvox.cv.summary.figures_of` (the AUC does not depend on the decision: the argmax is used)."""
+    from medvox.cv.summary import figures_of
+    from medvox.metrics.decision import Decision
+
+    return figures_of(dataclasses.replace(preds, probs=probs, decision=Decision.argmax(preds.classes)))["auc"]
+
+
+def medvox_result(kept: Path, rule: str = "youden") -> dict:
+    """Test metrics of a finished cv run: single folds, ensemble, + TTA, + calibration, + OOF threshold.
+
+    The thresholds are chosen by each rule on the run's final pooled out-of-fold probabilities (per-fold
+    calibrated, fused where the run is: ``oof_predictions.csv``'s ``prob_`` columns, which the run's own
+    decision was chosen on) and applied to its test ensemble's (``test_predictions.csv``); the figures are
+    :func:`~medvox.cv.summary.figures_of` of those files at each decision."""
+    from medvox.cv.summary import figures_of
+    from medvox.metrics.decision import Decision
+    from medvox.run import Run, RunError
+
+    run = Run(kept)
+    summary, classes = run.summary, run.classes
+    if summary is None:
+        raise RunError(f"{kept}: no cv_summary.json (an unfinished cross-validation)")
     test = summary["test"]
-    y_cal, p_cal = final_oof(kept, summary)  # the CV summary's own computation (calibrated, fused if it was)
-    y_test, p_test, _, _ = load_predictions(kept / "test_predictions.csv")  # the calibrated TTA ensemble
+    oof, test_preds = run.oof().labelled(), run.test()  # the final probabilities: calibrated (TTA), fused if it was
     out = {
         "single_fold_auc": float(np.mean([m["auc"] for m in test["per_fold"]])),
         "single_fold_acc": float(np.mean([m["accuracy"] for m in test["per_fold"]])),
@@ -392,49 +414,69 @@ def medvox_result(kept: Path, rule: str = "youden") -> dict:
         "ensemble_tta_auc": (test.get("ensemble_tta") or {}).get("auc"),
         "calibrated_auc": (test.get("ensemble_tta_calibrated") or {}).get("auc"),
         "fused_auc": (test.get("fused") or {}).get("auc"), "fusion_weight": (summary.get("fusion") or {}).get("weight"),
-        "cv_auc_mean": summary["cv"]["auc"]["mean"], "oof_auc": summary["oof"]["auc"],
-        "oof_auc_calibrated": compute_metrics(y_cal, p_cal)["auc"],
+        "cv_auc_mean": summary["cv"]["auc"]["mean"],
+        "oof_auc": _auc(oof, _column(oof, "raw")),  # pooled, uncalibrated
+        "oof_auc_calibrated": figures_of(oof)["auc"],  # pooled, final (calibrated, fused where fused)
     }
-    out["argmax"] = compute_metrics(y_test, p_test, class_names=classes)
+    out["argmax"] = figures_of(dataclasses.replace(test_preds, decision=Decision.argmax(classes)))
     for r in ("youden", "f1", "accuracy"):
-        thr = best_threshold(y_cal, p_cal, rule=r)
-        out[f"at_{r}"] = {**compute_metrics(y_test, p_test, threshold=thr, class_names=classes), "threshold": thr}
+        decision = Decision.fit(oof.labels, oof.probs, classes, rule=r, probabilities=oof.decision.probabilities)
+        out[f"at_{r}"] = {**figures_of(dataclasses.replace(test_preds, decision=decision)), "threshold": decision.cut}
     out["chosen"] = out[f"at_{rule}"]
-    out["epochs_run"] = [json.loads((f / "metrics.json").read_text())["epochs_run"]
-                         for f in sorted(kept.glob("fold_*")) if (f / "metrics.json").is_file()]
+    out["epochs_run"] = [f.metrics["epochs_run"] for f in run.folds if f.metrics is not None]
     return out
 
 
 def fold_level(run: Path) -> dict:
     """A run's fold-level figures from its fold folders alone, so that a run whose summary never ran (its
     checkpoints lost) still compares: each fold's final validation and test AUC (``metrics.json``), the
-    AUC of the folds' validation predictions pooled (``cv_summary.json``'s ``oof``: uncalibrated) and the test
-    AUC of the fold ensemble without TTA or calibration (the mean of the folds' test probabilities: the
-    ``ensemble`` variant of ``cv_summary.json``, which is read instead where the run has one)."""
-    from medvox.cv.summary import load_predictions
-    from medvox.metrics.classification import compute_metrics
+    AUC of the folds' validation predictions pooled, uncalibrated (``oof_auc``) and each fold's calibrated
+    (``oof_auc_calibrated``: its ``calibration.json``'s temperature, fitted on its validation predictions
+    where the summary never wrote one; the pooled OOF AUC of ``cv_summary.json`` for a run without fusion),
+    and the test AUC of the fold ensemble without TTA or calibration (the mean of the folds' test
+    probabilities: the ``ensemble`` variant of ``cv_summary.json``). A run with a summary is read from it and
+    its ``oof_predictions.csv`` instead (kept runs hold no fold predictions)."""
+    from medvox import run as runfiles
+    from medvox.cv.summary import figures_of, pooled_oof
+    from medvox.metrics.calibration import fit_calibration
+    from medvox.metrics.decision import Decision
 
-    folds = sorted(run.glob("fold_*"), key=lambda d: int(d.name.split("_")[1]))
-    finals = [json.loads((d / "metrics.json").read_text())["final"] for d in folds]
-    out = {"run": run.name, "folds": len(folds), "val_auc": [f["val"]["auc"] for f in finals],
+    opened = runfiles.Run(run)
+    folds = opened.folds
+    finals = [f.metrics["final"] for f in folds]
+    out = {"run": opened.name, "folds": len(folds), "val_auc": [f["val"]["auc"] for f in finals],
            "fold_test_auc": [f["test"]["auc"] for f in finals if f.get("test")]}
-    if (run / "cv_summary.json").is_file():
-        summary = json.loads((run / "cv_summary.json").read_text())
-        out["oof_auc"], out["test_ensemble_auc"] = summary["oof"]["auc"], summary["test"]["ensemble"]["auc"]
+    if opened.summary is not None:
+        oof = opened.oof()
+        out["oof_auc"], out["oof_auc_calibrated"] = _auc(oof, _column(oof, "raw")), _auc(oof, _column(oof, "calibrated"))
+        out["test_ensemble_auc"] = opened.summary["test"]["ensemble"]["auc"]
         return out
-    val = [load_predictions(d / "val_predictions.csv") for d in folds]
-    out["oof_auc"] = compute_metrics(np.concatenate([v[0] for v in val]), np.concatenate([v[1] for v in val]))["auc"]
-    tests = [load_predictions(d / "test_predictions.csv") for d in folds]
-    out["test_ensemble_auc"] = compute_metrics(tests[0][0], np.mean([t[1] for t in tests], axis=0))["auc"]
+
+    def temperature(fold: runfiles.Fold) -> float:
+        if fold.calibration is not None:
+            return float(fold.calibration["temperature"])
+        val = runfiles.read_predictions(fold.path / runfiles.VAL_PREDICTIONS).labelled()
+        return float(fit_calibration(val.labels, val.raw if val.raw is not None else val.probs)["temperature"])
+
+    rows, _, calibrated = pooled_oof([f.path for f in folds], [temperature(f) for f in folds])
+    out["oof_auc"], out["oof_auc_calibrated"] = figures_of(rows)["auc"], _auc(rows, calibrated)
+    tests = [runfiles.read_predictions(f.path / runfiles.TEST_PREDICTIONS) for f in folds]
+    if any(t.ids != tests[0].ids for t in tests):
+        raise runfiles.RunError(f"{run}: the folds' {runfiles.TEST_PREDICTIONS} list different cases")
+    mean = np.mean([_column(t, "raw") for t in tests], axis=0)
+    out["test_ensemble_auc"] = figures_of(dataclasses.replace(tests[0], probs=mean, raw=mean, calibrated=None,
+                                                              decision=Decision.argmax(tests[0].classes)))["auc"]
     return out
 
 
 def render_fold_level(rows: list[dict]) -> str:
-    lines = ["| run | folds | fold val AUC (final weights) | pooled OOF AUC (uncalibrated) | fold test AUC, mean | "
-             "test ensemble AUC (no TTA) |", "| --- | --- | --- | --- | --- | --- |"]
+    lines = ["| run | folds | fold val AUC (final weights) | pooled OOF AUC (uncalibrated) | pooled OOF AUC (per-fold "
+             "calibrated) | fold test AUC, mean | test ensemble AUC (no TTA) |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         lines.append(f"| {r['run']} | {r['folds']} | {' / '.join(f'{v:.3f}' for v in r['val_auc'])} | "
-                     f"{r['oof_auc']:.3f} | {np.mean(r['fold_test_auc']):.3f} | {r['test_ensemble_auc']:.3f} |")
+                     f"{r['oof_auc']:.3f} | {r['oof_auc_calibrated']:.3f} | {np.mean(r['fold_test_auc']):.3f} | "
+                     f"{r['test_ensemble_auc']:.3f} |")
     return "\n".join(lines)
 
 
@@ -509,7 +551,7 @@ def paired_against(runs: dict[str, dict], reference: str = "r18", n_boot: int = 
     CV split, so the same out-of-fold cases): DeLong's test of the two correlated AUCs, out-of-fold (what a
     choice may rest on) and on test (for information), as recipe minus reference."""
     from medvox.reporting.compare import compare_runs
-    from medvox.run import load_run
+    from medvox.run import Run
 
     refs = {r["seed"]: r for r in runs.values() if r["name"] == reference and "kept" in r}
     rows = []
@@ -517,7 +559,7 @@ def paired_against(runs: dict[str, dict], reference: str = "r18", n_boot: int = 
         r = runs[key]
         if r["name"] == reference or "kept" not in r or r["seed"] not in refs:
             continue
-        result = compare_runs([load_run(Path(refs[r["seed"]]["kept"])), load_run(Path(r["kept"]))], n_boot=n_boot)
+        result = compare_runs([Run(Path(refs[r["seed"]]["kept"])), Run(Path(r["kept"]))], n_boot=n_boot)
         row = {"recipe": r["name"], "seed": r["seed"], "reference": reference}
         for pair in result["pairs"]:
             d, b = pair.get("delong"), pair.get("bootstrap")

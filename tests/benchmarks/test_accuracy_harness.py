@@ -17,52 +17,61 @@ import numpy as np
 import pytest
 
 from benchmarks import accuracy
+from medvox.metrics.calibration import rescale_folds
 from medvox.metrics.classification import best_threshold, compute_metrics
+from medvox.metrics.decision import Decision
+from medvox.run import FORMAT_VERSION, read_predictions, write_json, write_predictions
 
 CLASSES = ["0", "1"]
 
 
-def _write_csv(path, rows):
-    with open(path, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+def _write_run(kept, ids, y, raw, folds, temps, test):
+    """A kept run folder in the format `medvox cv` writes, through medvox's own writers: the OOF file with the
+    raw and the per-fold calibrated probabilities (the final ones, which the decision is chosen on), the test
+    ensemble's file and a cv_summary.json."""
+    calibrated = rescale_folds(raw, folds, list(temps))
+    decision = Decision.fit(y, calibrated, CLASSES, rule="youden", fitted_on="the pooled calibrated OOF (by hand)")
+    write_predictions(kept / "oof_predictions.csv", ids, ids, y, calibrated, CLASSES, decision, raw=raw,
+                      calibrated=calibrated, extra={"fold": [str(int(k)) for k in folds]})
+    t_ids, yt, pt = test
+    write_predictions(kept / "test_predictions.csv", t_ids, t_ids, yt, pt, CLASSES, decision)
+    per_fold = [{"auc": 0.7 + 0.01 * k, "accuracy": 0.6} for k in range(2)]
+    summary = {"format_version": FORMAT_VERSION, "classes": CLASSES, "decision": decision.to_json(),
+               "calibration": [{"temperature": t} for t in temps], "cv": {"auc": {"mean": 0.75}}, "oof": {"auc": 0.7},
+               "test": {"per_fold": per_fold, "ensemble": {"auc": 0.8}, "ensemble_tta": {"auc": 0.81}}}
+    write_json(kept / "cv_summary.json", summary)
 
 
 def _fake_cv(kept, rng, temps=(0.5, 2.0)):
     """Two folds whose raw scores are on different scales; returns the arrays written."""
     kept.mkdir(parents=True)
-    oof, y_all, p_all, f_all = [], [], [], []
+    ids, y_all, p_all, f_all = [], [], [], []
     for k in range(2):
         y = rng.integers(0, 2, 60)
         p1 = np.clip(0.35 * y + 0.65 * rng.random(60), 0.01, 0.99)
-        for i, (yi, pi) in enumerate(zip(y, p1, strict=True)):
-            oof.append({"case_id": f"f{k}c{i}", "label": CLASSES[yi], "prob_0": 1 - pi, "prob_1": pi, "fold": k})
+        ids += [f"f{k}c{i}" for i in range(60)]
         y_all.append(y), p_all.append(p1), f_all.append(np.full(60, k))
-    _write_csv(kept / "oof_predictions.csv", oof)
+    y, p1, folds = np.concatenate(y_all), np.concatenate(p_all), np.concatenate(f_all)
     yt = rng.integers(0, 2, 80)
     pt = np.clip(0.4 * yt + 0.6 * rng.random(80), 0.01, 0.99)
-    _write_csv(kept / "test_predictions.csv", [{"case_id": f"t{i}", "label": CLASSES[a], "prob_0": 1 - b, "prob_1": b}
-                                               for i, (a, b) in enumerate(zip(yt, pt, strict=True))])
-    per_fold = [{"auc": 0.7 + 0.01 * k, "accuracy": 0.6} for k in range(2)]
-    summary = {"classes": CLASSES, "calibration": [{"temperature": t} for t in temps],
-               "cv": {"auc": {"mean": 0.75}}, "oof": {"auc": 0.7},
-               "test": {"per_fold": per_fold, "ensemble": {"auc": 0.8}, "ensemble_tta": {"auc": 0.81}}}
-    (kept / "cv_summary.json").write_text(json.dumps(summary))
+    _write_run(kept, ids, y, np.stack([1 - p1, p1], 1), folds, temps,
+               ([f"t{i}" for i in range(80)], yt, np.stack([1 - pt, pt], 1)))
     for k in range(2):
         (kept / f"fold_{k}").mkdir()
         (kept / f"fold_{k}" / "metrics.json").write_text(json.dumps({"epochs_run": 10 + k}))
-    return np.concatenate(y_all), np.concatenate(p_all), np.concatenate(f_all), yt, pt
+    # the values as the files hold them (9 significant digits)
+    p1 = read_predictions(kept / "oof_predictions.csv").raw[:, 1]
+    pt = read_predictions(kept / "test_predictions.csv").probs[:, 1]
+    return y, p1, folds, yt, pt
 
 
 def _sharper_copy(src, dest):
     """``src``'s run with the same cases and labels and sharper out-of-fold probabilities."""
     shutil.copytree(src, dest)
-    rows = list(csv.DictReader(open(dest / "oof_predictions.csv")))
-    for r in rows:
-        p = float(r["prob_1"]) * 0.5 + 0.5 * (r["label"] == "1")
-        r["prob_1"], r["prob_0"] = p, 1 - p
-    _write_csv(dest / "oof_predictions.csv", rows)
+    oof, test = read_predictions(dest / "oof_predictions.csv"), read_predictions(dest / "test_predictions.csv")
+    temps = [c["temperature"] for c in json.loads((dest / "cv_summary.json").read_text())["calibration"]]
+    p = oof.raw[:, 1] * 0.5 + 0.5 * (oof.labels == 1)
+    _write_run(dest, oof.ids, oof.labels, np.stack([1 - p, p], 1), oof.folds, temps, (test.ids, test.labels, test.probs))
     return dest
 
 
@@ -178,7 +187,7 @@ def test_recipes_are_compared_with_the_reference_of_the_same_seed(tmp_path):
     temps = [c["temperature"] for c in json.loads((other / "cv_summary.json").read_text())["calibration"]]
 
     def calibrated(rows):  # both runs are compared on their per-fold calibrated OOF, rescaled here by hand
-        p, t = (np.array([float(r[k]) for r in rows]) for k in ("prob_1", "fold"))
+        p, t = (np.array([float(r[k]) for r in rows]) for k in ("raw_prob_1", "fold"))
         t = np.array(temps)[t.astype(int)]
         return p ** (1 / t) / (p ** (1 / t) + (1 - p) ** (1 / t))
 
