@@ -15,7 +15,7 @@ import pytest
 RUNNABLE = (
     "medvox", "medvox.api", "medvox.config", "medvox.losses", "medvox.recipe",
     "medvox.metrics.calibration", "medvox.descriptors", "medvox.metrics.classification",
-    "medvox.plots", "medvox.inference.predict", "medvox.metrics.stats",
+    "medvox.plots", "medvox.metrics.decision", "medvox.metrics.stats",
     "medvox.models", "medvox.models.base", "medvox.models.densenet", "medvox.models.mil",
     "medvox.models.registry", "medvox.models.resnet", "medvox.models.swin",
     "medvox.transforms", "medvox.transforms.affine", "medvox.transforms.batch", "medvox.transforms.flips",
