@@ -222,3 +222,19 @@ def test_the_same_image_column_twice_is_refused(tmp_path, capsys):
     code, out = _cli_check(capsys, manifest, "--image-col", "image", "--image-col", "image")
     assert code == 1
     assert "image column 'image' given 2 times (--image-col): every case would get identical channels" in out
+
+
+def test_declared_classes_are_validated_with_the_config(tmp_path):
+    from medvox.cli import _DATA_FLAGS, build_parser, config_from_args
+    from medvox.config import ConfigError, ExperimentConfig, apply_overrides, config_problems
+
+    bad = ExperimentConfig()
+    bad.data.classes = ["benign", "benign", " "]
+    bad.data.max_volume_mb = 0
+    assert config_problems(bad) == ["data.max_volume_mb = 0: must be > 0",
+                                    "data.classes = ['benign', 'benign', ' ']: give distinct, non-empty class names"]
+    with pytest.raises(ConfigError, match="at least two classes"):
+        apply_overrides(ExperimentConfig(), {"data.classes": ["only"]})
+    args = build_parser().parse_args(["check", "x.csv", "--classes", "grade 1, grade 2,grade 3", "--max-volume-mb", "512"])
+    cfg = config_from_args(args, _DATA_FLAGS)
+    assert cfg.data.classes == ["grade 1", "grade 2", "grade 3"] and cfg.data.max_volume_mb == 512.0

@@ -12,7 +12,13 @@ import numpy as np
 import pytest
 
 from tests.reliability.corpus import SOURCE_ERRORS, WARNED, good_rows, write_manifest
-from tests.reliability.helpers import medvox, snapshot
+from tests.reliability.helpers import medvox as _medvox
+from tests.reliability.helpers import snapshot
+
+
+def medvox(*args, **kwargs):
+    """The CLI in a fresh process, its output read as UTF-8 (it names files and labels as written)."""
+    return _medvox(*args, encoding="utf-8", errors="replace", **kwargs)
 
 
 def _no_traceback(result) -> None:

@@ -34,10 +34,9 @@ def _write_inputs(folder: Path, marker: Path) -> dict[str, str]:
     (folder / "vol_0900_empty.nii.gz").write_bytes(b"")
     return {
         "vol_0100_notes": "not an image: the file holds text, not .npy data",
-        "vol_0300_cut": "unreadable or truncated (ValueError: ",
+        "vol_0300_cut": "truncated file (the data ends early; an interrupted copy or download?)",
         "vol_0500_slice": "a 2D image (shape (16, 16))",
-        "vol_0700_pickle": "unreadable or truncated (ValueError: Object arrays cannot be loaded when "
-                           "allow_pickle=False)",
+        "vol_0700_pickle": "an array of Python objects, not numbers",  # from the .npy header: never unpickled
         "vol_0900_empty": "empty file (0 bytes)",
     }
 
