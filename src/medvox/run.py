@@ -354,6 +354,24 @@ class RunLock:
             return self
         raise RunError(f"could not lock {self.path.parent}")
 
+    def refuse_if_held(self) -> None:
+        """Raise at once when another live process holds the lock (a command checks this before any work, and
+        takes the lock itself only when it starts writing).
+
+        Raises:
+            RunError: naming the holder's pid and host.
+        """
+        holder = read_json(self.path)
+        if not holder:
+            return
+        if holder.get("pid") == os.getpid() and holder.get("host") == socket.gethostname():
+            return
+        if holder.get("host") == socket.gethostname() and not _alive(holder.get("pid")):
+            return
+        raise RunError(f"{self.path.parent} is being written by another medvox process (pid {holder.get('pid', '?')} "
+                       f"on {holder.get('host', '?')}); wait for it to finish, or write to another --output / "
+                       f"--run-name. If no such process runs, delete {self.path}")
+
     def __exit__(self, *exc) -> None:
         if self._held:
             self.path.unlink(missing_ok=True)

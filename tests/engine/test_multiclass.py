@@ -120,7 +120,7 @@ def test_report_and_predict_handle_three_grades(graded_run, graded_npz, tmp_path
     summary = json.loads((graded_run / "cv_summary.json").read_text())
     used = json.loads(out.with_suffix(".json").read_text())["decision"]
     assert used["class_weights"] == summary["decision"]["class_weights"] and used["rule"] == summary["decision"]["rule"]
-    assert "OOF-chosen decision: the largest weighted probability" in text
+    assert "Confusion matrix at the largest weighted fused probability (class weights" in text
     # one fold folder: its validation weights, moved through its temperature
     fold_out = tmp_path / "fold.csv"
     assert main(["predict", "--run", str(graded_run / "fold_0"), str(folder), "--out", str(fold_out)]) == 0
