@@ -344,8 +344,19 @@ def _cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+# what every command returns; argparse itself exits 2 on a malformed command line
+EXIT_CODES = {0: "success", 1: "bad data, image or checkpoint (the message names the file and the fix)",
+              2: "usage or configuration error", 3: "training refused or failed (e.g. a run trained with other settings)",
+              4: "predict: some inputs could not be read (the others were predicted)",
+              5: "a run folder that is missing, unfinished or inconsistent", 130: "interrupted"}
+EXIT_CODES_TEXT = "exit codes:\n" + "\n".join(f"  {code:>3}  {what}" for code, what in EXIT_CODES.items())
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="medvox", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="medvox", description="Train, cross-validate and serve 3D classifiers of medical volumes.",
+        epilog=EXIT_CODES_TEXT + "\n\nStart with `medvox demo`, or `medvox check DATA` on your own data; each command "
+               "has its own --help.", formatter_class=argparse.RawDescriptionHelpFormatter)
     from medvox import __version__
 
     parser.add_argument("--version", action="version", version=f"medvox {__version__}")
