@@ -137,6 +137,9 @@ class TrainConfig:
     gpu: bool = False
     multi_gpu: bool = False
     devices: int | None = None  # processes (DDP when > 1); None: 1, or every visible GPU with multi_gpu
+    # nodes of a multi-node DDP run, each running `devices` processes; under torchrun / srun both are read from
+    # the launcher when left at their defaults (see engine/distributed.py)
+    num_nodes: int = 1
     seed: int = 42
     deterministic: bool = False
     resume: bool = False
@@ -236,6 +239,7 @@ _RANGES: dict[str, tuple[float | None, float | None, bool, bool]] = {
     "train.ema_decay": (0, 1, False, True),
     "train.early_stopping": (0, None, False, False),
     "train.devices": (1, None, False, False),
+    "train.num_nodes": (1, None, False, False),
     "train.threads": (1, None, False, False),
 }
 
@@ -344,6 +348,22 @@ def _flatten(cfg: Any, prefix: str = "") -> dict[str, Any]:
 def to_dict(cfg: Any) -> dict[str, Any]:
     """The config as plain JSON-safe Python types."""
     return json.loads(json.dumps(dataclasses.asdict(cfg)))
+
+
+def flat_keys(node: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested config dict as ``{dotted key: value}`` (``model.kwargs`` stays one value).
+
+    Example:
+        >>> flat_keys({"train": {"epochs": 3}, "model": {"kwargs": {"a": 1}}})
+        {'train.epochs': 3, 'model.kwargs': {'a': 1}}
+    """
+    out: dict[str, Any] = {}
+    for key, value in node.items():
+        if isinstance(value, dict) and key != "kwargs":
+            out.update(flat_keys(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
 
 
 def from_dict(data: dict[str, Any], cls: type = ExperimentConfig, _where: str = "") -> Any:

@@ -49,6 +49,8 @@ import logging
 import math
 from typing import Any
 
+from medvox.config import flat_keys
+
 log = logging.getLogger("medvox")
 
 RECIPES = ("original", "auto")
@@ -306,20 +308,9 @@ def auto_recipe(plan: dict[str, Any], folds: int, pretrained: bool, gpu_model: s
     return values, why
 
 
-def _flat(node: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """A nested config dict as ``{dotted key: value}`` (``model.kwargs`` stays one value)."""
-    out: dict[str, Any] = {}
-    for key, value in node.items():
-        if isinstance(value, dict) and key != "kwargs":
-            out.update(_flat(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
 def explicit_keys(file_data: dict[str, Any] | None, overrides: dict[str, Any]) -> set[str]:
     """Dotted keys the user set: in the config file (nested) or as flags / ``--set``."""
-    return set(overrides) | set(_flat(file_data or {}))
+    return set(overrides) | set(flat_keys(file_data or {}))
 
 
 def changed_keys(cfg) -> set[str]:
@@ -332,7 +323,7 @@ def changed_keys(cfg) -> set[str]:
     """
     from medvox.config import ExperimentConfig, to_dict
 
-    now, default = _flat(to_dict(cfg)), _flat(to_dict(ExperimentConfig()))
+    now, default = flat_keys(to_dict(cfg)), flat_keys(to_dict(ExperimentConfig()))
     return {key for key, value in now.items() if default.get(key) != value}
 
 
