@@ -200,6 +200,7 @@ class FoldTrainer:
     def _run_epoch(self, epoch: int) -> dict:
         lr = self.optimizer.param_groups[0]["lr"]
         stats = self._train_epoch(epoch)
+        self._sync_buffers()
         t0 = time.perf_counter()
         val, _, labels, probs = self._evaluate(self.model, "val")
         entry = {"epoch": epoch, "lr": lr, "train": {"loss": stats.loss, "optimizer_steps": stats.optimizer_steps,
@@ -213,6 +214,22 @@ class FoldTrainer:
         if self.fabric.is_global_zero and self.cfg.train.plots != "final":
             artifacts.epoch_plots(self.run_dir, f"epoch_{epoch:03d}", labels, probs, val, self.classes)
         return entry
+
+    def _sync_buffers(self) -> None:
+        """Give every rank rank 0's buffers (BatchNorm running statistics), of the raw and the EMA model.
+
+        DDP broadcasts rank 0's buffers before each training forward, so after an epoch's last step every rank
+        holds statistics updated by its own last batch (and an EMA of those). Validated with them, each rank's
+        share of the validation set would be scored by another model than the one rank 0 saves in best.pt.
+        """
+        if self.fabric.world_size == 1:
+            return
+        import torch.distributed as dist
+
+        for module in (self.raw_model, self.ema):
+            if module is not None:
+                for buffer in module.buffers():
+                    dist.broadcast(buffer, src=0)
 
     def _update_best(self, epoch: int, entry: dict) -> bool:
         """Save best.pt / best_ema.pt where their metric improved; True when either improved."""
