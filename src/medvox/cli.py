@@ -65,6 +65,7 @@ _TRAIN_FLAGS = {
     "gpu": "train.gpu",
     "multi_gpu": "train.multi_gpu",
     "devices": "train.devices",
+    "num_nodes": "train.num_nodes",
     "seed": "train.seed",
     "deterministic": "train.deterministic",
     "resume": "train.resume",
@@ -147,7 +148,12 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gpu", action="store_const", const=True, help="train on a GPU")
     p.add_argument("--multi_gpu", "--multi-gpu", dest="multi_gpu", action="store_const", const=True,
                    help="DDP over all visible GPUs")
-    p.add_argument("--devices", type=int, help="number of DDP processes (e.g. 2 on CPU with gloo); default 1")
+    p.add_argument("--devices", type=int, help="number of DDP processes per node (e.g. 2 on CPU with gloo); default 1 "
+                                               "(under torchrun / srun: the processes it starts per node)")
+    p.add_argument("--num-nodes", "--num_nodes", dest="num_nodes", type=int,
+                   help="nodes of a multi-node DDP run, each running --devices processes (default 1; under "
+                        "torchrun / srun: the nodes it spans); the cache and --output must be on a file system "
+                        "every node shares")
     p.add_argument("--seed", type=int)
     p.add_argument("--deterministic", action="store_const", const=True, help="bit-reproducible on CPU")
     p.add_argument("--resume", action="store_const", const=True, help="continue from last.pt")

@@ -369,6 +369,7 @@ def apply_recipe(cfg, given: set[str] | None = None):
         import torch
 
         processes = max(1, torch.cuda.device_count())
+    processes *= tc.num_nodes  # every node runs that many: the global batch, and so the steps, scale with both
     values = {"train.epochs": tc.epochs, "train.batch_size": tc.batch_size, "train.grad_accum": tc.grad_accum}
     chosen, why = auto_recipe(plan, cfg.data.folds, pretrained=bool(cfg.model.pretrained_path), gpu_model=gpu_model,
                               gpu_model_kwargs=cfg.model.kwargs if "model.kwargs" in given else None,

@@ -139,6 +139,7 @@ def train(cfg: ExperimentConfig) -> dict:
 
 def _train(cfg: ExperimentConfig) -> dict:
     from medvox.data import prepare
+    from medvox.engine.distributed import all_or_none, on_rank_zero, rank_zero_first
     from medvox.engine.setup import fold_dir, make_fabric, resume_state, seed_everything
 
     if not cfg.data.path:
@@ -155,18 +156,54 @@ def _train(cfg: ExperimentConfig) -> dict:
     seed_everything(cfg.train.seed, cfg.train.deterministic, cfg.train.threads,
                     processes=getattr(fabric.strategy, "num_processes", 1))  # the ranks on this node share its CPUs
     run_dir = fold_dir(cfg)
-    check_same_settings(run_dir, cfg)
-    done = _finished(run_dir) if cfg.train.resume else None
-    state = resume_state(cfg, run_dir) if done is None else None  # refuses to touch an existing run first
-    prepared = prepare(cfg.data, progress=fabric.is_global_zero)
-    check_same_plan(run_dir, prepared.plan)
+    # With several processes (devices x nodes), rank 0 alone reads the fold folder and decides; the others follow
+    # its decision, build nothing and write nothing (engine/distributed.py): one cache build, one set of files.
+    kept: dict = {}
+
+    def decide() -> tuple[dict | None, int | None]:
+        check_same_settings(run_dir, cfg)
+        done = _finished(run_dir) if cfg.train.resume else None
+        # refuses to touch an existing run first
+        kept["state"] = resume_state(cfg, run_dir) if done is None else None
+        return done, None if kept["state"] is None else int(kept["state"]["epoch"])
+
+    done, resume_epoch = on_rank_zero(fabric, decide)
+    state = all_or_none(fabric, lambda: kept["state"] if fabric.is_global_zero
+                        else _resume_state_of_rank_zero(run_dir, resume_epoch, fabric.global_rank))
+    # rank 0 builds (or finds) the cache first; the others then find it built, on a shared file system
+    prepared = rank_zero_first(fabric, lambda: prepare(cfg.data, progress=fabric.is_global_zero))
+    on_rank_zero(fabric, lambda: check_same_plan(run_dir, prepared.plan))
     if done is not None:
         log.info("%s is already finished (%s) with these settings: reused", run_dir, done["status"])
         return done
-    if state is not None:
-        check_same_plan(run_dir, prepared.plan)
-    with RunLock(run_dir, "fold") if fabric.is_global_zero else contextlib.nullcontext():
+    with contextlib.ExitStack() as held:
+
+        def lock() -> None:  # rank 0 holds the fold's lock; a fold another job is training is refused on every rank
+            held.enter_context(RunLock(run_dir, "fold"))
+
+        on_rank_zero(fabric, lock)
         return _train_locked(cfg, fabric, prepared, run_dir, state)
+
+
+def _resume_state_of_rank_zero(run_dir: Path, epoch: int | None, rank: int) -> dict | None:
+    """The state rank 0 resumes from (its ``last.pt`` at ``epoch``; None: a fresh start), read by another rank
+    from the same ``--output`` folder.
+
+    Raises:
+        TrainingError: this rank sees no such ``last.pt`` (the folder is not on a file system every node shares).
+    """
+    if epoch is None:
+        return None
+    from medvox.engine.checkpoint import load_checkpoint
+    from medvox.errors import TrainingError
+
+    last = run_dir / "last.pt"
+    state = load_checkpoint(last) if last.is_file() else None
+    if state is None or int(state["epoch"]) != epoch:
+        seen = "no such file" if state is None else f"epoch {state['epoch']} there"
+        raise TrainingError(f"rank 0 resumes {last} at epoch {epoch}, but rank {rank} finds {seen}: --output must be on "
+                            "a file system every node shares (as must the cache, --cache-dir)")
+    return state
 
 
 def _train_locked(cfg: ExperimentConfig, fabric, prepared, run_dir: Path, state: dict | None) -> dict:

@@ -16,6 +16,7 @@ import torch
 
 from medvox.config import CHOICES, ExperimentConfig, TrainConfig, from_dict, to_dict
 from medvox.engine.checkpoint import finished_status, load_checkpoint
+from medvox.engine.distributed import fabric_module, process_layout
 from medvox.errors import TrainingError
 
 log = logging.getLogger("medvox")
@@ -89,20 +90,6 @@ def resolve_precision(tc: TrainConfig, accelerator: str) -> str:
     return choose_precision(tc, accelerator).precision
 
 
-def fabric_module():
-    """``lightning_fabric`` (our dependency), or the same Fabric bundled as ``lightning.fabric``.
-
-    Both are the same code; we depend on the standalone package because the full ``lightning`` one
-    installs torchmetrics, and Fabric imports whatever torchmetrics is installed (with matplotlib and
-    SciPy's signal module) to check its version: about 1 s of every start-up on a 2-core CPU.
-    """
-    try:
-        import lightning_fabric
-    except ImportError:  # an environment with the full `lightning` package only
-        import lightning.fabric as lightning_fabric
-    return lightning_fabric
-
-
 _GPU_WARNING_GIVEN = contextvars.ContextVar("medvox_gpu_warning_given", default=False)
 
 
@@ -130,20 +117,25 @@ def one_gpu_warning(wanted: bool, flags: str, doing: str):
 
 
 def make_fabric(tc: TrainConfig):
-    """A Lightning Fabric for the configured device(s); DDP when more than one process."""
+    """A Lightning Fabric for the configured device(s) and node(s); DDP when more than one process in all.
+
+    Under torchrun or srun, Fabric takes the ranks from the launcher's environment and the process counts
+    come from it too (:func:`medvox.engine.distributed.process_layout`).
+    """
     lf = fabric_module()
 
     wants_gpu = use_gpu(tc.gpu or tc.multi_gpu, "--gpu/--multi_gpu", "training")
     accelerator = "cuda" if wants_gpu else "cpu"
-    devices = tc.devices if tc.devices is not None else (-1 if tc.multi_gpu and wants_gpu else 1)
-    n_dev = torch.cuda.device_count() if devices == -1 else devices
-    strategy = "ddp" if n_dev > 1 else "auto"
+    layout = process_layout(tc, wants_gpu)
+    n_dev = torch.cuda.device_count() if layout.devices == -1 else layout.devices
+    strategy = "ddp" if n_dev * layout.num_nodes > 1 else "auto"
     if strategy == "ddp" and accelerator == "cpu":
         strategy = lf.strategies.DDPStrategy(process_group_backend="gloo")
     precision = resolve_precision(tc, accelerator)
     if accelerator == "cuda":
         torch.backends.cudnn.benchmark = not tc.deterministic
-    return lf.Fabric(accelerator=accelerator, devices=devices, strategy=strategy, precision=precision)
+    return lf.Fabric(accelerator=accelerator, devices=layout.devices, num_nodes=layout.num_nodes, strategy=strategy,
+                     precision=precision)
 
 
 def compute_threads(threads: int | None, processes: int = 1) -> int:
