@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 from pathlib import Path
@@ -37,35 +38,48 @@ def cross_validate(cfg: ExperimentConfig, tta: bool = True) -> dict:
 
 
 def _run_cv(cfg: ExperimentConfig, tta: bool) -> dict:
-    from medvox.cv.summary import format_table, summarize
-    from medvox.data import prepare
+    from medvox.cv.summary import format_table
     from medvox.engine import train
-    from medvox.inference.models import inference_device
-    from medvox.run import CV_TABLE, RunLock
+    from medvox.engine.distributed import current_ranks, launched_as_rank_zero, on_rank_zero
+    from medvox.run import RunLock
 
     run_dir = Path(cfg.train.output) / (cfg.train.run_name or cfg.model.name)
-    with RunLock(run_dir, "run"):
+    # With several processes (torchrun, srun, --devices N) every rank trains each fold together; rank 0 alone
+    # locks the run folder and writes the summary, and the others wait for it and return the same summary.
+    with RunLock(run_dir, "run") if launched_as_rank_zero() else contextlib.nullcontext():
         fold_dirs = []
         for k in range(cfg.data.folds):
             fold_cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, fold=k, resume=True))
             log.info("=== fold %d/%d (fold_%d) ===", k + 1, cfg.data.folds, k)
             train(fold_cfg)
             fold_dirs.append(run_dir / f"fold_{k}")
-        prepared = prepare(cfg.data, progress=False)
-        features_from = None
-        if cfg.train.feature_fusion:
-            from medvox.descriptors import feature_data
-
-            features_from = feature_data(cfg.data, prepared, cfg.train.feature_grid)
-        summary = summarize(run_dir, fold_dirs, prepared, tta=tta, threshold_rule=cfg.train.threshold_rule,
-                            feature_fusion=cfg.train.feature_fusion, seed=cfg.train.seed, features_from=features_from,
-                            device=inference_device(cfg.train.gpu or cfg.train.multi_gpu))
-        table = format_table(summary)
-        (run_dir / CV_TABLE).write_text(table + "\n", encoding="utf-8")
+        summary = on_rank_zero(current_ranks(), lambda: _summarize(cfg, run_dir, fold_dirs, tta))
+    table = format_table(summary)
     log.info("cross-validation of %s over %d folds:\n%s", cfg.model.name, cfg.data.folds, table)
     log.info("results: %s (%s: cv_summary.json, cv_table.md, oof_predictions.csv%s, fold_0..%d/)", run_dir,
              _size_text(run_dir), ", test_predictions.csv" if summary.get("test") else "", cfg.data.folds - 1)
     log.info("next: medvox report %s  |  medvox predict --run %s SCANS... --out predictions.csv", run_dir, run_dir)
+    return summary
+
+
+def _summarize(cfg: ExperimentConfig, run_dir: Path, fold_dirs: list[Path], tta: bool) -> dict:
+    """The cross-validation summary of the trained folds, written to the run folder (``cv_summary.json``, the
+    predictions, ``cv_table.md``)."""
+    from medvox.cv.summary import format_table, summarize
+    from medvox.data import prepare
+    from medvox.inference.models import inference_device
+    from medvox.run import CV_TABLE
+
+    prepared = prepare(cfg.data, progress=False)
+    features_from = None
+    if cfg.train.feature_fusion:
+        from medvox.descriptors import feature_data
+
+        features_from = feature_data(cfg.data, prepared, cfg.train.feature_grid)
+    summary = summarize(run_dir, fold_dirs, prepared, tta=tta, threshold_rule=cfg.train.threshold_rule,
+                        feature_fusion=cfg.train.feature_fusion, seed=cfg.train.seed, features_from=features_from,
+                        device=inference_device(cfg.train.gpu or cfg.train.multi_gpu))
+    (run_dir / CV_TABLE).write_text(format_table(summary) + "\n", encoding="utf-8")
     return summary
 
 
