@@ -109,7 +109,7 @@ def test_a_finished_fold_is_never_resumed(tiny_medmnist, tmp_path, capsys):
     capsys.readouterr()
     assert main(argv) == 0
     out = capsys.readouterr().out
-    assert all(f"{fold} is already finished (complete); nothing to resume" in out for fold in folds)
+    assert all(f"{fold} is already finished (complete) with these settings: reused" in out for fold in folds)
     assert _stamps(trained) == before  # the summary is written again; the folds' training files are not
 
     fold = folds[0]
