@@ -363,7 +363,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="medvox", description="Train, cross-validate and serve 3D classifiers of medical volumes.",
         epilog=EXIT_CODES_TEXT + "\n\nStart with `medvox demo`, or `medvox check DATA` on your own data; each command "
                "has its own --help.", formatter_class=argparse.RawDescriptionHelpFormatter)
-    from medvox import __version__
+    from medvox._version import __version__
 
     parser.add_argument("--version", action="version", version=f"medvox {__version__}")
     loudness = parser.add_mutually_exclusive_group()

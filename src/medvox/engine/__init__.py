@@ -7,7 +7,7 @@ import json
 import logging
 from pathlib import Path
 
-from medvox.config import ConfigError, ExperimentConfig, validate
+from medvox.config import ConfigError, ExperimentConfig, flat_keys, validate
 from medvox.errors import CheckpointError, DataError
 from medvox.logs import library_logging, train_log
 from medvox.run import TRAIN_LOG, RunLock
@@ -55,16 +55,6 @@ EXECUTION_KEYS = frozenset({
 })
 
 
-def _flat(doc: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in doc.items():
-        if isinstance(value, dict) and key != "kwargs":
-            out.update(_flat(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
 def check_same_settings(run_dir: Path, cfg: ExperimentConfig) -> None:
     """Refuse to reuse or resume a fold folder trained with other settings than ``cfg``'s.
 
@@ -83,7 +73,7 @@ def check_same_settings(run_dir: Path, cfg: ExperimentConfig) -> None:
     if old is None:
         return
     new = json.loads(json.dumps(to_dict(cfg), default=str))
-    old_flat, new_flat = _flat(old), _flat(new)
+    old_flat, new_flat = flat_keys(old), flat_keys(new)
     differ = sorted(k for k in set(old_flat) | set(new_flat)
                     if k not in EXECUTION_KEYS and old_flat.get(k) != new_flat.get(k))
     if not differ:
@@ -156,6 +146,7 @@ def _train(cfg: ExperimentConfig) -> dict:
     seed_everything(cfg.train.seed, cfg.train.deterministic, cfg.train.threads,
                     processes=getattr(fabric.strategy, "num_processes", 1))  # the ranks on this node share its CPUs
     run_dir = fold_dir(cfg)
+    RunLock(run_dir, "fold").refuse_if_held()  # another trainer on this fold: refused before any work
     # With several processes (devices x nodes), rank 0 alone reads the fold folder and decides; the others follow
     # its decision, build nothing and write nothing (engine/distributed.py): one cache build, one set of files.
     kept: dict = {}
