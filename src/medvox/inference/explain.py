@@ -37,6 +37,10 @@ import torch
 from scipy import ndimage
 
 from medvox.data import io as image_io
+from medvox.data.preprocess import read_case
+from medvox.data.sources import cases_from_paths
+from medvox.inference.predictor import Predictor
+from medvox.run import write_json
 
 APPROXIMATION = ("map computed on the preprocessed volume; crop/pad undone (cropped-away voxels = 0), "
                  "resampling undone by linear interpolation, orientation restored exactly")
@@ -76,10 +80,6 @@ def explain(checkpoint_or_run: Path, inputs: list[Path | str], out_dir: Path, *,
         RunError: the run is not a finished run / fold, or a fold's final checkpoint is missing (unless
             ``allow_missing``).
     """
-    from medvox.data import cases_from_paths
-    from medvox.inference.predictor import Predictor
-    from medvox.run import write_json
-
     predictor = Predictor.from_run(Path(checkpoint_or_run), fold=fold, tta=tta, allow_missing=allow_missing)
     cases = cases_from_paths([str(p) for p in inputs])
     out_dir = Path(out_dir)
@@ -89,10 +89,8 @@ def explain(checkpoint_or_run: Path, inputs: list[Path | str], out_dir: Path, *,
     return results
 
 
-def _explain_case(predictor, case, out_dir: Path, target_class: int | str | None,
+def _explain_case(predictor: Predictor, case, out_dir: Path, target_class: int | str | None,
                   layer: str | None = None) -> dict[str, Any]:
-    from medvox.data.preprocess import read_case
-
     members, plan, classes = predictor.models, predictor.plan, predictor.classes
     array, meta = read_case(case)
     spacing = meta.get("spacing", [1.0, 1.0, 1.0])

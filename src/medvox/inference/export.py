@@ -44,6 +44,10 @@ import torch
 from torch import nn
 
 from medvox.errors import CheckpointError
+from medvox.inference.predictor import Predictor
+from medvox.metrics.decision import Decision
+from medvox.models import uses_cosine_head
+from medvox.run import write_json
 
 log = logging.getLogger("medvox")
 
@@ -99,9 +103,6 @@ def export_model(checkpoint_or_run: Path, out_dir: Path, formats: tuple[str, ...
             ``allow_missing``).
         CheckpointError: a checkpoint is not a medvox model, or the members are different models.
     """
-    from medvox.inference.predictor import Predictor
-    from medvox.run import write_json
-
     unknown = sorted(set(formats) - set(FORMATS))
     if unknown:
         raise ValueError(f"unknown export format(s) {unknown}; choose from {list(FORMATS)}")
@@ -159,11 +160,9 @@ def _check_members(loaded) -> None:
             raise CheckpointError(f"{ref.path} and {m.path} are different models: export them one at a time")
 
 
-def _decision(predictor) -> tuple[dict[str, Any], dict[str, Any] | None]:
+def _decision(predictor: Predictor) -> tuple[dict[str, Any], dict[str, Any] | None]:
     """(the decision for the exported probabilities, :meth:`~medvox.metrics.decision.Decision.to_json`; the
     fusion the export leaves out, or None)."""
-    from medvox.metrics.decision import Decision
-
     fusion = predictor.fusion
     if fusion is None:
         return predictor.decision.to_json(), None
@@ -180,7 +179,6 @@ def _describe(loaded, temps: list[float], calibrated: bool) -> dict[str, Any]:
     """``export.json`` without files and checks."""
     from medvox._version import __version__
     from medvox.config import to_dict
-    from medvox.models import uses_cosine_head
 
     ref = loaded[0]
     cfg = ref.config

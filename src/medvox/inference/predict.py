@@ -18,7 +18,9 @@ from typing import Any
 import numpy as np
 
 from medvox.config import DataConfig
+from medvox.data import cases_from_paths, load_source
 from medvox.errors import DataError
+from medvox.inference.models import inference_device
 from medvox.inference.predictor import CaseResult, Predictor
 from medvox.run import FORMAT_VERSION, PredictionsWriter, require_output_file, write_json
 
@@ -29,8 +31,6 @@ EXTRA_COLUMNS = ("source", "spread", "status", "error")
 
 def _cases(inputs: list[str], data_cfg: DataConfig | None):
     """Cases from a manifest (labels optional) or from image files / folders of images."""
-    from medvox.data import cases_from_paths, load_source
-
     if len(inputs) == 1 and Path(inputs[0]).suffix.lower() in (".csv", ".tsv", ".npz"):
         cfg = data_cfg or DataConfig()
         cfg = DataConfig(**{**cfg.__dict__, "path": inputs[0]})
@@ -62,8 +62,6 @@ def predict_cases(run: str | Path, inputs: list[str], out: str | Path, *, tta: b
         RunError: the run is not a finished run / fold, or a fold's final checkpoint is missing (unless
             ``allow_missing``).
     """
-    from medvox.inference.models import inference_device
-
     out = require_output_file(out)
     record_path = out.with_suffix(".json")
     if record_path == out:
