@@ -113,7 +113,7 @@ def test_the_inspection_pool_defaults_to_the_granted_cpus(host, monkeypatch):
 
     monkeypatch.setattr(machine.os, "cpu_count", lambda: 64)
     monkeypatch.setattr(machine.os, "sched_getaffinity", lambda pid: {0, 1, 2}, raising=False)
-    monkeypatch.setattr(inspection, "inspect_case", lambda case: (None, []))
+    monkeypatch.setattr(inspection, "inspect_case", lambda case, max_mb=None: (None, []))
     sizes = []
     real_pool = inspection.ThreadPoolExecutor
 

@@ -132,7 +132,10 @@ def test_malicious_last_pt_is_refused_by_resume(fmt, small_npz, tmp_path, capsys
     argv = ["train", "--data", str(small_npz), *MIL, *FAST, "--epochs", "1", "--folds", "2",
             "--output", str(tmp_path / "out"), "--cache-dir", str(tmp_path / "cache"), "--resume"]
     write_malicious(run / "last.pt", marker, fmt)
-    (run / "config.json").write_text("{}")
+    from medvox.cli import build_parser, config_from_args
+    from medvox.config import save
+
+    save(config_from_args(build_parser().parse_args(argv)), run / "config.json")  # the same settings: resume reads last.pt
     before = snapshot(tmp_path / "out")
     assert main(argv) == 1
     assert capsys.readouterr().err == _refused_checkpoint(run / "last.pt", fmt)

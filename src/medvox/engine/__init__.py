@@ -72,6 +72,9 @@ def check_same_settings(run_dir: Path, cfg: ExperimentConfig) -> None:
     old = read_json(run_dir / CONFIG)
     if old is None:
         return
+    if not {"data", "model", "train"} <= set(old):
+        raise TrainingError(f"{run_dir / CONFIG} is not a medvox config (no data / model / train sections); nothing "
+                            "was changed. Write to a new run with --run-name NAME (or another --output)")
     new = json.loads(json.dumps(to_dict(cfg), default=str))
     old_flat, new_flat = flat_keys(old), flat_keys(new)
     differ = sorted(k for k in set(old_flat) | set(new_flat)

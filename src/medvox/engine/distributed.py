@@ -15,6 +15,7 @@ store at once.
 
 from __future__ import annotations
 
+import copy
 import datetime
 import os
 import pickle
@@ -143,7 +144,8 @@ def _portable(exc: BaseException) -> BaseException:
     """``exc`` when it survives pickling (to be raised on the other ranks as it is), else a RuntimeError
     with its text."""
     try:
-        return pickle.loads(pickle.dumps(exc))
+        pickle.dumps(exc)  # it can be sent ...
+        return copy.copy(exc)  # ... and rebuilt from its reduce tuple, as the receiving rank does
     except Exception:
         return RuntimeError(f"{type(exc).__name__}: {exc}")
 
