@@ -11,8 +11,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from medvox.inference.models import load_model
 from medvox.inference.export import ProbabilityModel, export_model, load_exported
+from medvox.inference.models import load_model
 from medvox.models import create_model
 from tests.conftest_runs import MIL_KWARGS, make_checkpoint, tiny_plan
 
