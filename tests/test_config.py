@@ -31,8 +31,8 @@ def test_every_listed_choice_is_accepted_by_the_code_that_reads_it():
     from medvox.data.preprocess import normalize
     from medvox.engine.optim import Schedule, build_optimizer
     from medvox.engine.setup import resolve_precision
-    from medvox.metrics.classification import best_threshold, compute_metrics
     from medvox.losses import build_loss
+    from medvox.metrics.classification import best_threshold, compute_metrics
 
     for name in CHOICES["loss.name"]:
         loss = build_loss(dataclasses.replace(config_mod.LossConfig(), name=name), [30, 10], epochs=5)

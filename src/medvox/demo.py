@@ -43,8 +43,8 @@ def demo_config(manifest: Path, out: Path, model: str = "resnet10", epochs: int 
 def run_demo(out: Path, data_dir: Path = Path("demo_data"), epochs: int | None = None,
              model: str = "resnet10") -> dict:
     """Run the demo; returns the cross-validation summary."""
-    from medvox.data.demo import make_demo_data
     from medvox.cv.crossval import cross_validate
+    from medvox.data.demo import make_demo_data
 
     manifest = data_dir / "manifest.csv"
     if not manifest.exists():

@@ -218,8 +218,8 @@ def fused_run(cv_run, tmp_path_factory):
     import shutil
 
     from medvox.config import from_dict
-    from medvox.data import prepare
     from medvox.cv.summary import summarize
+    from medvox.data import prepare
 
     run = tmp_path_factory.mktemp("fused") / "resnet10"
     shutil.copytree(cv_run, run)

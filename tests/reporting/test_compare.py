@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from medvox.reporting.compare import write_comparison
 from medvox.metrics.stats import delong_test
+from medvox.reporting.compare import write_comparison
 from tests.conftest_runs import assert_self_contained, image_sources, write_synthetic_run
 
 
