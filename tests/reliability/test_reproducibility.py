@@ -74,9 +74,14 @@ def test_run_folder_records_versions_hardware_config_splits_and_data(determinist
         commit = info["git_commit"].removesuffix("-dirty")
         assert re.fullmatch(r"[0-9a-f]{40}", commit)
         assert _git("merge-base", "--is-ancestor", commit, "HEAD").returncode == 0
+    from medvox import machine
+
     assert info["hardware"] == {"platform": platform.platform(), "cpu": info["hardware"]["cpu"],
                                 "cpu_count": os.cpu_count(), "torch_threads": 1, "gpus": [],
-                                "cuda": torch.version.cuda}
+                                "cuda": torch.version.cuda, "cpus_available": machine.available_cpus(),
+                                "cpu_capability": machine.cpu_capability(),
+                                "cpu_bf16_native": machine.cpu_bf16_native(),
+                                "cpu_bf16_basis": machine.cpu_bf16_basis()}
     assert info["hardware"]["cpu"]
     assert info["command"][0].endswith(os.path.join("medvox", "cli.py")) and info["command"][1:] == argv
     started = dt.datetime.fromisoformat(info["started"])

@@ -89,9 +89,10 @@ def check_same_settings(run_dir: Path, cfg: ExperimentConfig) -> None:
         f"with the settings in {run_dir / CONFIG}")
 
 
-def check_same_plan(run_dir: Path, plan: dict) -> None:
+def check_same_plan(run_dir: Path, plan: dict, recorded: dict | None = None) -> None:
     """Refuse a fold folder whose inputs were preprocessed with another plan than ``plan`` (other data, or a
-    medvox that plans differently): its results would be reported as this data's.
+    medvox that plans differently): its results would be reported as this data's. ``recorded``: the plan to
+    compare with (a resumed checkpoint's); default the folder's ``plan.json``.
 
     Raises:
         TrainingError: naming the plan keys that differ.
@@ -99,7 +100,7 @@ def check_same_plan(run_dir: Path, plan: dict) -> None:
     from medvox.errors import TrainingError
     from medvox.run import PLAN, read_json
 
-    old = read_json(run_dir / PLAN)
+    old = read_json(run_dir / PLAN) if recorded is None else recorded
     if old is None:
         return
     old, new = (json.loads(json.dumps(p, sort_keys=True, default=str)) for p in (old, plan))
@@ -167,6 +168,8 @@ def _train(cfg: ExperimentConfig) -> dict:
     # rank 0 builds (or finds) the cache first; the others then find it built, on a shared file system
     prepared = rank_zero_first(fabric, lambda: prepare(cfg.data, progress=fabric.is_global_zero))
     on_rank_zero(fabric, lambda: check_same_plan(run_dir, prepared.plan))
+    if state is not None:  # the checkpoint records the plan its epochs saw
+        on_rank_zero(fabric, lambda: check_same_plan(run_dir, prepared.plan, state.get("plan") or prepared.plan))
     if done is not None:
         log.info("%s is already finished (%s) with these settings: reused", run_dir, done["status"])
         return done
