@@ -13,7 +13,8 @@ import importlib
 import pytest
 
 RUNNABLE = (
-    "medvox", "medvox.api", "medvox.config", "medvox.losses", "medvox.recipe",
+    "medvox", "medvox.api", "medvox.config", "medvox.losses", "medvox.recipe", "medvox.engine.budget",
+    "medvox.engine.timing",
     "medvox.metrics.calibration", "medvox.descriptors", "medvox.metrics.classification",
     "medvox.plots", "medvox.metrics.decision", "medvox.metrics.stats",
     "medvox.models", "medvox.models.base", "medvox.models.densenet", "medvox.models.mil",

@@ -70,7 +70,7 @@ def test_cli_auto_recipe_fills_only_what_the_user_left_open(tiny_medmnist, tmp_p
     monkeypatch.chdir(tmp_path)
     (tmp_path / "exp.json").write_text(json.dumps({"loss": {"name": "focal"}}))
     args = build_parser().parse_args(["cv", "--data", str(tiny_medmnist), "--recipe", "auto", "--lr", "5e-4",
-                                      "--config", "exp.json"])
+                                      "--config", "exp.json", "--time-budget", "0"])  # 0: nothing measured
     cfg = config_from_args(args)
     assert cfg.optim.lr == 5e-4 and cfg.loss.name == "focal"  # flag and config file win
     assert cfg.model.name == "resnet18" and cfg.optim.optimizer == "adamw" and cfg.train.batch_size == 16
@@ -218,7 +218,8 @@ def test_cli_caps_the_cpu_input_unless_the_user_or_the_model_decides(medmnist_64
     data = medmnist_subset(medmnist_64, {"train": 40, "val": 10, "test": 10}, tmp_path / "adrenal64_tiny.npz")
 
     def cfg_for(*flags):
-        return config_from_args(build_parser().parse_args(["cv", "--data", str(data), "--recipe", "auto", *flags]))
+        return config_from_args(build_parser().parse_args(["cv", "--data", str(data), "--recipe", "auto",
+                                                           "--time-budget", "0", *flags]))  # 0: nothing measured
 
     cfg = cfg_for()
     assert cfg.data.target_shape == [28, 28, 28] and cfg.data.target_spacing is None
@@ -292,11 +293,12 @@ def test_apply_recipe_from_python_fills_the_same_keys_and_applies_once(tiny_medm
 
     caplog.set_level(logging.INFO, logger="medvox")
     cfg = ExperimentConfig(data=DataConfig(path=str(tiny_medmnist), folds=2), train=TrainConfig(recipe="auto",
-                                                                                              epochs=3))
-    assert changed_keys(cfg) == {"data.path", "data.folds", "train.recipe", "train.epochs"}
+                                                                                              epochs=3,
+                                                                                              time_budget_min=0))
+    assert changed_keys(cfg) == {"data.path", "data.folds", "train.recipe", "train.epochs", "train.time_budget_min"}
     done = apply_recipe(cfg)
     cli = config_from_args(build_parser().parse_args(["train", "--data", str(tiny_medmnist), "--folds", "2",
-                                                      "--recipe", "auto", "--epochs", "3"]))
+                                                      "--recipe", "auto", "--epochs", "3", "--time-budget", "0"]))
     assert done == cli and done.train.recipe_applied and done.train.epochs == 3  # the user's epochs win
     assert (done.model.name, done.optim.optimizer, done.train.final_weights) == ("resnet18", "adamw", "best")
     n_train = 100 // 2  # the pool's 100 cases, 2 folds

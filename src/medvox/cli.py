@@ -40,6 +40,7 @@ _DATA_FLAGS = {
 }
 _TRAIN_FLAGS = {
     "recipe": "train.recipe",
+    "time_budget": "train.time_budget_min",
     "model": "model.name",
     "pretrained_path": "model.pretrained_path",
     "allow_partial": "model.allow_partial",
@@ -117,6 +118,11 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--recipe", choices=config_mod.CHOICES["train.recipe"],
                    help="original (default): the original pipeline's settings (MedicalNet fine-tuning); auto: a "
                         "from-scratch recipe chosen from the dataset's plan (flags and config values still win)")
+    p.add_argument("--time-budget", "--time_budget", dest="time_budget", type=float, metavar="MIN",
+                   help="--recipe auto: minutes for the whole cross-validation on this machine; the recipe measures "
+                        "the model's speed here (seconds) and picks the epochs (and, if need be, a coarser input) "
+                        "to fit, printing the forecast; your --epochs / --target-shape win (default: 120 on a CPU, "
+                        "none on a GPU; 0: none, the recipe's own length whatever the machine)")
     p.add_argument("--model", help="registered model name (default resnet50); see `medvox models`")
     p.add_argument("--pretrained-path", "--pretrained_path", dest="pretrained_path",
                    help="local MedicalNet / Swin UNETR checkpoint (.pth)")

@@ -116,6 +116,9 @@ class TrainConfig:
 
     recipe: str = "original"  # original | auto (see medvox.recipe): auto fills what is not set from the plan
     recipe_applied: bool = False  # set by medvox.recipe.apply_recipe: the settings here already hold the recipe's
+    # --recipe auto: minutes for the whole cross-validation on this machine, measured (medvox.engine.budget);
+    # None: 120 on a CPU, no budget on a GPU; 0: no budget (the recipe's own length, nothing measured)
+    time_budget_min: float | None = None
     fold: int = 0
     epochs: int = 60
     batch_size: int = 6
@@ -240,6 +243,7 @@ _RANGES: dict[str, tuple[float | None, float | None, bool, bool]] = {
     "train.early_stopping": (0, None, False, False),
     "train.devices": (1, None, False, False),
     "train.num_nodes": (1, None, False, False),
+    "train.time_budget_min": (0, None, False, False),
     "train.threads": (1, None, False, False),
 }
 

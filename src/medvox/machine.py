@@ -118,6 +118,19 @@ def available_cpus() -> int:
     return max(1, min(n for n in counts if n is not None))
 
 
+def cpu_name() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), else what ``platform`` knows: ``"AMD EPYC"``."""
+    import platform
+
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 # ---------------------------------------------------------------------------------------------- bf16
 def cpu_capability() -> str:
     """ATen's CPU kernel level on this machine: ``"AVX512"``, ``"AVX2"``, ``"DEFAULT"``, ``"SVE256"``, ..."""

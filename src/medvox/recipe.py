@@ -18,7 +18,10 @@ the cross-validation pool), and leaves every setting the user gave (flag, ``--se
   free device memory (:func:`fit_batch`, :func:`measure_step_memory`), the rest by accumulation;
 * optimizer: AdamW, lr 1e-3, weight decay 0.05 (not on norms and biases), warmup + cosine;
 * length: about 2,600 optimizer steps (20 to 100 epochs, from the training part of a fold), early
-  stopping after 10 epochs without improvement;
+  stopping after 10 epochs without improvement; fewer epochs (not below 10), and if need be a coarser input,
+  when the whole cross-validation would not fit ``train.time_budget_min`` on this machine (default 120 minutes
+  on a CPU, none on a GPU): the model's throughput is measured here, in seconds (:func:`_fit_time_budget`,
+  :mod:`medvox.engine.probe`, :mod:`medvox.engine.budget`), and the forecast is logged;
 * EMA: bias-corrected, time constant a fifth of the optimizer steps that will run (0.998 for 2,600 steps;
   :func:`ema_decay_for_steps`): counted with the user's epochs, batch, accumulation and processes where
   given, so ``--epochs 12`` gets the decay of its own, shorter run;
@@ -120,11 +123,9 @@ def optimizer_steps(n_train: int, batch: int, accum: int, epochs: int, processes
         >>> optimizer_steps(1028, 16, 1, 40), optimizer_steps(1028, 8, 2, 40), optimizer_steps(10, 16, 1, 3)
         (2560, 2560, 3)
     """
-    processes = max(1, processes)
-    shard = math.ceil(n_train / processes)
-    full = shard // batch
-    batches = full if (n_train // processes > batch and full > 0) else math.ceil(shard / batch)
-    return max(1, epochs * math.ceil(max(1, batches) / accum))
+    from medvox.engine.budget import train_batches
+
+    return max(1, epochs * math.ceil(train_batches(n_train, batch, processes) / accum))
 
 
 def fit_batch(per_sample_bytes: float, fixed_bytes: float, free_bytes: float, effective: int = EFFECTIVE_BATCH,
@@ -225,7 +226,8 @@ def gpu_batch(plan: dict[str, Any], model_name: str, model_kwargs: dict | None =
 
 def auto_recipe(plan: dict[str, Any], folds: int, pretrained: bool, gpu_model: str | None = None,
                 gpu_model_kwargs: dict | None = None, cpu_input_voxels: int | None = None,
-                given: dict[str, Any] | None = None, processes: int = 1) -> tuple[dict[str, Any], list[str]]:
+                given: dict[str, Any] | None = None, processes: int = 1, max_epochs: int | None = None,
+                input_reason: str = "CPU") -> tuple[dict[str, Any], list[str]]:
     """Dotted config overrides for a plan, and one line of reasoning per choice.
 
     Args:
@@ -242,6 +244,10 @@ def auto_recipe(plan: dict[str, Any], folds: int, pretrained: bool, gpu_model: s
             recipe's (the caller drops the recipe's values of every key the user set), so the EMA decay is
             computed from the optimizer steps they make.
         processes: DDP processes (each reads a shard of the training cases).
+        max_epochs: the time budget's number of epochs, when fewer than the recipe's own
+            (:func:`medvox.engine.budget.choose_schedule`); the EMA decay follows it.
+        input_reason: why the input is capped at ``cpu_input_voxels`` ("CPU", or "time budget" when the budget
+            chose a coarser input), for the reason's line.
 
     Example:
         >>> plan = {"target_shape": [28, 28, 28], "in_channels": 1, "n_cases": 1286, "imbalance_ratio": 3.5}
@@ -268,7 +274,8 @@ def auto_recipe(plan: dict[str, Any], folds: int, pretrained: bool, gpu_model: s
         batch, accum, batch_why = fitted
     n_train = max(1, int(plan["n_cases"]) * max(folds - 1, 1) // max(folds, 1))
     steps_per_epoch = max(1, math.ceil(n_train / (batch * accum)))
-    epochs = int(min(100, max(20, round(TARGET_STEPS / steps_per_epoch))))
+    own_epochs = int(min(100, max(20, round(TARGET_STEPS / steps_per_epoch))))
+    epochs = min(own_epochs, max_epochs) if max_epochs else own_epochs
     # the EMA's time constant follows the steps that will run: the user's epochs / batch / accumulation win
     mine = {"train.epochs": epochs, "train.batch_size": batch, "train.grad_accum": accum}
     users = {k: v for k, v in (given or {}).items() if k in mine and v is not None}
@@ -288,13 +295,15 @@ def auto_recipe(plan: dict[str, Any], folds: int, pretrained: bool, gpu_model: s
     if shape != native:
         values["data.target_shape"] = shape
     why = [
-        *([f"CPU: the CNN's input is the whole {'x'.join(map(str, native))} volume resized to "
+        *([f"{input_reason}: the CNN's input is the whole {'x'.join(map(str, native))} volume resized to "
            f"{'x'.join(map(str, shape))} (at most {round(cpu_input_voxels ** (1 / 3))}^3 voxels; each doubling of "
            f"the side costs ~8x the time); medvox cv's descriptors keep the native grid; --target-shape or --gpu keep "
            f"the plan's input"] if shape != native else []),
         batch_why,
-        f"{n_train} training cases per fold -> {steps_per_epoch} optimizer steps per epoch -> {epochs} epochs "
-        f"(~{TARGET_STEPS} steps), early stopping after 10 epochs",
+        f"{n_train} training cases per fold -> {steps_per_epoch} optimizer steps per epoch -> "
+        + (f"{epochs} epochs (~{TARGET_STEPS} steps)" if epochs == own_epochs else
+           f"{epochs} epochs to fit the time budget (the recipe's own: {own_epochs}, ~{TARGET_STEPS} steps)")
+        + ", early stopping after 10 epochs",
         f"EMA decay {ema}: time constant a fifth of the {total_steps} optimizer steps that run "
         f"({run['train.epochs']} epochs x {total_steps // run['train.epochs']})"
         + (f" with your {', '.join(f'{k} {v}' for k, v in sorted(users.items()))}" if users else ""),
@@ -371,12 +380,170 @@ def apply_recipe(cfg, given: set[str] | None = None):
         processes = max(1, torch.cuda.device_count())
     processes *= tc.num_nodes  # every node runs that many: the global batch, and so the steps, scale with both
     values = {"train.epochs": tc.epochs, "train.batch_size": tc.batch_size, "train.grad_accum": tc.grad_accum}
-    chosen, why = auto_recipe(plan, cfg.data.folds, pretrained=bool(cfg.model.pretrained_path), gpu_model=gpu_model,
-                              gpu_model_kwargs=cfg.model.kwargs if "model.kwargs" in given else None,
-                              cpu_input_voxels=CPU_INPUT_VOXELS if cap_input else None,
-                              given={k: v for k, v in values.items() if k in given}, processes=processes)
+
+    def recipe(voxels: int | None = CPU_INPUT_VOXELS if cap_input else None, max_epochs: int | None = None,
+               reason: str = "CPU"):
+        return auto_recipe(plan, cfg.data.folds, pretrained=bool(cfg.model.pretrained_path), gpu_model=gpu_model,
+                           gpu_model_kwargs=cfg.model.kwargs if "model.kwargs" in given else None,
+                           cpu_input_voxels=voxels, given={k: v for k, v in values.items() if k in given},
+                           processes=processes, max_epochs=max_epochs, input_reason=reason)
+
+    chosen, why = recipe()
+    chosen, why, forecast_lines, forecast = _fit_time_budget(cfg, given, plan, chosen, why, recipe, processes)
     log.info("--recipe auto: %s", "; ".join(why))
+    for level, line in forecast_lines:
+        log.log(level, "--recipe auto: %s", line)
     kept = sorted(set(chosen) & given)
     if kept:
         log.info("--recipe auto: your settings win for %s", ", ".join(kept))
-    return apply_overrides(cfg, {**{k: v for k, v in chosen.items() if k not in given}, "train.recipe_applied": True})
+    out = apply_overrides(cfg, {**{k: v for k, v in chosen.items() if k not in given}, "train.recipe_applied": True})
+    if forecast is not None:
+        from medvox.engine.timing import remember
+
+        remember(out, forecast)
+    return out
+
+
+def _shape_text(shape: list[int]) -> str:
+    """``28^3`` for a cube, ``40x40x16`` otherwise."""
+    return f"{shape[0]}^3" if len(set(shape)) == 1 and len(shape) == 3 else "x".join(map(str, shape))
+
+
+def _n_test(cfg) -> int:
+    """The held-out test cases of the data (scored by every fold's model in medvox cv's test ensemble)."""
+    from medvox.data import load_source
+
+    try:
+        return sum(1 for c in load_source(cfg.data).cases if c.subset == "test")
+    except Exception:  # noqa: BLE001 - the plan has read this source already; a count is not worth failing on
+        return 0
+
+
+def _fit_time_budget(cfg, given: set[str], plan: dict[str, Any], chosen: dict[str, Any], why: list[str], recipe,
+                     processes: int):
+    """The recipe fitted to ``train.time_budget_min`` on this machine: ``(values, reasons, forecast lines,
+    forecast)``.
+
+    Measures the throughput of the model, input, micro-batch, precision and threads that will run
+    (:func:`medvox.engine.probe.measure_throughput`, kept per machine by
+    :func:`~medvox.engine.probe.cached_throughput`) and picks the most epochs, up to the recipe's own, with which
+    the whole cross-validation fits the budget; when even :data:`~medvox.engine.budget.MIN_EPOCHS` do not fit and
+    the input is the recipe's to choose, the first coarser input of :data:`~medvox.engine.budget.INPUT_SIDES`
+    where they do (:func:`~medvox.engine.budget.choose_schedule`). The user's epochs and input win: then the
+    forecast is only given. Mixed precision that measures slower than fp32 on a CPU (``--amp`` where bf16 is
+    native but slow for this model) is replaced by fp32. No budget (a GPU without ``--time-budget``): no
+    measurement, the recipe as it is.
+    """
+    import torch
+
+    from medvox.config import apply_overrides, to_dict
+    from medvox.data.cache import cache_root
+    from medvox.engine import budget
+    from medvox.engine.probe import cached_throughput, measure_throughput
+    from medvox.engine.setup import choose_precision, compute_threads
+    from medvox.machine import cpu_bf16_native, cpu_capability, cpu_name
+
+    tc = cfg.train
+    on_gpu = (tc.gpu or tc.multi_gpu) and torch.cuda.is_available()
+    minutes = tc.time_budget_min if tc.time_budget_min is not None else (None if on_gpu else
+                                                                         budget.DEFAULT_CPU_BUDGET_MIN)
+    if not minutes:  # 0: no budget, the recipe's own length on every machine
+        return chosen, why, [], None
+    accelerator = "cuda" if on_gpu else "cpu"
+    native = [int(v) for v in plan["target_shape"]]
+    runs = {0: apply_overrides(cfg, {k: v for k, v in chosen.items() if k not in given})}
+    first = [int(v) for v in (runs[0].data.target_shape or native)]
+    candidates, sides = [first], [None]
+    input_free = not {"data.target_shape", "data.target_spacing"} & given and runs[0].model.name not in FIXED_INPUT_MODELS
+    if input_free and chosen:
+        for side in budget.INPUT_SIDES:
+            shape = capped_shape(native, side ** 3)
+            if shape is not None and math.prod(shape) < math.prod(candidates[-1]):
+                candidates.append(shape)
+                sides.append(side)
+
+    def run_cfg(i: int):
+        if i not in runs:
+            values = recipe(voxels=sides[i] ** 3, reason="time budget")[0]
+            runs[i] = apply_overrides(cfg, {k: v for k, v in values.items() if k not in given})
+        return runs[i]
+
+    per_node = max(1, processes // max(1, tc.num_nodes))
+    share = compute_threads(None, per_node)
+    threads = min(tc.threads, share) if tc.threads else share
+    n_cases, folds = int(plan["n_cases"]), cfg.data.folds
+    n_train = max(1, n_cases * max(folds - 1, 1) // max(folds, 1))
+    n_test = _n_test(cfg)
+    precision_now = {"value": choose_precision(runs[0].train, accelerator).precision}
+    cached: dict[tuple[int, str], bool] = {}  # (candidate, precision) -> the measurement came from the cache
+
+    def settings(i: int, precision: str) -> dict[str, Any]:
+        rc = run_cfg(i)
+        return {"model_name": rc.model.name, "model_kwargs": dict(rc.model.kwargs), "shape": list(candidates[i]),
+                "channels": int(plan.get("in_channels", 1)), "num_classes": max(2, len(plan.get("classes", [])) or 2),
+                "batch": int(rc.train.batch_size), "precision": precision, "threads": int(threads),
+                "accelerator": accelerator, "augment": to_dict(rc.augment), "ema": rc.train.ema_decay > 0,
+                "plots": rc.train.plots != "final", "channels_last": bool(rc.train.channels_last and on_gpu)}
+
+    def measure_with(i: int, precision: str):
+        from medvox.config import AugmentConfig
+
+        s = settings(i, precision)
+        tp, hit = cached_throughput(cache_root(cfg.data), s, lambda: measure_throughput(
+            **{**s, "augment": AugmentConfig(**s["augment"])}, workdir=tc.output))
+        cached[(i, precision)] = hit
+        return tp
+
+    lines: list[tuple[int, str]] = []
+    extra: dict[str, Any] = {}
+
+    def measure(i: int):
+        tp = measure_with(i, precision_now["value"])
+        if (i == 0 and accelerator == "cpu" and precision_now["value"] == "bf16-mixed"
+                and "train.precision" not in given):
+            fp32 = measure_with(0, "32-true")  # --amp on a CPU: never a precision slower than fp32
+            if fp32.train > tp.train:
+                precision_now["value"], extra["train.precision"] = "32-true", "fp32"
+                lines.append((logging.INFO, f"precision: fp32, measured faster than bf16 for this model on this CPU "
+                                            f"({fp32.train:.1f} vs {tp.train:.1f} samples/s)"))
+                tp = fp32
+        return tp
+
+    def workload(i: int):
+        rc = run_cfg(i)
+        return budget.Workload(folds=folds, n_train=n_train, n_val=n_cases - n_train, n_test=n_test,
+                               batch=int(rc.train.batch_size), processes=processes, ema=rc.train.ema_decay > 0)
+
+    user_epochs = cfg.train.epochs if ("train.epochs" in given or "train.epochs" not in chosen) else None
+    most = int(chosen.get("train.epochs", cfg.train.epochs))
+    plan_s = budget.choose_schedule(minutes * 60, candidates, measure, workload, most=most, user_epochs=user_epochs)
+    tp, fc = plan_s.throughput, plan_s.forecast
+    if plan_s.chosen and (plan_s.index or plan_s.epochs != most):
+        coarser = {"voxels": sides[plan_s.index] ** 3, "reason": "time budget"} if plan_s.index else {}
+        chosen, why = recipe(**coarser, max_epochs=plan_s.epochs)
+    chosen = {**chosen, **extra}
+    precision = {"32-true": "fp32", "bf16-mixed": "bf16", "16-mixed": "fp16"}.get(tp.precision, tp.precision)
+    if accelerator == "cpu":
+        where = (f"this CPU ({cpu_name()}, {cpu_capability()}, bf16 {'native' if cpu_bf16_native() else 'emulated'}; "
+                 f"{threads} thread{'s' if threads != 1 else ''}, {precision}")
+    else:
+        where = f"this GPU ({tp.device}, {precision}"
+    hit = cached.get((plan_s.index, tp.precision), False)
+    measured = f"{tp.train:.1f} samples/s {'measured earlier, kept in the cache' if hit else 'measured'}"
+    headline = (f"{folds} folds ~ {fc.total_s / 60:.0f} min on {where}; {measured}): {plan_s.epochs} epochs at "
+                f"{_shape_text(plan_s.shape)}")
+    budget_text = f"the {minutes:g} min time budget"
+    if user_epochs is not None:
+        whose = "your --epochs" if "train.epochs" in given else "the original fine-tuning settings' epochs"
+        over = "" if plan_s.fits else f", over {budget_text}: give fewer --epochs or a larger --time-budget"
+        lines.append((logging.INFO if plan_s.fits else logging.WARNING,
+                      f"{whose} win over {budget_text}: {headline}{over}"))
+    elif not plan_s.fits:
+        lines.append((logging.WARNING, f"{headline}: over {budget_text} even with the shortest useful schedule "
+                                       f"({plan_s.epochs} epochs) at the fastest input measured; give a larger "
+                                       "--time-budget, fewer --folds, a smaller --model or a GPU"))
+    else:
+        lines.append((logging.INFO, f"{headline} (within {budget_text}; early stopping can end folds sooner)"))
+    why = [*why, f"time budget {minutes:g} min for the whole cv ({folds} folds, {fc.epoch_s:.1f} s per epoch, "
+                 f"test ensemble with TTA): {plan_s.epochs} epochs at {_shape_text(plan_s.shape)}"]
+    return chosen, why, lines, fc

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import time
 from pathlib import Path
 
 from medvox.config import ExperimentConfig
@@ -39,21 +40,27 @@ def cross_validate(cfg: ExperimentConfig, tta: bool = True) -> dict:
 
 def _run_cv(cfg: ExperimentConfig, tta: bool) -> dict:
     from medvox.cv.summary import format_table
-    from medvox.engine import train
+    from medvox.engine import _finished, train  # _finished: the fold train() reuses
     from medvox.engine.distributed import current_ranks, launched_as_rank_zero, on_rank_zero
+    from medvox.engine.timing import cv_position
     from medvox.run import RunLock
 
+    started = time.time()
     run_dir = Path(cfg.train.output) / (cfg.train.run_name or cfg.model.name)
     # With several processes (torchrun, srun, --devices N) every rank trains each fold together; rank 0 alone
     # locks the run folder and writes the summary, and the others wait for it and return the same summary.
     with RunLock(run_dir, "run") if launched_as_rank_zero() else contextlib.nullcontext():
         fold_dirs = []
+        # the folds still to train (finished ones are reused): each fold's ETA line counts those after it
+        to_train = [k for k in range(cfg.data.folds) if not _finished(run_dir / f"fold_{k}")]
         for k in range(cfg.data.folds):
             fold_cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, fold=k, resume=True))
             log.info("=== fold %d/%d (fold_%d) ===", k + 1, cfg.data.folds, k)
-            train(fold_cfg)
+            with cv_position(k + 1, cfg.data.folds, sum(1 for j in to_train if j > k)):
+                train(fold_cfg)
             fold_dirs.append(run_dir / f"fold_{k}")
-        summary = on_rank_zero(current_ranks(), lambda: _summarize(cfg, run_dir, fold_dirs, tta))
+        summary = on_rank_zero(current_ranks(),
+                               lambda: _summarize(cfg, run_dir, fold_dirs, tta, _timing(cfg, started, len(to_train))))
     table = format_table(summary)
     log.info("cross-validation of %s over %d folds:\n%s", cfg.model.name, cfg.data.folds, table)
     log.info("results: %s (%s: cv_summary.json, cv_table.md, oof_predictions.csv%s, fold_0..%d/)", run_dir,
@@ -62,9 +69,25 @@ def _run_cv(cfg: ExperimentConfig, tta: bool) -> dict:
     return summary
 
 
-def _summarize(cfg: ExperimentConfig, run_dir: Path, fold_dirs: list[Path], tta: bool) -> dict:
+def _timing(cfg: ExperimentConfig, started: float, folds_trained: int):
+    """What ``cv_summary.json`` records as ``time``, computed when the summary is written: the recipe's forecast
+    (:mod:`medvox.engine.timing`, when a time budget was fitted) and the minutes the run took from it (from the
+    start of the folds without one)."""
+    from medvox.engine.timing import forecast_for
+
+    forecast = forecast_for(cfg)
+
+    def record() -> dict:
+        since = forecast.made_at if forecast is not None else started
+        return {**(forecast.record() if forecast is not None else {}),
+                "measured_min": round((time.time() - since) / 60, 2), "folds_trained": folds_trained}
+
+    return record
+
+
+def _summarize(cfg: ExperimentConfig, run_dir: Path, fold_dirs: list[Path], tta: bool, timing=None) -> dict:
     """The cross-validation summary of the trained folds, written to the run folder (``cv_summary.json``, the
-    predictions, ``cv_table.md``)."""
+    predictions, ``cv_table.md``); ``timing()`` gives its ``time`` record."""
     from medvox.cv.summary import format_table, summarize
     from medvox.data import prepare
     from medvox.inference.models import inference_device
@@ -78,7 +101,7 @@ def _summarize(cfg: ExperimentConfig, run_dir: Path, fold_dirs: list[Path], tta:
         features_from = feature_data(cfg.data, prepared, cfg.train.feature_grid)
     summary = summarize(run_dir, fold_dirs, prepared, tta=tta, threshold_rule=cfg.train.threshold_rule,
                         feature_fusion=cfg.train.feature_fusion, seed=cfg.train.seed, features_from=features_from,
-                        device=inference_device(cfg.train.gpu or cfg.train.multi_gpu))
+                        device=inference_device(cfg.train.gpu or cfg.train.multi_gpu), timing=timing)
     (run_dir / CV_TABLE).write_text(format_table(summary) + "\n", encoding="utf-8")
     return summary
 

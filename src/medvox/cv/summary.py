@@ -16,6 +16,7 @@ Order of work (each step reads what the one before wrote, through :mod:`medvox.r
 from __future__ import annotations
 
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -140,7 +141,8 @@ def test_ensemble(run_dir: Path, prepared, decision: Decision, tta: bool, fusion
 
 def summarize(run_dir: Path, fold_dirs: list[Path], prepared=None, tta: bool = True,
               threshold_rule: str = "youden", feature_fusion: bool = False, seed: int = 0,
-              progress: bool = True, features_from=None, device: Any = "cpu") -> dict[str, Any]:
+              progress: bool = True, features_from=None, device: Any = "cpu",
+              timing: Callable[[], dict] | None = None) -> dict[str, Any]:
     """Write ``cv_summary.json``, ``oof_predictions.csv`` and (with a test set) ``test_predictions.csv`` of a
     finished cross-validation; returns the summary.
 
@@ -153,6 +155,8 @@ def summarize(run_dir: Path, fold_dirs: list[Path], prepared=None, tta: bool = T
             pooled out-of-fold predictions (:mod:`medvox.descriptors`); ``features_from``: the cases on the
             descriptors' grid (None: ``prepared``).
         device: where the test ensemble runs.
+        timing: called last, just before the file is written: the run's ``time`` record (the recipe's forecast
+            and the minutes the run took, :func:`medvox.cv.crossval.cross_validate`).
     """
     run_dir = Path(run_dir)
     (run_dir / runfiles.CV_SUMMARY).unlink(missing_ok=True)  # being recomputed: never read half-old
@@ -192,6 +196,8 @@ def summarize(run_dir: Path, fold_dirs: list[Path], prepared=None, tta: bool = T
         summary["fusion"] = {k: fusion[k] for k in ("weight", "criterion", "chosen_on", "model", "oof_auc",
                                                     "oof_log_loss", "n_features", "grid")}
     summary["test"] = test_ensemble(run_dir, prepared, decision, tta, fusion, device) if prepared is not None else None
+    if timing is not None:
+        summary["time"] = timing()
     write_json(run_dir / runfiles.CV_SUMMARY, summary)
     return to_jsonable(summary)
 

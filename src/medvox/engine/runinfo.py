@@ -38,16 +38,6 @@ def _git_commit() -> str | None:
     return out.stdout.strip() + ("-dirty" if dirty else "")
 
 
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def content_hash(prepared: Any) -> str:
     """A digest of the data a run trained and was evaluated on: every kept case's id, label, patient
     and held-out flag, and the bytes of its preprocessed array. It changes when an input file's content
@@ -71,7 +61,7 @@ def run_info(data_hash: str | None = None, cache_dataset: str | None = None,
     the precision used and why (``PrecisionChoice.record()``). The hardware part names the CPU's ATen
     capability and whether it runs bf16 natively: what the precision was chosen from.
     """
-    from medvox.machine import available_cpus, cpu_bf16_basis, cpu_bf16_native, cpu_capability
+    from medvox.machine import available_cpus, cpu_bf16_basis, cpu_bf16_native, cpu_capability, cpu_name
 
     gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
     return {
@@ -88,7 +78,7 @@ def run_info(data_hash: str | None = None, cache_dataset: str | None = None,
         "git_commit": _git_commit(),
         "hardware": {
             "platform": platform.platform(),
-            "cpu": _cpu_name(),
+            "cpu": cpu_name(),
             "cpu_count": os.cpu_count(),
             "cpus_available": available_cpus(),  # affinity, SLURM_CPUS_PER_TASK, cgroup quota
             "cpu_capability": cpu_capability(),

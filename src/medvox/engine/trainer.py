@@ -23,7 +23,7 @@ import torch
 from medvox._version import __version__
 from medvox.config import ExperimentConfig, save, to_dict
 from medvox.data.loader import ArrayLoader
-from medvox.engine import artifacts, loop
+from medvox.engine import artifacts, loop, timing
 from medvox.engine.checkpoint import (
     atomic_save,
     atomic_save_safetensors,
@@ -339,6 +339,17 @@ class FoldTrainer:
         if self.cfg.train.plots != "final":  # "final": drawn once in _finish (sweeps where plotting costs more than a GPU epoch)
             self._curves()
         log.info(_summary_line(entry, self.cfg.train.monitor, self.cfg.loss.name))
+        # the ETA from the mean wall time of the epochs since the first this process ran (checkpoints and plots
+        # included); after that first one, the forecast's epoch when there is one, else its training + validation
+        now, forecast = time.perf_counter(), timing.forecast_for(self.cfg)
+        if getattr(self, "_eta_clock", None) is None:
+            self._eta_clock = (now, entry["epoch"])
+        since, first = self._eta_clock
+        epoch_s = ((now - since) / (entry["epoch"] - first) if entry["epoch"] > first else
+                   forecast.epoch_s if forecast is not None else entry["time"]["train_seconds"] + entry["time"]["val_seconds"])
+        position = timing.current_position()
+        if status == "running" and (entry["epoch"] < self.cfg.train.epochs or position is not None):
+            log.info(timing.eta_line(entry["epoch"], self.cfg.train.epochs, epoch_s, forecast, position))
 
     def _curves(self) -> None:
         from medvox import plots
