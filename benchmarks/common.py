@@ -136,9 +136,16 @@ def machine_info() -> dict:
         import torchio
     except ImportError:  # the GPU machines have no TorchIO: its rows are left out there
         torchio = None
+    from medvox.machine import cpu_bf16_basis, cpu_bf16_native, cpu_capability
+
     flags = _cpu_flags()
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    capability, native = cpu_capability(), cpu_bf16_native()
     return {
+        "kind": f"{capability}, bf16 {'native' if native else 'emulated (medvox trains in fp32)'}",
+        "cpu_capability": capability, "bf16_native": native, "bf16_basis": cpu_bf16_basis(),
+        "mkldnn_bf16": bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()),
+        "onednn_max_cpu_isa": os.environ.get("ONEDNN_MAX_CPU_ISA"),
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         "cpu": _cpu_model(), "cores": os.cpu_count(), "memory_gb": _mem_total_gb(),
         "cpu_flags": {f: f in flags for f in ("avx512f", "avx512_bf16", "amx_bf16", "amx_tile")},

@@ -66,12 +66,12 @@ def engine_config(spec: dict):
     """
     from medvox.config import resolve
 
-    bf16 = spec["precision"] == "bf16"
+    amp = spec.get("amp", spec["precision"] == "bf16")
     overrides = {
         "data.path": spec["npz"], "data.cache_dir": spec["cache_dir"], "model.name": spec["model"],
         "data.folds": 2,  # the split is unused (every row trains) but must exist: 2 folds fit tiny subsets
         "optim.lr": spec["lr"], "train.batch_size": spec["batch"], "train.precision": spec["precision"],
-        "train.amp": bf16, "train.compile": bool(spec.get("compile")), "train.output": spec["out_dir"],
+        "train.amp": amp, "train.compile": bool(spec.get("compile")), "train.output": spec["out_dir"],
         "train.run_name": spec["name"], "train.gpu": spec.get("device", "cpu") == "cuda",
         "train.seed": spec.get("seed", 0), "augment.flip_axes": [0, 1, 2], "train.epochs": 100,
     }

@@ -32,15 +32,14 @@ from benchmarks.common import DEFAULT_NPZ, load_average, log, machine_info, subs
 
 HERE = Path(__file__).resolve().parent
 SECTIONS = ("aug", "train", "startup", "memory", "gpu")
-_FULL_CONFIGS = ["peer_a", "peer_b", "peer_b_ncl", "medvox_fp32", "medvox_bf16", "medvox_defaults"]
 MODES: dict[str, dict] = {
     "full": {"aug_n": 48, "aug_size": 96, "aug_rounds": 5, "cold_rounds": 3, "nifti_n": 64, "prep_n": 64,
-             "startup_rounds": 3, "train_n": 64, "train_rounds": 3, "train_configs": _FULL_CONFIGS,
+             "startup_rounds": 3, "train_n": 64, "train_rounds": 3, "train_configs": "full",
              "model": "resnet18", "size": 64, "batch": 4, "mem_model": "resnet50", "mem_size": 128,
              "mem_precisions": ("fp32", "bf16"), "local": False},
     "quick": {"aug_n": 16, "aug_size": 96, "aug_rounds": 2, "cold_rounds": 1, "nifti_n": 0, "prep_n": 64,
               "startup_rounds": 1, "train_n": 16, "train_rounds": 2,
-              "train_configs": ["peer_a", "peer_b", "medvox_fp32", "medvox_bf16"], "model": "resnet18", "size": 64,
+              "train_configs": "quick", "model": "resnet18", "size": 64,
               "batch": 4, "mem_model": "resnet50", "mem_size": 128, "mem_precisions": ("bf16",), "local": False},
     # on a GPU machine (`--device cuda`): ResNet-50-3D at 128^3, batch 6, the issue's GPU targets; the peers'
     # DataLoaders get 8 workers (such a machine has 16 cores), the CPU-only sections are left out
@@ -49,7 +48,7 @@ MODES: dict[str, dict] = {
             "size": 128, "batch": 6, "local": False, "sections": ["aug", "train", "gpu"]},
     # tests/benchmarks: tiny sizes, in-process where possible
     "smoke": {"aug_n": 4, "aug_size": 24, "aug_rounds": 1, "cold_rounds": 1, "nifti_n": 0, "prep_n": 8,
-              "startup_rounds": 1, "train_n": 8, "train_rounds": 1, "train_configs": ["peer_a", "medvox_fp32"],
+              "startup_rounds": 1, "train_n": 8, "train_rounds": 1, "train_configs": ["peer_a", "medvox_fp32", "medvox_amp"],
               "model": "resnet10", "size": 28, "batch": 4, "mem_model": "resnet10", "mem_size": 64,
               "mem_precisions": ("fp32",), "local": True, "npz": DEFAULT_NPZ.with_name("adrenalmnist3d.npz")},
 }
@@ -78,9 +77,12 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
 
 def _train(args, cfg: dict, tmp: Path) -> dict:
     from benchmarks.gpu import train_step_flops
-    from benchmarks.train_bench import precision_note, ratios, run_training
+    from benchmarks.train_bench import precision_note, ratios, run_training, train_configs
 
-    names = list(cfg["train_configs"]) + (["medvox_compile"] if args.compile else [])
+    names = cfg["train_configs"]
+    if isinstance(names, str):  # "full" / "quick": the precisions this CPU runs natively (train_configs)
+        names = train_configs(names == "full", machine_info()["bf16_native"])
+    names = list(names) + (["medvox_compile"] if args.compile else [])
     npz = subset_npz(args.npz, tmp / f"train_{cfg['train_n']}.npz", cfg["train_n"], size=cfg["size"])
     base = {"npz": str(npz), "n": cfg["train_n"], "batch": cfg["batch"], "workers": cfg.get("workers", 2),
             "model": cfg["model"],

@@ -18,24 +18,41 @@ from pathlib import Path
 from benchmarks.common import TreeMemory, load_average, log, summary
 from benchmarks.remote import Local, Remote
 
-# name -> (label for the report, spec overrides)
+# name -> (label for the report, spec overrides). Each precision is compared with the peers in the same one:
+# fp32 on every CPU, bf16 where the CPU runs it natively (or on a GPU); `medvox_amp` is what `--amp` chooses here.
 CONFIGS: dict[str, tuple[str, dict]] = {
     "peer_a": ("(a) MONAI tutorial: CacheDataset + RandAffined + flips, 2 workers, fp32",
                {"side": "peer", "precision": "fp32", "channels_last": False, "persistent": False}),
-    "peer_b": ("(b) MONAI tuned: (a) + bf16 autocast (with medvox's bf16 Conv3d NaN guard) + channels_last_3d "
+    "peer_b_fp32": ("(b) MONAI tuned, fp32: (a) + channels_last_3d + persistent workers",
+                    {"side": "peer", "precision": "fp32", "channels_last": True, "persistent": True}),
+    "peer_b": ("(b) MONAI tuned, bf16: (a) + bf16 autocast (with medvox's bf16 Conv3d NaN guard) + channels_last_3d "
                "+ persistent workers",
                {"side": "peer", "precision": "bf16", "channels_last": True, "persistent": True}),
-    "peer_b_ncl": ("(b') MONAI tuned without channels_last_3d (faster on this CPU)",
-                   {"side": "peer", "precision": "bf16", "channels_last": False, "persistent": True}),
     "medvox_fp32": ("(c) medvox engine, fp32", {"side": "medvox", "precision": "fp32"}),
-    "medvox_bf16": ("(c) medvox engine, bf16 (--amp)", {"side": "medvox", "precision": "bf16"}),
+    "medvox_bf16": ("(c) medvox engine, bf16 (`--precision bf16`)", {"side": "medvox", "precision": "bf16"}),
+    "medvox_amp": ("(c) medvox engine, `--amp` (the precision medvox chooses on this machine)",
+                   {"side": "medvox", "precision": "auto", "amp": True}),
     "medvox_defaults": ("(c') medvox engine defaults: --amp, LDAM, accum 2, clip 0.5, EMA 0.999",
-                        {"side": "medvox", "precision": "bf16", "engine_defaults": True}),
-    "medvox_compile": ("(c'') medvox engine, bf16 + --compile",
-                       {"side": "medvox", "precision": "bf16", "compile": True}),
+                        {"side": "medvox", "precision": "auto", "amp": True, "engine_defaults": True}),
+    "medvox_compile": ("(c'') medvox engine, --amp + --compile",
+                       {"side": "medvox", "precision": "auto", "amp": True, "compile": True}),
 }
-PEERS = ("peer_a", "peer_b", "peer_b_ncl")
-MEDVOX = ("medvox_fp32", "medvox_bf16", "medvox_defaults", "medvox_compile")
+PEERS = ("peer_a", "peer_b_fp32", "peer_b")
+MEDVOX = ("medvox_fp32", "medvox_bf16", "medvox_amp", "medvox_defaults", "medvox_compile")
+# (ratio key, ours, theirs): like-for-like pairs, each ratio of samples/s (ours / theirs)
+PAIRS = (("fp32_vs_peer_a", "medvox_fp32", "peer_a"), ("fp32_vs_peer_b_fp32", "medvox_fp32", "peer_b_fp32"),
+         ("bf16_vs_peer_a", "medvox_bf16", "peer_a"), ("bf16_vs_peer_b", "medvox_bf16", "peer_b"),
+         ("fp32_vs_amp", "medvox_fp32", "medvox_amp"))
+
+
+def train_configs(full: bool, bf16_native: bool) -> list[str]:
+    """The contenders for this machine: fp32 everywhere; the bf16 ones only where bf16 is native (emulated bf16
+    is ~20x slower than fp32: its epochs would take most of the run and measure nothing a user would choose)."""
+    names = ["peer_a", "peer_b_fp32", "medvox_fp32", "medvox_amp"]
+    if bf16_native:
+        names[2:2] = ["peer_b"]
+        names.insert(names.index("medvox_amp"), "medvox_bf16")
+    return names + (["medvox_defaults"] if full else [])
 
 
 def make_case(spec: dict):
@@ -119,21 +136,21 @@ def best(results: dict, names: tuple[str, ...]) -> str | None:
 
 
 def ratios(results: dict) -> dict:
-    """medvox's fastest like-for-like configuration against each peer: the ratio of the median rates,
-    and (``paired_vs_*``) the median of the per-round ratios, whose two epochs ran minutes apart and so
-    shared most of the machine's load at the time."""
-    ours = best(results, ("medvox_fp32", "medvox_bf16", "medvox_compile"))
-    out = {"medvox": ours}
-    if ours is None:
-        return out
-    rate = results[ours]["samples_per_s"]["median"]
-    for peer in PEERS:
-        if peer in results:
-            out[f"vs_{peer}"] = rate / results[peer]["samples_per_s"]["median"]
-            ours_r, theirs_r = (results[n]["samples_per_s"].get("values", []) for n in (ours, peer))
-            paired = [a / b for a, b in zip(ours_r, theirs_r, strict=False) if b]
-            if paired:
-                out[f"paired_vs_{peer}"] = statistics.median(paired)
+    """medvox against each peer in the same precision (:data:`PAIRS`): the ratio of the median rates, and
+    (``paired_*``) the median of the per-round ratios, whose two epochs ran minutes apart and so shared most of the
+    machine's load at the time. ``fp32_vs_amp`` is fp32's rate over ``--amp``'s, i.e. ``--amp``'s epoch time over
+    fp32's. ``medvox``: the fastest medvox configuration that trains like the peers (not the engine defaults)."""
+    out = {"medvox": best(results, ("medvox_fp32", "medvox_bf16", "medvox_amp", "medvox_compile"))}
+    for key, ours, theirs in PAIRS:
+        if ours not in results or theirs not in results:
+            continue
+        mine, peer = (results[n]["samples_per_s"] for n in (ours, theirs))
+        if not mine.get("median") or not peer.get("median"):
+            continue
+        out[key] = mine["median"] / peer["median"]
+        paired = [x / y for x, y in zip(mine.get("values", []), peer.get("values", []), strict=False) if y]
+        if paired:
+            out[f"paired_{key}"] = statistics.median(paired)
     return out
 
 

@@ -38,7 +38,10 @@ def test_smoke_run_writes_every_table(smoke):
     assert "| pipeline | epoch s | samples/s, median (min-max) | data wait |" in md
     assert "No GPU figures from this machine" in md or results["gpu"]["status"] == "measured"
     assert results["machine"]["cores"] >= 1 and len(results["machine"]["load_average"]) == 3
-    assert {r["key"] for r in results["targets"]} >= {"aug_vs_monai", "train_vs_a", "data_wait"}
+    assert {r["key"] for r in results["targets"]} >= {"aug_vs_monai", "train_fp32_vs_a", "amp_time", "data_wait"}
+    machine = results["machine"]
+    assert machine["cpu_capability"] and machine["bf16_native"] in (True, False)
+    assert f"**CPU kind: {machine['kind']}.**" in md
 
 
 def test_augmentation_ratios_are_the_measured_medians_divided(smoke):
@@ -61,11 +64,19 @@ def test_training_ratios_are_the_measured_medians_divided(smoke):
         rates = [e["samples"] / e["seconds"] for e in c["epochs"]]
         assert c["samples_per_s"]["median"] == pytest.approx(sorted(rates)[len(rates) // 2])
         assert 0 <= c["data_wait_frac"]["median"] < 1
-    expected = configs["medvox_fp32"]["samples_per_s"]["median"] / configs["peer_a"]["samples_per_s"]["median"]
-    assert results["training"]["ratios"]["vs_peer_a"] == pytest.approx(expected)
-    row = next(r for r in results["targets"] if r["key"] == "train_vs_a")
-    assert row["value"] == pytest.approx(expected) and row["met"] == (expected >= 2.0)
-    assert f"{expected:.2f}x peer_a" in md and f"| {expected:.3f}x |" in md
+    rate = {n: c["samples_per_s"]["median"] for n, c in configs.items()}
+    expected = rate["medvox_fp32"] / rate["peer_a"]
+    assert results["training"]["ratios"]["fp32_vs_peer_a"] == pytest.approx(expected)
+    row = next(r for r in results["targets"] if r["key"] == "train_fp32_vs_a")
+    assert row["value"] == pytest.approx(expected) and row["met"] == (expected >= 1.3)
+    assert f"{expected:.2f}x fp32_vs_peer_a" in md and f"| {expected:.3f}x |" in md
+    amp = next(r for r in results["targets"] if r["key"] == "amp_time")
+    assert amp["value"] == pytest.approx(rate["medvox_fp32"] / rate["medvox_amp"])
+    assert amp["met"] == (amp["value"] <= 1.1)
+    # --amp resolves to bf16 only where it is native here, and the report says what it chose
+    chosen = configs["medvox_amp"]["setup"]["precision"]
+    assert chosen == ("bf16-mixed" if results["machine"]["bf16_native"] else "32-true")
+    assert f"`--amp` chose `{chosen}` here." in md
 
 
 def _config(rate: float) -> dict:
@@ -74,20 +85,29 @@ def _config(rate: float) -> dict:
 
 
 def test_ratios_pick_medvox_fastest_and_report_renders_them():
-    configs = {"peer_a": _config(2.0), "peer_b": _config(4.0), "medvox_fp32": _config(4.4), "medvox_bf16": _config(5.0)}
+    configs = {"peer_a": _config(2.0), "peer_b": _config(4.0), "medvox_fp32": _config(4.4), "medvox_bf16": _config(5.0),
+               "medvox_amp": _config(5.0)}
     r = ratios(configs)
     assert r["medvox"] == "medvox_bf16"
-    assert r["vs_peer_a"] == pytest.approx(2.5) and r["vs_peer_b"] == pytest.approx(1.25)
+    assert r["bf16_vs_peer_a"] == pytest.approx(2.5) and r["bf16_vs_peer_b"] == pytest.approx(1.25)
+    assert r["fp32_vs_peer_a"] == pytest.approx(2.2) and r["fp32_vs_amp"] == pytest.approx(0.88)
     results = {"meta": {"command": "x", "date": "d", "mode": "smoke", "duration_s": 60, "load_end": [1, 1, 1]},
                "machine": {"cpu": "cpu", "cores": 2, "memory_gb": 1, "cpu_flags": {}, "gpu": None, "python": "3",
                            "torch": "t", "torch_threads": 2, "monai": "m", "torchio": "i", "lightning": "l",
-                           "load_average": [1, 1, 1]},
+                           "load_average": [1, 1, 1], "bf16_native": True},
                "training": {"ratios": r}}
     rows = {row["key"]: row for row in target_rows(results)}
-    assert rows["train_vs_a"]["met"] is True and rows["train_vs_b"]["met"] is True
+    assert rows["train_bf16_vs_a"]["met"] is True and rows["train_bf16_vs_b"]["met"] is True
+    assert rows["train_fp32_vs_a"]["met"] is True and rows["amp_time"]["met"] is True
     assert rows["aug_vs_monai"]["met"] is None  # the section did not run: no verdict
     md = render(results)
-    assert "| Training: medvox / (a) MONAI tutorial pipeline (samples/s) | 2.500x | >= 2 | yes |" in md
+    assert ("| Training, bf16: medvox / (a) MONAI tutorial pipeline (fp32, as written) (samples/s) | 2.500x | >= 2 "
+            "| yes |") in md
+    # where bf16 is emulated the bf16 targets have no verdict, whatever was measured
+    results["machine"]["bf16_native"] = False
+    rows = {row["key"]: row for row in target_rows(results)}
+    assert rows["train_bf16_vs_a"]["met"] is None and "not on this machine" in rows["train_bf16_vs_a"]["target"]
+    assert rows["train_fp32_vs_a"]["met"] is True
 
 
 def test_memory_extrapolates_linearly_in_the_batch():
