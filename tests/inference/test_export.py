@@ -53,7 +53,7 @@ def test_exported_files_match_pytorch(tmp_path, name, kwargs):
     assert doc["input_shape"] == ["batch", 1, 16, 16, 16] and doc["classes"] == ["0", "1"]
     assert doc["temperatures"] == [1.7] and doc["preprocessing"] == tiny_plan()
     assert doc["files"] == {"safetensors": "model.safetensors", "torchscript": "model.torchscript.pt",
-                            "onnx": "model.onnx"}
+                            "onnx": "model.onnx", "standalone": "predict.py", "bundle": "bundle"}
 
 
 def test_safetensors_weights_rebuild_the_model(tmp_path):
