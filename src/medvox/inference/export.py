@@ -49,7 +49,7 @@ import torch
 from torch import nn
 
 from medvox.data.preprocess import read_case
-from medvox.errors import CheckpointError, MedvoxError, UsageError
+from medvox.errors import CheckpointError, MedvoxError
 from medvox.inference.predictor import Predictor
 from medvox.metrics.decision import Decision
 from medvox.models import uses_cosine_head
@@ -117,7 +117,7 @@ def export_model(checkpoint_or_run: Path, out_dir: Path, formats: tuple[str, ...
 
     Raises:
         ValueError: an unknown format.
-        UsageError: ``"onnx"`` without the ``export`` extra (onnx) installed, or an ``out_dir`` that is a file or
+        MedvoxError: ``"onnx"`` without the ``export`` extra (onnx) installed, or an ``out_dir`` that is a file or
             a folder holding something other than an export (before anything is read or written).
         RunError: the run is not a finished run / fold, or a fold's final checkpoint is missing (unless
             ``allow_missing``).
@@ -127,7 +127,7 @@ def export_model(checkpoint_or_run: Path, out_dir: Path, formats: tuple[str, ...
     if unknown:
         raise ValueError(f"unknown export format(s) {unknown}; choose from {list(FORMATS)}")
     if "onnx" in formats and importlib.util.find_spec("onnx") is None:
-        raise UsageError('ONNX export needs the onnx package: pip install "medvox[export]" (or export TorchScript '
+        raise MedvoxError('ONNX export needs the onnx package: pip install "medvox[export]" (or export TorchScript '
                          "alone with --format torchscript / formats=(\"torchscript\",))")
     out_dir = Path(out_dir)
     _check_out_dir(out_dir)
@@ -198,9 +198,9 @@ def load_exported(out_dir: Path) -> ProbabilityModel:
 def _check_out_dir(out_dir: Path) -> None:
     """Refuse, before any work, an ``out_dir`` whose contents an export would destroy."""
     if out_dir.exists() and not out_dir.is_dir():
-        raise UsageError(f"{out_dir} is a file: give a folder for the export (--out DIR)")
+        raise MedvoxError(f"{out_dir} is a file: give a folder for the export (--out DIR)")
     if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / EXPORT_JSON).is_file():
-        raise UsageError(f"{out_dir} holds files that are not a medvox export (no {EXPORT_JSON}): give a new or empty "
+        raise MedvoxError(f"{out_dir} holds files that are not a medvox export (no {EXPORT_JSON}): give a new or empty "
                          "folder (an earlier export there is replaced)")
 
 
