@@ -61,6 +61,40 @@ def test_history_plots(tmp_path, gaps):
     _check_png(plots.plot_loss_curve([], tmp_path / "empty.png"), min_side=100)
 
 
+def _axes_as_drawn(fig) -> list[dict]:
+    """Each axis's title, labels, limits, ticks and legend as the saved PNG shows them."""
+    fig.canvas.draw()
+    return [{"title": ax.get_title(), "xlabel": ax.get_xlabel(), "ylabel": ax.get_ylabel(), "xlim": ax.get_xlim(),
+             "xticks": list(ax.get_xticks()),
+             "legend": [t.get_text() for t in ax.get_legend().get_texts()] if ax.get_legend() else None}
+            for ax in fig.axes]
+
+
+@pytest.mark.parametrize("epochs", [1, 2, 45])
+def test_learning_curves_have_integer_epochs_and_each_loss_labelled(tmp_path, monkeypatch, epochs):
+    figures = []
+    original = plots._save
+
+    def _save(fig, path):
+        figures.append(_axes_as_drawn(fig))
+        return original(fig, path)
+
+    monkeypatch.setattr(plots, "_save", _save)
+    plots.plot_learning_curves(_history(n=epochs), tmp_path / "curves.png", train_loss="LDAM")
+    epoch_axes = [ax for ax in figures[0] if ax["xlabel"] == "epoch"]
+    assert len(epoch_axes) == 6  # loss, accuracy, AUC, F1, balanced accuracy, LR
+    for ax in epoch_axes:
+        lo, hi = sorted(ax["xlim"])
+        shown = [t for t in ax["xticks"] if lo - 1e-9 <= t <= hi + 1e-9]
+        assert shown and all(float(t).is_integer() for t in shown), (ax["title"], shown)
+        assert shown == [1] if epochs == 1 else max(shown) <= epochs + 5
+    (loss,) = [ax for ax in epoch_axes if ax["title"] == "Loss"]
+    assert loss["ylabel"] == "train loss (LDAM)" and [ax["ylabel"] for ax in figures[0]].count("val loss (CE)") == 1
+    assert loss["legend"] == ["train loss (LDAM)", "val loss (CE), raw", "val loss (CE), EMA"]
+    plots.plot_loss_curve(_history(n=epochs, ema=False), tmp_path / "loss.png")
+    assert figures[1][0]["legend"] == ["train loss", "val loss (CE), raw"]
+
+
 def test_confusion_matrix(tmp_path):
     _check_png(plots.plot_confusion_matrix([[5, 1], [2, 7]], ["a", "b"], tmp_path / "cm2.png", "CM"))
     cm = np.diag([10, 8, 0, 4]) + 1  # a class with no predictions right, row sums > 0

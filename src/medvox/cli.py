@@ -296,7 +296,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 def _cmd_report(args: argparse.Namespace) -> int:
     from medvox.reporting.report import write_report
 
-    path = write_report(Path(args.run_dir), Path(args.out) if args.out else None)
+    path = write_report(Path(args.run_dir), Path(args.out) if args.out else None, gallery=args.gallery)
     print(f"report written: {path}")
     return 0
 
@@ -431,6 +431,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="one self-contained HTML report of a cross-validation run")
     p.add_argument("run_dir", help="run folder (results/<model>)")
     p.add_argument("--out", help="HTML file (default RUN_DIR/report.html)")
+    p.add_argument("--no-gallery", dest="gallery", action="store_false",
+                   help="leave out the gallery of the most confident out-of-fold errors and their Grad-CAM maps (it "
+                        "loads the fold models: one forward and backward pass per error shown)")
     p.set_defaults(func=_cmd_report)
 
     p = sub.add_parser("compare", help="compare runs side by side: table, ROC overlay, DeLong test on OOF AUCs")

@@ -43,15 +43,19 @@ _CURVES = (("loss", "Loss"), ("accuracy", "Accuracy"), ("auc", "AUC"), ("f1", "F
            ("balanced_accuracy", "Balanced accuracy"))
 _STYLES = {"train": ("tab:blue", "-"), "val": ("tab:orange", "-"), "val_ema": ("tab:green", "--")}
 _LABELS = {"train": "train", "val": "val (raw)", "val_ema": "val (EMA)"}
+_WEIGHTS = {"val": "raw", "val_ema": "EMA"}
 
 
-def plot_loss_curve(history: Sequence[dict], path: str | Path, title: str = "Loss", train_loss: str = "train") -> Path:
+def plot_loss_curve(history: Sequence[dict], path: str | Path, title: str = "Loss",
+                    train_loss: str | None = None) -> Path:
     """Train and validation loss per epoch (raw and EMA when present).
 
     Args:
         history: per-epoch dicts (see the module docstring).
         path: PNG to write; parent folders are created.
         title: figure title.
+        train_loss: the training loss's name for its label (e.g. ``"LDAM"``; the validation loss is always the
+            cross-entropy).
 
     Returns:
         ``path`` as a ``Path``.
@@ -63,7 +67,7 @@ def plot_loss_curve(history: Sequence[dict], path: str | Path, title: str = "Los
     return _save(fig, path)
 
 
-def plot_learning_curves(history: Sequence[dict], path: str | Path, train_loss: str = "train") -> Path:
+def plot_learning_curves(history: Sequence[dict], path: str | Path, train_loss: str | None = None) -> Path:
     """A 2 x 3 grid: loss, accuracy, AUC, F1, balanced accuracy (train / raw / EMA), and the LR."""
     fig = Figure(figsize=(15, 8.5), layout="constrained")
     axes = fig.subplots(2, 3).ravel()
@@ -73,9 +77,7 @@ def plot_learning_curves(history: Sequence[dict], path: str | Path, train_loss: 
     epochs, lrs = _series(history, None, "lr")
     axes[5].plot(epochs, lrs, color="tab:purple", marker=".")
     axes[5].set(title="Learning rate", xlabel="epoch")
-    from matplotlib.ticker import MaxNLocator
-
-    axes[5].xaxis.set_major_locator(MaxNLocator(integer=True))
+    _epoch_axis(axes[5], epochs)
     if np.isfinite(lrs).any() and np.nanmin(lrs) > 0:
         axes[5].set_yscale("log")
     fig.suptitle("Learning curves")
@@ -182,6 +184,71 @@ def plot_reliability(y_true: Any, probs_before: Any, probs_after: Any | None, pa
     return _save(fig, path)
 
 
+def orthogonal_slices(volume: np.ndarray, centre: Sequence[int], spacing: Sequence[float],
+                      ) -> list[tuple[str, np.ndarray, float, tuple[str, str, str, str]]]:
+    """The axial, coronal and sagittal slices through voxel ``centre`` of a ``(D, H, W)`` RAS array (D
+    inferior->superior, H posterior->anterior, W left->right), to draw with ``origin="lower"``.
+
+    Returns:
+        ``(name, 2D slice, aspect ratio from spacing, (left, right, bottom, top) orientation letters)`` per view.
+    """
+    d, h, w = (int(c) for c in centre)
+    sd, sh, sw = (float(s) for s in spacing)
+    return [(f"axial (slice {d})", volume[d], sh / sw, ("L", "R", "P", "A")),
+            (f"coronal (row {h})", volume[:, h], sd / sw, ("L", "R", "I", "S")),
+            (f"sagittal (column {w})", volume[:, :, w], sd / sh, ("P", "A", "I", "S"))]
+
+
+def intensity_window(volume: np.ndarray) -> tuple[float, float]:
+    """The grey window of a volume: its 0.5th to 99.9th percentile (a small bright lesion keeps its contrast)."""
+    lo, hi = (float(v) for v in np.percentile(volume, [0.5, 99.9]))
+    return lo, hi if hi > lo else lo + 1.0
+
+
+def draw_slice(ax, image: np.ndarray, aspect: float, letters: Sequence[str], window: tuple[float, float],
+               fontsize: int = 9) -> None:
+    """A slice of :func:`orthogonal_slices` in grey, without ticks, its orientation letters at the edges."""
+    ax.imshow(image, cmap="gray", vmin=window[0], vmax=window[1], origin="lower", aspect=aspect)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    left, right, bottom, top = letters
+    for x, y, text, ha, va in ((0.01, 0.5, left, "left", "center"), (0.99, 0.5, right, "right", "center"),
+                               (0.5, 0.01, bottom, "center", "bottom"), (0.5, 0.99, top, "center", "top")):
+        ax.text(x, y, text, transform=ax.transAxes, color="yellow", ha=ha, va=va, fontsize=fontsize)
+
+
+def plot_sample_slices(groups: Sequence[tuple[str, Sequence[tuple[str, np.ndarray]]]], spacing: Sequence[float],
+                       path: str | Path, title: str = "Sample cases") -> Path:
+    """The central axial, coronal and sagittal slices of a few volumes, one row of cases per group (class).
+
+    Args:
+        groups: ``(heading, [(case caption, (D, H, W) RAS volume), ...])`` per row; a group without cases
+            gets its heading and "no case".
+        spacing: ``(sD, sH, sW)`` mm, for the aspect ratios.
+        path: PNG to write.
+        title: figure title.
+    """
+    per_row = max([len(cases) for _, cases in groups] + [1])
+    fig = Figure(figsize=(5.4 * per_row, 2.35 * len(groups) + 0.5), layout="constrained")
+    rows = fig.subfigures(max(len(groups), 1), 1, squeeze=False)[:, 0]
+    for row, (heading, cases) in zip(rows, groups, strict=False):
+        row.suptitle(heading, fontsize=11, fontweight="bold", x=0.01, ha="left")
+        cells = row.subfigures(1, per_row, squeeze=False)[0]
+        for cell, (caption, volume) in zip(cells, cases, strict=False):
+            volume = np.asarray(volume, dtype=np.float32)
+            window = intensity_window(volume)
+            centre = [n // 2 for n in volume.shape]
+            for ax, (name, image, aspect, letters) in zip(cell.subplots(1, 3), orthogonal_slices(volume, centre, spacing),
+                                                          strict=True):
+                draw_slice(ax, image, aspect, letters, window, fontsize=7)
+                ax.set_title(name.split(" ")[0], fontsize=8)
+            cell.suptitle(caption, fontsize=9)
+        if not cases:
+            cells[0].text(0.5, 0.5, "no case", ha="center", va="center", color="grey")
+    fig.suptitle(title)
+    return _save(fig, path)
+
+
 def _save(fig: Figure, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -211,13 +278,12 @@ def _finite(value: Any) -> float:
     return out if math.isfinite(out) else math.nan
 
 
-def _plot_metric(ax, history: Sequence[dict], key: str, sections: Sequence[str], train_loss: str = "train") -> None:
+def _plot_metric(ax, history: Sequence[dict], key: str, sections: Sequence[str],
+                 train_loss: str | None = None) -> None:
     """``key`` per epoch for each section, integer epochs on the x axis. The loss is drawn with the training
-    loss on its own (left) axis, named ``train_loss``, and the validation cross-entropy on a right axis: a
-    margin loss such as LDAM's is not on the cross-entropy's scale."""
-    from matplotlib.ticker import MaxNLocator
-
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    loss on its own (left) axis, labelled ``train loss (<train_loss>)``, and the validation cross-entropy on a
+    right axis, labelled ``val loss (CE)``: a margin loss such as LDAM's is not on the cross-entropy's scale."""
+    _epoch_axis(ax, _series(history, None, "epoch")[0])
     handles = []
     for section in sections:
         epochs, values = _series(history, section, key)
@@ -228,11 +294,11 @@ def _plot_metric(ax, history: Sequence[dict], key: str, sections: Sequence[str],
         if key == "loss" and section != "train":
             if not hasattr(ax, "_medvox_val_axis"):
                 ax._medvox_val_axis = ax.twinx()
-                ax._medvox_val_axis.set_ylabel("validation cross-entropy")
-            target, label = ax._medvox_val_axis, f"{label}, cross-entropy"
+                ax._medvox_val_axis.set_ylabel("val loss (CE)")
+            target, label = ax._medvox_val_axis, f"val loss (CE), {_WEIGHTS[section]}"
         elif key == "loss":
-            ax.set_ylabel(f"{train_loss} loss")
-            label = f"train, {train_loss}"
+            label = "train loss" + (f" ({train_loss})" if train_loss else "")
+            ax.set_ylabel(label)
         color, ls = _STYLES[section]
         handles += target.plot(epochs, values, color=color, ls=ls, marker="." if len(epochs) < 40 else None,
                                label=label)
@@ -241,6 +307,16 @@ def _plot_metric(ax, history: Sequence[dict], key: str, sections: Sequence[str],
     else:
         ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes, color="grey")
     ax.grid(alpha=0.3)
+
+
+def _epoch_axis(ax, epochs: Sequence[int]) -> None:
+    """Whole epochs on the x axis, also for one epoch (a view one epoch wide around it: a narrower one would get
+    fractional ticks)."""
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
+    if len(epochs) and max(epochs) - min(epochs) < 1:
+        ax.set_xlim(min(epochs) - 0.5, max(epochs) + 0.5)
 
 
 def _annotate(ax, data: np.ndarray, fmt: str, fontsize: int) -> None:

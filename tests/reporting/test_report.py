@@ -14,10 +14,11 @@ import matplotlib.image
 import numpy as np
 import pytest
 
+from medvox.metrics.decision import Decision
 from medvox.reporting.htmlpage import fmt
-from medvox.reporting.report import write_report
-from medvox.run import RunError
-from tests.conftest_runs import assert_self_contained, image_sources, write_synthetic_run
+from medvox.reporting.report import GALLERY_SIZE, SAMPLES_PER_CLASS, write_report
+from medvox.run import RunError, read_predictions
+from tests.conftest_runs import assert_self_contained, decode_png, image_sources, write_synthetic_run
 
 CHROMIUM = Path("/usr/bin/chromium")
 
@@ -27,15 +28,47 @@ def copy_run(run: Path, dest: Path) -> Path:
     return Path(shutil.copytree(run, dest, ignore=shutil.ignore_patterns("*.pt", "tensorboard")))
 
 
+@pytest.fixture(scope="module")
+def resnet10_report(cv_runs, tmp_path_factory) -> Path:
+    """The report of the real ResNet-10 run, written once for the tests that read it."""
+    return write_report(cv_runs["resnet10"], tmp_path_factory.mktemp("resnet10_report") / "report.html")
+
+
+def section(page: str, sid: str) -> str:
+    found = re.search(rf'<section id="{sid}">(.*?)</section>', page, re.S)
+    assert found, f"no section {sid}"
+    return found.group(1)
+
+
+def table_rows(markup: str) -> list[list[str]]:
+    """The body rows of the first table in ``markup``, as unescaped cell texts."""
+    body = re.search(r"<tbody>(.*?)</tbody>", markup, re.S).group(1)
+    return [[html.unescape(c) for c in re.findall(r"<td>(.*?)</td>", row, re.S)]
+            for row in re.findall(r"<tr>(.*?)</tr>", body, re.S)]
+
+
+def oof_errors(run: Path) -> tuple[object, list[int], np.ndarray]:
+    """``(OOF predictions, the misclassified rows most confident first, decided class)`` at the run's recorded
+    decision, from the CSV and cv_summary.json alone."""
+    preds = read_predictions(run / "oof_predictions.csv")
+    decision = Decision.from_json(json.loads((run / "cv_summary.json").read_text())["decision"])
+    pred = decision.apply(preds.probs)
+    wrong = [i for i in range(preds.n) if pred[i] != preds.labels[i]]
+    return preds, sorted(wrong, key=lambda i: (-preds.probs[i, pred[i]], i)), pred
+
+
 @pytest.mark.slow
-def test_report_of_a_real_cv_run(cv_runs, tmp_path):
+def test_report_of_a_real_cv_run(cv_runs, resnet10_report):
     run = cv_runs["resnet10"]
-    out = write_report(run, tmp_path / "report.html")
-    page = out.read_text(encoding="utf-8")
+    page = resnet10_report.read_text(encoding="utf-8")
     summary = json.loads((run / "cv_summary.json").read_text())
     assert_self_contained(page)
-    # 2 learning curves + OOF (ROC, PR, confusion) + test (ROC, PR, confusion) + reliability
-    assert len(image_sources(page)) == 9
+    # 2 learning curves + OOF (ROC, PR, confusion) + sample slices + gallery + test (ROC, PR, confusion) + reliability
+    n_gallery = min(GALLERY_SIZE, len(oof_errors(run)[1]))
+    assert n_gallery > 0
+    assert len(image_sources(page)) == 9 + 1 + n_gallery
+    for sid in ("samples", "gallery"):
+        assert f'<a href="#{sid}">' in page
     auc = summary["cv"]["auc"]
     assert f"{fmt(auc['mean'])} ± {fmt(auc['std'])} [{fmt(auc['ci95'][0])}, {fmt(auc['ci95'][1])}]" in page
     assert f"<td>{fmt(summary['oof']['auc'])}</td>" in page
@@ -67,12 +100,65 @@ def test_report_of_a_real_cv_run(cv_runs, tmp_path):
 
 
 @pytest.mark.slow
+def test_gallery_shows_the_most_confident_out_of_fold_errors(cv_runs, resnet10_report):
+    """The gallery lists exactly the run's most confident OOF errors at its recorded decision (computed here
+    from oof_predictions.csv), each with the CSV's probability and the map of the fold model that did not see
+    it (the fold whose validation set holds the case in splits.json)."""
+    run = cv_runs["resnet10"]
+    preds, ranked, pred = oof_errors(run)
+    expected = ranked[:GALLERY_SIZE]
+    gallery = section(resnet10_report.read_text(encoding="utf-8"), "gallery")
+    val_fold = {case: k for k, f in enumerate(json.loads((run / "fold_0" / "splits.json").read_text())["folds"])
+                for case in f["val"]}
+    rows = table_rows(gallery)
+    assert [r[1] for r in rows] == [preds.ids[i] for i in expected]
+    for rank, (row, i) in enumerate(zip(rows, expected, strict=True), 1):
+        true, predicted = preds.classes[preds.labels[i]], preds.classes[pred[i]]
+        assert row == [str(rank), preds.ids[i], str(val_fold[preds.ids[i]]), true, predicted,
+                       fmt(preds.probs[i, pred[i]]), row[6]]
+        assert row[6].startswith("Grad-CAM at layer")
+    captions = [html.unescape(c) for c in re.findall(r"<figcaption>(.*?)</figcaption>", gallery)]
+    assert captions == [f"{rank}. {preds.ids[i]}: true {preds.classes[preds.labels[i]]}, predicted "
+                        f"{preds.classes[pred[i]]}, calibrated p({preds.classes[pred[i]]}) = "
+                        f"{fmt(preds.probs[i, pred[i]])}; map of fold {val_fold[preds.ids[i]]}'s model (the case was "
+                        "in its validation set)" for rank, i in enumerate(expected, 1)]
+    decision = Decision.from_json(json.loads((run / "cv_summary.json").read_text())["decision"])
+    assert html.escape(f"misclassified at the run's decision ({decision.text()}), ranked by the calibrated") in gallery
+    assert f"most confident of the {len(ranked)} pooled out-of-fold cases" in gallery
+    for src in image_sources(gallery):  # the map in colour over a grey image
+        pixels = decode_png(src)[..., :3]
+        assert (np.abs(pixels[..., 0] - pixels[..., 2]) > 0.2).mean() > 0.01
+
+
+@pytest.mark.slow
+def test_sample_slices_show_the_surest_cases_of_every_class(cv_runs, resnet10_report):
+    run = cv_runs["resnet10"]
+    preds, _, pred = oof_errors(run)
+    samples = section(resnet10_report.read_text(encoding="utf-8"), "samples")
+    rows = table_rows(samples)
+    for c, name in enumerate(preds.classes):
+        # correctly decided cases of the class by their probability of it, then the misclassified ones
+        mine = sorted((i for i in range(preds.n) if preds.labels[i] == c),
+                      key=lambda i: (pred[i] != c, -preds.probs[i, c], i))[:SAMPLES_PER_CLASS]
+        assert mine
+        assert [r[:4] for r in rows if r[0] == name] == [
+            [name, preds.ids[i], str(preds.folds[i]), fmt(preds.probs[i, c])] for i in mine]
+    assert {r[0] for r in rows} == set(preds.classes)
+    (src,) = image_sources(samples)
+    assert decode_png(src).shape[0] > 200
+
+
+@pytest.mark.slow
 def test_report_notes_ema_off_and_no_tta(cv_runs):
-    out = write_report(cv_runs["mil"])
+    from medvox.cli import main
+
+    assert main(["report", str(cv_runs["mil"]), "--no-gallery"]) == 0
+    out = cv_runs["mil"] / "report.html"
     page = out.read_text(encoding="utf-8")
-    assert out == cv_runs["mil"] / "report.html"
     assert "raw weights at their best epoch (best.pt), not the EMA" in page and "TTA was off" in page
     assert "ensemble + TTA" not in page  # only the variants that ran are shown
+    assert "gallery of the most confident errors was left out" in section(page, "gallery")
+    assert image_sources(section(page, "gallery")) == [] and len(image_sources(section(page, "samples"))) == 1
 
 
 @pytest.mark.slow
@@ -89,6 +175,8 @@ def test_report_tolerates_missing_pieces(cv_runs, tmp_path):
     assert_self_contained(page)
     for text in ("Only one fold", "No held-out test set", "fold_0: no learning-curve image", "plan.json is missing"):
         assert text in page
+    gallery = section(page, "gallery")  # no checkpoints in the copy: each error listed, its map missing, said why
+    assert image_sources(gallery) == [] and gallery.count("no map (") == len(table_rows(gallery)) > 0
     (run / "cv_summary.json").unlink()  # an interrupted CV: the folds still make a page
     page = write_report(run).read_text(encoding="utf-8")
     assert "cv_summary.json is missing" in page and "<td>fold_0</td>" in page
@@ -180,8 +268,8 @@ def _chromium(*args: str, tmp: Path) -> subprocess.CompletedProcess:
 
 @pytest.mark.slow
 @pytest.mark.skipif(not CHROMIUM.exists(), reason="chromium not installed: apt-get install chromium")
-def test_report_renders_in_headless_chromium(cv_runs, tmp_path):
-    report = write_report(cv_runs["resnet10"], tmp_path / "report.html")
+def test_report_renders_in_headless_chromium(resnet10_report, tmp_path):
+    report = resnet10_report
     page = report.read_text(encoding="utf-8")
     n_images = len(image_sources(page))
 
@@ -207,5 +295,5 @@ def test_report_renders_in_headless_chromium(cv_runs, tmp_path):
     assert found, f"probe did not report: {run.stdout[-500:]} {run.stderr[-1500:]}"
     result = json.loads(html.unescape(found.group(1)))
     assert result["problems"] == []
-    assert result["images"] == n_images == 9 and result["bad"] == 0
+    assert result["images"] == n_images and n_images > 10 and result["bad"] == 0
     assert min(result["widths"]) > 100 and result["height"] > 3000

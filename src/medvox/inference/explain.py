@@ -95,11 +95,9 @@ def _explain_case(predictor: Predictor, case, out_dir: Path, target_class: int |
     array, meta = read_case(case)
     spacing = meta.get("spacing", [1.0, 1.0, 1.0])
     x, features = predictor.preprocess(array, meta)
-    prediction = predictor.predict_preprocessed(x[None], None if features is None else features[None])
-    probs = prediction.probs[0]  # the run's final probabilities, as `medvox predict` gives them
-    predicted = classes.index(prediction.label)
-    target = _class_index(target_class, classes, predicted)
-    explained = _ensemble_map(members, torch.from_numpy(x)[None], target, layer)
+    explained = explain_preprocessed(predictor, x, target_class, layer, features)
+    probs = explained["prediction"].probs[0]  # the run's final probabilities, as `medvox predict` gives them
+    prediction, predicted, target = explained["prediction"], explained["predicted"], explained["target"]
     method = explained["method"]
     original = to_input_grid(explained["map"], array.shape[-3:], spacing, plan)
     name = re.sub(r"[^A-Za-z0-9._-]+", "_", case.id).strip("._") or "case"
@@ -111,7 +109,7 @@ def _explain_case(predictor: Predictor, case, out_dir: Path, target_class: int |
     title = (f"{case.id}: {method}" + (f" for class {classes[target]}" if method == "gradcam" else "") +
              f" (p = {probs[target]:.3f})")
     png = save_overlay(array[0] if array.ndim == 4 else array, original, spacing, title, out_dir / f"{name}_cam.png",
-                       value_range=_attention_range(explained["attention"]))
+                       value_range=explained["value_range"])
     return {"case_id": case.id, "source": case.file, "method": method,
             "target_class": classes[target] if method == "gradcam" else None,
             "predicted": classes[predicted], "decision": prediction.decision.to_json(),
@@ -121,6 +119,35 @@ def _explain_case(predictor: Predictor, case, out_dir: Path, target_class: int |
             "cam_resolution": explained["cam_resolution"],
             "note": explained["note"], "warning": explained["warning"], "members": [str(m.path) for m in members],
             "all_members_present": predictor.complete, "approximation": APPROXIMATION, **extra}
+
+
+def explain_preprocessed(predictor: Predictor, x: np.ndarray, target_class: int | str | None = None,
+                         layer: str | None = None, features: np.ndarray | None = None) -> dict[str, Any]:
+    """The map of one volume already on the predictor's grid (:meth:`Predictor.preprocess`), the code path of
+    :func:`explain` and of the report's gallery.
+
+    Args:
+        predictor: the fold ensemble, or one fold (``Predictor.from_run(run, fold=k)``).
+        x: ``(C, D, H, W)`` float32 on ``predictor.plan``'s grid.
+        target_class: class index or name for Grad-CAM (default: the predicted class, at the predictor's
+            decision).
+        layer: the module Grad-CAM reads (default: :func:`cam_layer`).
+        features: ``x`` on the descriptor model's grid where the run's fusion has its own.
+
+    Returns:
+        ``map`` (``(D, H, W)`` on the preprocessed grid, the members' mean, each scaled to max 1), ``method``
+        (``"gradcam"`` / ``"attention"``), ``attention``, ``value_range`` (the colours' span for an overlay: the
+        attention weights' own, else None), ``cam_layer``, ``cam_resolution``, ``note``, ``warning``,
+        ``prediction`` (the predictor's :class:`~medvox.inference.predictor.Prediction` of the case),
+        ``predicted`` and ``target`` (class indices).
+    """
+    prediction = predictor.predict_preprocessed(x[None], None if features is None else features[None])
+    predicted = predictor.classes.index(prediction.label)
+    target = _class_index(target_class, predictor.classes, predicted)
+    explained = _ensemble_map(predictor.models, torch.from_numpy(np.ascontiguousarray(x, np.float32))[None], target,
+                              layer)
+    return {**explained, "value_range": _attention_range(explained["attention"]), "prediction": prediction,
+            "predicted": predicted, "target": target}
 
 
 def _attention_range(attention: list[float] | None) -> tuple[float, float] | None:
@@ -327,27 +354,21 @@ def save_overlay(image: np.ndarray, cam: np.ndarray, spacing, title: str, path: 
     """
     from matplotlib.figure import Figure
 
-    d, h, w = peak_index(cam)
-    sd, sh, sw = (float(s) for s in spacing)
-    lo, hi = np.percentile(image, [0.5, 99.9])  # a small bright lesion keeps its contrast
+    from medvox.plots import draw_slice, intensity_window, orthogonal_slices
+
+    peak = peak_index(cam)
+    window = intensity_window(image)
     vmin, vmax = value_range if value_range is not None else (0.0, float(cam.max()))
     if vmax - vmin <= 1e-6 * max(vmax, 1e-12):
         title += " [uniform map]"
         vmin = 0.0
-    views = [(f"axial (slice {d})", image[d], cam[d], sh / sw, ("L", "R", "P", "A")),
-             (f"coronal (row {h})", image[:, h], cam[:, h], sd / sw, ("L", "R", "I", "S")),
-             (f"sagittal (column {w})", image[:, :, w], cam[:, :, w], sd / sh, ("P", "A", "I", "S"))]
     fig = Figure(figsize=(13, 4.8), layout="constrained")
-    for ax, (name, img, heat, aspect, (left, right, bottom, top)) in zip(fig.subplots(1, 3), views, strict=True):
-        ax.imshow(img, cmap="gray", vmin=lo, vmax=hi if hi > lo else lo + 1, origin="lower", aspect=aspect)
+    views = zip(orthogonal_slices(image, peak, spacing), orthogonal_slices(cam, peak, spacing), strict=True)
+    for ax, ((name, img, aspect, letters), (_, heat, _, _)) in zip(fig.subplots(1, 3), views, strict=True):
+        draw_slice(ax, img, aspect, letters, window)
         shown = ax.imshow(np.ma.masked_less_equal(heat, vmin + 0.05 * (vmax - vmin)), cmap="jet", alpha=0.4,
                           vmin=vmin, vmax=vmax, origin="lower", aspect=aspect)
         ax.set_title(name, fontsize=10)
-        ax.set_xticks([])
-        ax.set_yticks([])
-        for x, y, text, ha, va in ((0.01, 0.5, left, "left", "center"), (0.99, 0.5, right, "right", "center"),
-                                   (0.5, 0.01, bottom, "center", "bottom"), (0.5, 0.99, top, "center", "top")):
-            ax.text(x, y, text, transform=ax.transAxes, color="yellow", ha=ha, va=va, fontsize=9)
     fig.colorbar(shown, ax=fig.axes, fraction=0.02, pad=0.01)
     fig.suptitle(title, fontsize=11)
     fig.savefig(path, dpi=90, facecolor="white")

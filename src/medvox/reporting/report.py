@@ -6,6 +6,13 @@ curves, ROC / precision-recall curves and confusion matrices of the pooled out-o
 predictions, calibration before/after temperature scaling, and per-fold tables. Every image is an
 embedded ``data:image/png;base64`` URI and the CSS is inline: no network, no external file.
 
+Two sections show cases: a few sample slices per class (the most confidently correct out-of-fold cases) and
+a gallery of the most confident out-of-fold errors, each with the Grad-CAM (or MIL attention) map of the
+fold model that did not see it. Their volumes are read from the run's data source and preprocessed with its
+plan, as the cache was built (:func:`~medvox.data.preprocess.preprocess_case`, the Predictor's preprocessing);
+the gallery's maps come from :func:`~medvox.inference.explain.explain_preprocessed`, one forward and backward
+pass per case for at most ``GALLERY_SIZE`` cases (``gallery=False`` leaves them out).
+
 Curves are drawn from the prediction CSVs (``oof_predictions.csv``, ``test_predictions.csv``), the numbers
 come from ``cv_summary.json`` and the folds' ``metrics.json``; all text is HTML-escaped. A missing piece (no
 test set, EMA off, one fold, a deleted plot) becomes a note in the page, never an error.
@@ -16,6 +23,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import json
 import tempfile
 from pathlib import Path
@@ -36,13 +44,19 @@ _TEST_VARIANTS = (("ensemble", "fold ensemble"), ("ensemble_calibrated", "ensemb
                   ("fused", "+ descriptor model (feature fusion)"))
 
 
-def write_report(run_dir: Path, out: Path | None = None) -> Path:
+GALLERY_SIZE = 6  # errors shown: one fold model's forward and backward pass each
+SAMPLES_PER_CLASS = 3
+
+
+def write_report(run_dir: Path, out: Path | None = None, gallery: bool = True) -> Path:
     """Write the HTML report of a cross-validation run.
 
     Args:
         run_dir: ``<output>/<run>`` with ``cv_summary.json`` and ``fold_<k>/`` folders (a run whose
             summary is missing still gets a page from its folds).
         out: the HTML file (default ``run_dir/report.html``).
+        gallery: draw the Grad-CAM gallery of the most confident out-of-fold errors (loads each fold model
+            an error belongs to; ``medvox report --no-gallery`` is False).
 
     Returns:
         The path of the written page.
@@ -56,12 +70,17 @@ def write_report(run_dir: Path, out: Path | None = None) -> Path:
 
         raise RunError(f"{run.path} is a fold folder; `medvox report` takes the run folder above it ({run.path.parent})")
     out = Path(out) if out is not None else run.path / "report.html"
+    cases = functools.cache(lambda: _source_cases(run))
     with tempfile.TemporaryDirectory(prefix="medvox_report_") as tmp:
         sections = [
             ("summary", "Cross-validation summary", _summary_section(run)),
             ("folds", "Per-fold results", _folds_section(run)),
             ("curves", "Learning curves", _curves_section(run)),
             ("oof", "Pooled out-of-fold predictions", _predictions_section(run, "oof", Path(tmp))),
+            ("samples", "Sample cases", _samples_section(run, cases, Path(tmp))),
+            ("gallery", "Most confident errors", _gallery_section(run, cases, Path(tmp)) if gallery else
+             html.note("The gallery of the most confident errors was left out (gallery=False, `medvox report "
+                       "--no-gallery`).")),
             ("test", "Held-out test set", _test_section(run, Path(tmp))),
             ("calibration", "Calibration", _calibration_section(run, Path(tmp))),
             ("data", "Data and preprocessing", _data_section(run)),
@@ -205,19 +224,166 @@ def _predictions_section(run: Run, which: str, tmp: Path) -> Html:
     return Html(html.grid(figs) + _errors_table(preds, run.classes, which))
 
 
-def _errors_table(preds, classes: list[str], which: str, k: int = 10) -> str:
-    """The most confident wrong predictions (at the file's decision): the cases worth a second look."""
+def _confident_errors(preds) -> tuple[np.ndarray, np.ndarray]:
+    """``(decided class per row, the misclassified rows)`` at the file's decision, most confident first: by the
+    probability the decision applies to of the (wrongly) predicted class, ties in file order."""
     pred = preds.decision.apply(preds.probs)
     wrong = np.flatnonzero(pred != preds.labels)
+    return pred, wrong[np.argsort(-preds.probs[wrong, pred[wrong]], kind="stable")]
+
+
+def _errors_table(preds, classes: list[str], which: str, k: int = 10) -> str:
+    """The most confident wrong predictions (at the file's decision): the cases worth a second look."""
+    pred, wrong = _confident_errors(preds)
     if len(wrong) == 0:
         return html.para("No misclassified case.")
-    order = wrong[np.argsort(-preds.probs[wrong, pred[wrong]])][:k]
+    order = wrong[:k]
     extra = "fold" if which == "oof" else "spread"
     values = preds.extra.get(extra) or [""] * preds.n
     rows = [[preds.ids[i], classes[preds.labels[i]], classes[pred[i]], fmt(preds.probs[i, pred[i]]), values[i]]
             for i in order]
     return html.details(f"{len(order)} most confident errors of {len(wrong)}",
                         html.table(["case", "true", "predicted", "probability", extra], rows))
+
+
+def _source_cases(run: Run) -> tuple[dict[str, Any], str | None]:
+    """The run's cases by id, from the data source its ``config.json`` names (as ``medvox cv`` read it), or
+    ``({}, why not)``."""
+    from medvox.data.sources import load_source
+    from medvox.errors import MedvoxError
+
+    try:
+        caseset = load_source(run.experiment_config().data)
+    except MedvoxError as exc:
+        return {}, str(exc).splitlines()[0]
+    return {c.id: c for c in caseset.cases}, None
+
+
+def _sample_rows(preds) -> list[list[int]]:
+    """Per class, up to ``SAMPLES_PER_CLASS`` of its cases: the correctly decided ones with the highest probability
+    of the class first, then (when too few) its misclassified ones by the same probability; ties in file order."""
+    pred = preds.decision.apply(preds.probs)
+    return [sorted(np.flatnonzero(preds.labels == c).tolist(),
+                   key=lambda i, c=c: (bool(pred[i] != c), -float(preds.probs[i, c]), i))[:SAMPLES_PER_CLASS]
+            for c in range(len(preds.classes))]
+
+
+def _samples_section(run: Run, cases_of, tmp: Path) -> Html:
+    """The central slices of the most confidently correct out-of-fold cases of each class, preprocessed as the
+    model saw them."""
+    from medvox.data.preprocess import preprocess_case
+    from medvox.errors import MedvoxError
+    from medvox.plots import plot_sample_slices
+
+    preds = run.oof()
+    if preds is None:
+        return html.note("oof_predictions.csv is missing: no out-of-fold cases to show")
+    if not run.plan:
+        return html.note("plan.json is missing in the fold folders: the cases cannot be preprocessed as the model "
+                         "saw them")
+    preds = preds.labelled()
+    cases, problem = cases_of()
+    if problem:
+        return html.note(f"The run's data source cannot be read ({problem}): no sample slices")
+    kind, classes, folds = preds.decision.probabilities, preds.classes, preds.extra.get("fold")
+    groups, rows, missing = [], [], []
+    for c, picked in enumerate(_sample_rows(preds)):
+        shown = []
+        for i in picked:
+            case_id, p = preds.ids[i], float(preds.probs[i, c])
+            correct = preds.decision.apply(preds.probs[i:i + 1])[0] == c
+            try:
+                x = preprocess_case(cases[case_id], run.plan)
+            except KeyError:
+                missing.append(f"{case_id} is not in the data source")
+                continue
+            except (MedvoxError, OSError, ValueError) as exc:
+                missing.append(f"{case_id}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}")
+                continue
+            shown.append((f"{case_id}: p({classes[c]}) = {fmt(p)}" + ("" if correct else " (misclassified)"), x[0]))
+            rows.append([classes[c], case_id, folds[i] if folds else "", fmt(p),
+                         "yes" if correct else "no, misclassified"])
+        groups.append((f"class {classes[c]}", shown))
+    if not rows:
+        return html.note("No sample case could be read: " + "; ".join(missing))
+    png = plot_sample_slices(groups, run.plan["target_spacing"], tmp / "samples.png",
+                             title="Sample cases, preprocessed (central slices)")
+    channels = int(run.plan.get("in_channels") or 1)
+    text = (f"Up to {SAMPLES_PER_CLASS} cases per class: the correctly decided out-of-fold cases with the highest "
+            f"{kind} probability of their class (misclassified ones only where a class has too few), each as the "
+            "model saw it (the run's plan: resampled, normalised, cropped / padded), through the centre of the "
+            "volume: axial, coronal, sagittal" + (f"; channel 0 of {channels}" if channels > 1 else "") + ".")
+    body = html.para(text) + html.figure_of(png, f"Sample cases per class, with their out-of-fold {kind} probability "
+                                                 "of the true class")
+    body += html.table(["class", "case", "fold", f"{kind} p(class)", f"correct at {preds.decision.text()}"], rows)
+    return Html(body + (html.notes(missing, warn=True) if missing else ""))
+
+
+def _gallery_section(run: Run, cases_of, tmp: Path) -> Html:
+    """The most confident out-of-fold errors, each with its map from the fold model that did not see it."""
+    from medvox.data.preprocess import read_case
+    from medvox.errors import MedvoxError
+    from medvox.inference.explain import explain_preprocessed, save_overlay
+    from medvox.inference.predictor import Predictor
+
+    preds = run.oof()
+    if preds is None:
+        return html.note("oof_predictions.csv is missing: no out-of-fold errors to show")
+    preds = preds.labelled()
+    decision, kind, classes = preds.decision, preds.decision.probabilities, preds.classes
+    pred, ranked = _confident_errors(preds)
+    if len(ranked) == 0:
+        return html.para(f"No misclassified out-of-fold case at the run's decision ({decision.text()}): no error "
+                         "to show.")
+    if preds.folds is None:
+        return html.note("oof_predictions.csv has no fold column: which fold model did not see a case is unknown, "
+                         "so no out-of-fold map can be drawn")
+    shown = ranked[:GALLERY_SIZE]
+    cases, problem = cases_of()
+    if problem:
+        return html.note(f"The run's data source cannot be read ({problem}): no gallery")
+    predictors: dict[int, Any] = {}
+    figs, rows, remarks = [], [], []
+    for n, i in enumerate(shown):
+        case_id, k, p = preds.ids[i], int(preds.folds[i]), float(preds.probs[i, pred[i]])
+        true, predicted = classes[preds.labels[i]], classes[pred[i]]
+        caption = (f"{n + 1}. {case_id}: true {true}, predicted {predicted}, {kind} p({predicted}) = {fmt(p)}; "
+                   f"map of fold {k}'s model (the case was in its validation set)")
+        if k not in predictors:
+            try:
+                predictors[k] = Predictor.from_run(run.path, fold=k)
+            except MedvoxError as exc:
+                predictors[k] = str(exc).splitlines()[0]
+        predictor = predictors[k]
+        method = ""
+        try:
+            if isinstance(predictor, str):
+                raise LookupError(predictor)
+            if case_id not in cases:
+                raise LookupError(f"{case_id} is not in the run's data source")
+            x, features = predictor.preprocess(*read_case(cases[case_id]))
+            explained = explain_preprocessed(predictor, x, int(pred[i]), features=features)
+        except (LookupError, MedvoxError, OSError, ValueError) as exc:
+            figs.append(html.note(f"{caption}: no map ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})"))
+        else:
+            method = "Grad-CAM" if explained["method"] == "gradcam" else "attention"
+            if explained["method"] == "gradcam":
+                method += f" at {explained['cam_layer']}"
+            remarks += [r for r in (explained["note"], explained["warning"]) if r and r not in remarks]
+            title = f"{case_id}: true {true}, predicted {predicted} ({kind} p({predicted}) = {fmt(p)}), {method}"
+            png = save_overlay(x[0], explained["map"], predictor.plan["target_spacing"], title,
+                               tmp / f"gallery_{n}.png", value_range=explained["value_range"])
+            figs.append(html.figure_of(png, caption))
+        rows.append([n + 1, case_id, k, true, predicted, fmt(p), method or "–"])
+    text = (f"The {len(shown)} most confident of the {len(ranked)} pooled out-of-fold cases misclassified at the "
+            f"run's decision ({decision.text()}), ranked by the {kind} probability of the predicted class (the "
+            "probability the decision applies to, as in oof_predictions.csv). Each map comes from the fold model "
+            "that did not see the case in training (it was in that fold's validation set): Grad-CAM for the "
+            "predicted class (the attention weights for a MIL model), computed on the preprocessed volume and "
+            "shown through its maximum (axial, coronal, sagittal), the map in colour over the image.")
+    body = html.para(text) + html.table(["rank", "case", "fold", "true", "predicted", f"{kind} p(predicted)", "map"],
+                                        rows)
+    return Html(body + html.notes(remarks) + html.grid(figs, wide=True))
 
 
 def _test_section(run: Run, tmp: Path) -> Html:
