@@ -113,6 +113,21 @@ def read_json(path: str | Path) -> dict[str, Any] | None:
 
 
 # -- predictions CSV ---------------------------------------------------------------------------------------------
+# the columns ``medvox predict`` adds to the prediction columns; ``warnings`` holds short codes joined by WARNINGS_SEP
+PREDICT_COLUMNS = ("source", "spread", "status", "error", "warnings")
+WARNINGS_SEP = "; "
+
+
+def join_warnings(warnings: list[str]) -> str:
+    """A ``warnings`` cell: the codes joined by :data:`WARNINGS_SEP` (a code never holds ``;``)."""
+    return WARNINGS_SEP.join(w.replace(";", ",") for w in warnings)
+
+
+def split_warnings(cell: str) -> list[str]:
+    """The codes of a ``warnings`` cell (empty: none)."""
+    return [w.strip() for w in (cell or "").split(";") if w.strip()]
+
+
 @dataclass
 class Predictions:
     """One predictions CSV.
@@ -144,6 +159,11 @@ class Predictions:
     @property
     def predicted(self) -> list[str]:
         return self.decision.labels(self.probs)
+
+    @property
+    def warnings(self) -> list[list[str]] | None:
+        """Each row's warning codes (``medvox predict``'s ``warnings`` column), or None without that column."""
+        return None if "warnings" not in self.extra else [split_warnings(v) for v in self.extra["warnings"]]
 
     @property
     def folds(self) -> np.ndarray | None:
@@ -688,5 +708,31 @@ def require_output_file(path: str | Path, what: str = "--out") -> Path:
     return path
 
 
+def require_output_folder(path: str | Path, what: str = "--out") -> Path:
+    """An output folder checked before any work starts, creating nothing: not an existing file, no file on its
+    way, and writable (a probe file is made and removed in it, or in its nearest existing parent).
+
+    Raises:
+        DataError: naming the path and the fix.
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise DataError(f"{what} {path} is a file, not a folder; give a folder name (e.g. {path.with_suffix('')}_out), "
+                        "or move the file away")
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise DataError(f"{what} {path}: cannot be created, {existing} is a file; give a folder outside it")
+    try:
+        with tempfile.NamedTemporaryFile(prefix=".medvox.", suffix=".probe", dir=existing):
+            pass
+    except OSError as exc:
+        raise DataError(f"{what} {path}: cannot be written ({exc.strerror or exc} in {existing}); give a folder you "
+                        "can write to") from None
+    return path
+
+
 __all__ = ["FORMAT_VERSION", "Fold", "Predictions", "PredictionsWriter", "Run", "RunError", "RunLock", "read_json",
-           "read_predictions", "require_output_file", "write_json", "write_predictions"]
+           "PREDICT_COLUMNS", "join_warnings", "read_predictions", "require_output_file",
+           "require_output_folder", "split_warnings", "write_json", "write_predictions"]

@@ -35,11 +35,12 @@ def write_volume(path: Path, shape=(24, 20, 12), centre=(15, 7, 6), seed: int = 
     return path
 
 
-def make_run(root: Path, folds: int = 2, threshold: float = 0.5, name: str = "mil", **kwargs) -> Path:
+def make_run(root: Path, folds: int = 2, threshold: float = 0.5, name: str = "mil", plan: dict | None = None,
+             **kwargs) -> Path:
     """A finished cv run folder made by hand: each fold's final weights best_ema.pt (with a best.pt beside it),
-    a temperature, and a cv_summary.json with the run's decision."""
+    a temperature, and a cv_summary.json with the run's decision; ``plan`` default :func:`tiny_plan`."""
     kwargs = kwargs or MIL_KWARGS
-    plan = tiny_plan()
+    plan = plan or tiny_plan()
     for k in range(folds):
         fold = root / f"fold_{k}"
         make_checkpoint(fold / "best_ema.pt", name, plan=plan, seed=k, temperature=1.5 + k, **kwargs)

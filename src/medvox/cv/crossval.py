@@ -30,7 +30,9 @@ def cross_validate(cfg: ExperimentConfig, tta: bool = True) -> dict:
     from medvox.engine.setup import one_gpu_warning
     from medvox.logs import library_logging
     from medvox.recipe import apply_recipe
+    from medvox.run import require_output_folder
 
+    require_output_folder(cfg.train.output, "--output")  # before the recipe reads the data or anything is built
     with library_logging():
         cfg = apply_recipe(cfg)
         with one_gpu_warning(cfg.train.gpu or cfg.train.multi_gpu, "--gpu/--multi_gpu",

@@ -14,6 +14,10 @@ foreground samples, class counts and a modality guess. The plan turns it into de
   clip and z-score; uint8-like data (MedMNIST masks) -> "minmax" to [0, 1] with global bounds;
 * storage dtype: float16 for normalised data (values of order 1: the round-trip error is below
   1e-3 relative), float32 for ``normalization="none"`` (raw intensities).
+
+The plan also keeps ``input_range``: the smallest and largest spacing, shape and field of view per axis over
+the pool's cases, and per channel the lowest 0.5th and highest 99.5th intensity percentile of a case and the
+narrowest and widest 0.5-99.5 band. ``predict`` compares every new case with it (:func:`range_warnings`).
 """
 
 from __future__ import annotations
@@ -59,7 +63,82 @@ def make_fingerprint(cases: list[Case], records: list[dict], classes: list[str])
         "orientations": dict(Counter(r["source_orientation"] for r in records)),
         "intensity": intensity,
         "modality": [_guess_modality(stats) for stats in intensity],
+        "input_range": input_range(records),
     }
+
+
+AXIS_NAMES = ("z", "y", "x")  # the array axes D, H, W (RAS: inferior->superior, posterior->anterior, left->right)
+RANGE_FACTOR = 1.5  # spacing, shape, field of view and intensity band width: outside [min / 1.5, max * 1.5]
+RANGE_MARGIN = 0.5  # intensity percentiles: outside [lowest - 0.5 w, highest + 0.5 w], w = the training band
+RANGE_TOLERANCE = (f"spacing, shape, field of view and intensity band width outside [train min / {RANGE_FACTOR:g}, "
+                   f"train max x {RANGE_FACTOR:g}]; the 0.5th / 99.5th intensity percentile beyond the training "
+                   f"cases' lowest / highest by more than {RANGE_MARGIN:g} x the training band")
+
+
+def input_range(records: list[dict]) -> dict[str, Any]:
+    """The range of the cases' inspection records (see the module docstring), JSON-safe.
+
+    Returns:
+        ``{"spacing": {"min": [z, y, x], "max": [...]}, "shape": {...}, "fov_mm": {...}, "intensity": [per channel
+        {"p00_5_min", "p99_5_max", "band_min", "band_max"}]}``.
+    """
+    spacing = np.array([r["spacing"] for r in records], dtype=float)
+    shape = np.array([r["shape"] for r in records], dtype=float)
+    fov = spacing * shape
+
+    def span(a: np.ndarray, digits: int = 6) -> dict[str, list[float]]:
+        return {"min": a.min(axis=0).round(digits).tolist(), "max": a.max(axis=0).round(digits).tolist()}
+
+    intensity = []
+    for ch in range(int(records[0]["channels"])):
+        if any("p00_5" not in r["stats"][ch] for r in records):
+            break  # a record without percentiles: no intensity range
+        lo = np.array([r["stats"][ch]["p00_5"] for r in records], dtype=float)
+        hi = np.array([r["stats"][ch]["p99_5"] for r in records], dtype=float)
+        intensity.append({"p00_5_min": _round(lo.min()), "p99_5_max": _round(hi.max()),
+                          "band_min": _round((hi - lo).min()), "band_max": _round((hi - lo).max())})
+    return {"spacing": span(spacing), "shape": {k: [int(v) for v in vals] for k, vals in span(shape).items()},
+            "fov_mm": span(fov, 3), "intensity": intensity}
+
+
+def range_warnings(record: dict[str, Any], trained: dict[str, Any]) -> list[str]:
+    """Where a case's inspection record lies outside a plan's ``input_range`` (tolerance: :data:`RANGE_TOLERANCE`),
+    one short code per finding, e.g. ``"spacing_z 10 mm > train max 3 mm"``; empty when it lies inside."""
+    out = []
+    spacing = [float(v) for v in record["spacing"]]
+    shape = [int(v) for v in record["shape"]]
+    measures = (("spacing", spacing, " mm"), ("shape", shape, " voxels"),
+                ("fov", [s * n for s, n in zip(spacing, shape, strict=True)], " mm"))
+    for (name, values, unit), key in zip(measures, ("spacing", "shape", "fov_mm"), strict=True):
+        lo, hi = trained[key]["min"], trained[key]["max"]
+        for axis, value, a, b in zip(AXIS_NAMES, values, lo, hi, strict=True):
+            code = _outside(f"{name}_{axis}", value, a, b, unit)
+            if code:
+                out.append(code)
+    ranges = trained.get("intensity") or []
+    for ch, (stats, band) in enumerate(zip(record["stats"], ranges, strict=False)):
+        tag = f"[channel {ch}]" if len(ranges) > 1 else ""
+        margin = RANGE_MARGIN * (band["p99_5_max"] - band["p00_5_min"])
+        if stats["p00_5"] < band["p00_5_min"] - margin:
+            out.append(f"intensity_p0.5{tag} {_num(stats['p00_5'])} < train lowest {_num(band['p00_5_min'])}")
+        if stats["p99_5"] > band["p99_5_max"] + margin:
+            out.append(f"intensity_p99.5{tag} {_num(stats['p99_5'])} > train highest {_num(band['p99_5_max'])}")
+        code = _outside(f"intensity_band{tag}", stats["p99_5"] - stats["p00_5"], band["band_min"], band["band_max"], "")
+        if code:
+            out.append(code)
+    return out
+
+
+def _outside(name: str, value: float, lo: float, hi: float, unit: str) -> str | None:
+    if value > hi * RANGE_FACTOR:
+        return f"{name} {_num(value)}{unit} > train max {_num(hi)}{unit}"
+    if value < lo / RANGE_FACTOR:
+        return f"{name} {_num(value)}{unit} < train min {_num(lo)}{unit}"
+    return None
+
+
+def _num(value: float) -> str:
+    return f"{float(value):.4g}"
 
 
 def _channel_intensity(records: list[dict], ch: int) -> dict[str, Any]:
@@ -134,6 +213,8 @@ def make_plan(fingerprint: dict[str, Any], cfg: DataConfig, max_size: int = 128)
         "imbalance_ratio": round(max(nonzero) / min(nonzero), 4) if nonzero else 1.0,
         "axes": AXES,
         "antialias": True,  # downsampling low-pass filters first (preprocess.resample); absent in older plans
+        # the pool's spacing, shape, field of view and intensity range, for predict's warnings; absent in older plans
+        **({"input_range": fingerprint["input_range"]} if fingerprint.get("input_range") else {}),
     }
 
 

@@ -156,6 +156,13 @@ def inspect_case(case: Case, max_mb: float | None = None) -> tuple[dict | None, 
                                     file=name))
     if problems:
         return None, problems
+    return inspect_volumes(volumes)
+
+
+def inspect_volumes(volumes: list[image_io.Volume]) -> tuple[dict | None, list[Problem]]:
+    """The record and problems of one case's opened channel images (:func:`inspect_case` after reading them;
+    ``predict`` gives the volume it has read, ``Volume(array, meta)``, so a file is decoded once). The record is
+    None when the case is unusable; the problems carry no row or file (the caller knows the case)."""
     shapes = {tuple(v.data.shape[-3:]) for v in volumes}
     if len(shapes) > 1:
         return None, [Problem(f"the channel images differ in shape {sorted(shapes)}",
@@ -168,7 +175,7 @@ def inspect_case(case: Case, max_mb: float | None = None) -> tuple[dict | None, 
         "shape": [int(n) for n in volumes[0].data.shape[-3:]],
         "channels": sum(v.channels for v in volumes),
         "spacing": [float(v) for v in meta["spacing"]],
-        "source_orientation": meta["source_orientation"],
+        "source_orientation": meta.get("source_orientation", "RAS"),  # an in-memory array is taken as RAS
         "modality": [v.meta.get("modality") for v in volumes for _ in range(v.channels)],
         "dtype": meta.get("dtype"),
         "shear_deg": max(float(v.meta.get("shear_deg") or 0.0) for v in volumes),

@@ -142,6 +142,9 @@ def _train(cfg: ExperimentConfig) -> dict:
                         "(try `medvox make-demo-data demo_data` and --data demo_data/manifest.csv)")
     validate(cfg)  # a config built in code skipped resolve()'s check: every choice and range, before any data
     from medvox.recipe import apply_recipe
+    from medvox.run import require_output_folder
+
+    require_output_folder(cfg.train.output, "--output")  # before the recipe reads the data or anything is built
 
     cfg = apply_recipe(cfg)  # a no-op for the original recipe and for a config that records it was applied
     _check_model_and_weights(cfg)

@@ -40,7 +40,7 @@ from medvox.data import io as image_io
 from medvox.data.preprocess import read_case
 from medvox.data.sources import cases_from_paths
 from medvox.inference.predictor import Predictor
-from medvox.run import write_json
+from medvox.run import require_output_folder, write_json
 
 APPROXIMATION = ("map computed on the preprocessed volume; crop/pad undone (cropped-away voxels = 0), "
                  "resampling undone by linear interpolation, orientation restored exactly")
@@ -55,7 +55,7 @@ def explain(checkpoint_or_run: Path, inputs: list[Path | str], out_dir: Path, *,
         checkpoint_or_run: a checkpoint ``.pt`` (decided by the argmax), a fold folder, or a run folder (fold
             ensemble); read by :meth:`~medvox.inference.predictor.Predictor.from_run`.
         inputs: NIfTI / DICOM series folders / ``.npy`` files, or folders of them.
-        out_dir: output folder (created).
+        out_dir: output folder (created; checked before any model is loaded: not a file, writable).
         fold: with a run folder, use only ``fold_<fold>``.
         target_class: class index or name for Grad-CAM (default: the predicted class, decided as `medvox
             predict` decides: the run's threshold or class weights, with its descriptor model when fused).
@@ -77,12 +77,13 @@ def explain(checkpoint_or_run: Path, inputs: list[Path | str], out_dir: Path, *,
         (the map in the input array's own ``(D, H, W)`` order; the NIfTI holds it as ``(W, H, D)``).
 
     Raises:
+        DataError: ``out_dir`` is a file or cannot be written.
         RunError: the run is not a finished run / fold, or a fold's final checkpoint is missing (unless
             ``allow_missing``).
     """
+    out_dir = require_output_folder(out_dir, "--out")  # before any model is loaded
     predictor = Predictor.from_run(Path(checkpoint_or_run), fold=fold, tta=tta, allow_missing=allow_missing)
     cases = cases_from_paths([str(p) for p in inputs])
-    out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     results = [_explain_case(predictor, case, out_dir, target_class, layer) for case in cases]
     write_json(out_dir / "explain.json", results)

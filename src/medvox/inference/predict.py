@@ -5,8 +5,11 @@ stored in the checkpoints, so the inputs are treated exactly as the training dat
 decision labels them. This module reads the inputs (image files, folders, or a manifest), writes the CSV
 in the run folder's predictions format (:class:`medvox.run.PredictionsWriter`, flushed after every chunk
 of inputs: raw, calibrated and final probabilities, the decision cell, and ``source``, ``spread``,
-``status``, ``error``; an input that could not be read keeps its row with status ``error``), and the
-``.json`` beside it with :func:`medvox.run.write_json`.
+``status``, ``error``, ``warnings``; an input that could not be read, or that ``medvox check`` refuses, keeps
+its row with status ``error``), and the ``.json`` beside it with :func:`medvox.run.write_json`. A case outside
+the training cases' range (:func:`medvox.data.fingerprint.range_warnings`) or with check's warnings is
+predicted, and its warnings are in its row, in the JSON and on the log (one line per case, at most
+``SHOWN_WARNINGS`` cases, then a count).
 """
 
 from __future__ import annotations
@@ -19,14 +22,22 @@ import numpy as np
 
 from medvox.config import DataConfig
 from medvox.data import cases_from_paths, load_source
+from medvox.data.fingerprint import RANGE_TOLERANCE
 from medvox.errors import DataError
 from medvox.inference.models import inference_device
 from medvox.inference.predictor import CaseResult, Predictor
-from medvox.run import FORMAT_VERSION, PredictionsWriter, require_output_file, write_json
+from medvox.run import (
+    FORMAT_VERSION,
+    PREDICT_COLUMNS,
+    PredictionsWriter,
+    join_warnings,
+    require_output_file,
+    write_json,
+)
 
 log = logging.getLogger("medvox")
 
-EXTRA_COLUMNS = ("source", "spread", "status", "error")
+SHOWN_WARNINGS = 10  # cases whose warnings are logged one by one; the rest are counted
 
 
 def _cases(inputs: list[str], data_cfg: DataConfig | None):
@@ -55,7 +66,8 @@ def predict_cases(run: str | Path, inputs: list[str], out: str | Path, *, tta: b
     with a descriptor model), ``predicted`` follows from them and the row's ``decision`` cell; ``spread`` is the
     members' standard deviation of the predicted class's probability. The JSON records the decision
     (:meth:`~medvox.metrics.decision.Decision.to_json`), the members and whether all the run's members were
-    there, and the failures.
+    there, the failures, and the warnings (``warned``: ``case_id``, ``source``, ``warnings``), the training
+    range compared with (``input_range``, None for a run from before it) and its ``range_tolerance``.
 
     Raises:
         DataError: ``out`` is a folder or cannot be written, or no input image was found.
@@ -75,20 +87,29 @@ def predict_cases(run: str | Path, inputs: list[str], out: str | Path, *, tta: b
     results: list[CaseResult] = []
     final = predictor.decision.probabilities
     with PredictionsWriter(out, predictor.classes, predictor.decision, raw=final != "raw",
-                           calibrated=final != "calibrated", extra=EXTRA_COLUMNS) as writer:
+                           calibrated=final != "calibrated", extra=PREDICT_COLUMNS) as writer:
         for chunk in predictor.iter_cases(cases, batch_size, progress):
             _write_rows(writer, predictor, chunk)
+            _log_warnings(chunk, sum(1 for r in results if r.warnings))
             results.extend(chunk)
     failures = [{"case_id": r.case.id, "source": r.case.file, "error": r.error} for r in results if not r.ok]
     if failures:  # each one is in the CSV and the JSON; `medvox predict` lists them once on stderr
         log.warning("could not predict %d input(s); see %s", len(failures), record_path)
+    warned = [{"case_id": r.case.id, "source": r.case.file, "warnings": r.warnings} for r in results if r.warnings]
+    if len(warned) > SHOWN_WARNINGS:
+        log.warning("... %d more case(s) with warnings (%d in all): see the 'warnings' column of %s",
+                    len(warned) - SHOWN_WARNINGS, len(warned), out)
+    if predictor.input_range is None:
+        log.info("%s records no training input range (trained by an older medvox): spacing, shape and "
+                    "intensity are not compared with the training cases", predictor.source)
     record = {"format_version": FORMAT_VERSION, "predicted": len(results) - len(failures), "failed": len(failures),
               "failures": failures, "output": str(out), "source": str(predictor.source),
               "members": [str(p) for p in predictor.members], "all_members_present": predictor.complete,
               "missing_members": predictor.missing, "tta": tta, "calibrated": calibrated,
               "temperatures": predictor.temperatures,
               "feature_fusion_weight": predictor.fusion["weight"] if predictor.fusion else None,
-              "decision": predictor.decision.to_json()}
+              "decision": predictor.decision.to_json(), "warned": warned, "input_range": predictor.input_range,
+              "range_tolerance": RANGE_TOLERANCE}
     write_json(record_path, record)
     return record
 
@@ -109,4 +130,13 @@ def _write_rows(writer: PredictionsWriter, predictor: Predictor, chunk: list[Cas
                  extra={"source": [r.case.file for r in chunk],
                         "spread": [f"{r.prediction.spread[0]:.6f}" if r.ok else "" for r in chunk],
                         "status": ["ok" if r.ok else "error" for r in chunk],
-                        "error": [r.error or "" for r in chunk]})
+                        "error": [r.error or "" for r in chunk],
+                        "warnings": [join_warnings(r.warnings) for r in chunk]})
+
+
+def _log_warnings(chunk: list[CaseResult], before: int) -> None:
+    """One line per warned case, for the first ``SHOWN_WARNINGS`` of the run (``before``: warned so far)."""
+    for r in chunk:
+        if r.warnings and before < SHOWN_WARNINGS:
+            log.warning("warning: %s (%s): %s", r.case.id, r.case.file, join_warnings(r.warnings))
+        before += bool(r.warnings)

@@ -9,6 +9,11 @@ An input is preprocessed as the run's training data was (the plan stored in the 
 :func:`medvox.data.io.read_image` reads it, an array with its NIfTI affine through the same reorientation
 (:func:`medvox.data.io.from_array`), an array with its voxel spacing in the axis order it is given in.
 
+Before that, every input goes through ``medvox check``'s per-case checks (:func:`medvox.data.inspection.
+inspect_volumes`, the same messages): what check refuses (a constant volume, NaN voxels) is not predicted, and
+what it warns about is reported; so is a spacing, shape, field of view or intensity outside the range of the
+run's training cases (the plan's ``input_range``, :func:`medvox.data.fingerprint.range_warnings`).
+
 Example:
     >>> p = Predictor.from_run("results/resnet50")                       # doctest: +SKIP
     >>> img = nibabel.load("ct_001.nii.gz")                              # doctest: +SKIP
@@ -23,7 +28,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +36,8 @@ import numpy as np
 import torch
 
 from medvox.data import io as image_io
-from medvox.data.inspection import progress_bar
+from medvox.data.fingerprint import range_warnings
+from medvox.data.inspection import inspect_volumes, progress_bar, record_warnings
 from medvox.data.preprocess import preprocess_volume, read_case
 from medvox.data.sources import Case, cases_from_paths
 from medvox.descriptors import fuse_probs, mix
@@ -98,13 +104,18 @@ class CaseResult:
 
     Attributes:
         case: the input (its ``id``, ``file``, ``group`` and label when a manifest gave one).
-        prediction: its :class:`Prediction` (one case), or None when it could not be read or preprocessed.
+        prediction: its :class:`Prediction` (one case), or None when it could not be read or preprocessed, or
+            ``medvox check`` refuses it.
         error: why not, in one line (None when predicted).
+        warnings: what is odd about the input, one short text each: a spacing, shape, field of view or
+            intensity outside the training cases' range (``"spacing_z 10 mm > train max 3 mm"``), and
+            ``medvox check``'s warnings (extreme anisotropy or shape, a sheared grid).
     """
 
     case: Case
     prediction: Prediction | None
     error: str | None = None
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -152,6 +163,8 @@ class Predictor:
         self.run, self.models, self.decision = run, models, decision
         self.calibrated, self.tta, self.fusion, self.batch_size = calibrated, tta, fusion, batch_size
         self.plan, self.classes = plan, classes
+        # the training cases' spacing, shape, field of view and intensity range (None: a plan from before it)
+        self.input_range: dict[str, Any] | None = plan.get("input_range")
         self.missing = list(missing)
         self.source = Path(where)
 
@@ -251,6 +264,21 @@ class Predictor:
         return not self.missing
 
     # -- inputs -------------------------------------------------------------------------------------------------
+    def check_input(self, array: np.ndarray, meta: dict[str, Any]) -> list[str]:
+        """``medvox check``'s per-case checks of a volume read as :func:`medvox.data.io.read_image` gives it, and
+        the comparison with the training cases' range; returns the warnings (see :attr:`CaseResult.warnings`).
+
+        Raises:
+            DataError: what ``medvox check`` refuses (a constant volume, NaN / Inf voxels), in check's words.
+        """
+        record, problems = inspect_volumes([image_io.Volume(array, meta)])
+        errors = [p for p in problems if p.level == "error"]
+        if errors or record is None:
+            raise DataError("; ".join(f"{p.what} ({p.fix})" if p.fix else p.what for p in errors)
+                            or "the volume cannot be inspected")
+        found = range_warnings(record, self.input_range) if self.input_range else []
+        return found + [what.split(";")[0] for what, _ in record_warnings(record)]
+
     def preprocess(self, array: np.ndarray, meta: dict[str, Any]) -> tuple[np.ndarray, np.ndarray | None]:
         """A volume read as :func:`medvox.data.io.read_image` gives it (``(D, H, W)`` / ``(C, D, H, W)`` RAS, with
         ``meta["spacing"]``) on the model's grid ``(C, *plan["target_shape"])``, and on the descriptor model's
@@ -296,14 +324,17 @@ class Predictor:
             volume, meta = image_io.from_array(array, affine)
         else:
             volume, meta = _as_zyx(np.asarray(array), spacing, axes or "zyx")
+        for warning in self.check_input(volume, meta):
+            log.warning("the volume: %s", warning)
         x, features = self.preprocess(volume, meta)
         return self.predict_preprocessed(x[None], None if features is None else features[None])
 
     def predict_cases(self, cases: Sequence[Case], batch_size: int | None = None,
                       progress: bool = False) -> list[CaseResult]:
-        """Every case read and preprocessed as :func:`medvox.data.preprocess.preprocess_case` does; an input that
-        cannot be read or preprocessed gets its error and the others are still predicted. One result per case,
-        in order (:meth:`iter_cases` gives them a chunk at a time)."""
+        """Every case read and preprocessed as :func:`medvox.data.preprocess.preprocess_case` does, after
+        :meth:`check_input`; an input that cannot be read or preprocessed, or that check refuses, gets its error
+        and the others are still predicted. One result per case, in order (:meth:`iter_cases` gives them a chunk
+        at a time)."""
         return [r for chunk in self.iter_cases(cases, batch_size, progress) for r in chunk]
 
     def iter_cases(self, cases: Sequence[Case], batch_size: int | None = None,
@@ -317,12 +348,15 @@ class Predictor:
                 chunk = list(cases[start:start + batch_size])
                 done: list[CaseResult | None] = [None] * len(chunk)
                 ready, volumes, features = [], [], []
+                warned: dict[int, list[str]] = {}
                 for i, case in enumerate(chunk):
                     try:
-                        x, f = self.preprocess(*read_case(case))
+                        array, meta = read_case(case)
+                        warned[i] = self.check_input(array, meta)
+                        x, f = self.preprocess(array, meta)
                     except Exception as exc:  # one bad input must not stop the others
                         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-                        done[i] = CaseResult(case, None, reason)
+                        done[i] = CaseResult(case, None, reason, warned.get(i, []))
                         continue
                     ready.append(i)
                     volumes.append(x)
@@ -331,7 +365,7 @@ class Predictor:
                 if ready:
                     pred = self.predict_preprocessed(np.stack(volumes), np.stack(features) if features else None)
                     for j, i in enumerate(ready):
-                        done[i] = CaseResult(chunk[i], pred[j])
+                        done[i] = CaseResult(chunk[i], pred[j], warnings=warned[i])
                 bar.advance(task, len(chunk))
                 yield done
 

@@ -27,7 +27,7 @@ from medvox.cv.summary import figures_of
 from medvox.metrics.stats import delong_test, paired_bootstrap_auc
 from medvox.reporting import htmlpage as html
 from medvox.reporting.htmlpage import Html, fmt
-from medvox.run import Predictions, Run, RunError
+from medvox.run import Predictions, Run, RunError, require_output_file, require_output_folder
 
 _CV_METRICS = ("auc", "accuracy", "balanced_accuracy", "f1")
 
@@ -46,13 +46,18 @@ def write_comparison(run_dirs: list[Path], out: Path, n_boot: int = 2000, seed: 
         The path of the HTML page.
 
     Raises:
+        DataError: ``out`` is a file where a folder is meant (or a folder where an ``.html`` file is), or cannot
+            be written.
         ValueError: fewer than two runs, runs with different classes, a run without out-of-fold
             predictions, or a case labelled differently in two runs.
     """
+    out = Path(out)
+    if out.suffix.lower() in (".html", ".htm"):  # checked before any run is read
+        page_path = require_output_file(out, "--out")
+    else:
+        page_path = require_output_folder(out, "--out") / "comparison.html"
     runs = [Run(Path(p)) for p in run_dirs]
     result = compare_runs(runs, n_boot=n_boot, seed=seed)
-    out = Path(out)
-    page_path = out if out.suffix.lower() in (".html", ".htm") else out / "comparison.html"
     page_path.parent.mkdir(parents=True, exist_ok=True)
     page_path.with_suffix(".json").write_text(json.dumps(result, indent=2, allow_nan=False) + "\n", encoding="utf-8")
     with tempfile.TemporaryDirectory(prefix="medvox_compare_") as tmp:

@@ -35,7 +35,7 @@ from medvox.cv.summary import THRESHOLD_METRICS, figures_of
 from medvox.metrics.decision import Decision
 from medvox.reporting import htmlpage as html
 from medvox.reporting.htmlpage import Html, fmt
-from medvox.run import Run
+from medvox.run import Run, require_output_file
 
 _FOLD_COLS = ("auc", "accuracy", "balanced_accuracy", "f1", "sensitivity", "specificity", "loss")
 _TEST_VARIANTS = (("ensemble", "fold ensemble"), ("ensemble_calibrated", "ensemble + temperature scaling"),
@@ -54,7 +54,8 @@ def write_report(run_dir: Path, out: Path | None = None, gallery: bool = True) -
     Args:
         run_dir: ``<output>/<run>`` with ``cv_summary.json`` and ``fold_<k>/`` folders (a run whose
             summary is missing still gets a page from its folds).
-        out: the HTML file (default ``run_dir/report.html``).
+        out: the HTML file (default ``run_dir/report.html``); checked before the page is made (not a folder,
+            writable).
         gallery: draw the Grad-CAM gallery of the most confident out-of-fold errors (loads each fold model
             an error belongs to; ``medvox report --no-gallery`` is False).
 
@@ -62,6 +63,7 @@ def write_report(run_dir: Path, out: Path | None = None, gallery: bool = True) -
         The path of the written page.
 
     Raises:
+        DataError: ``out`` is a folder or cannot be written.
         FileNotFoundError: ``run_dir`` holds neither ``cv_summary.json`` nor any ``fold_<k>``.
     """
     run = Run(Path(run_dir))
@@ -69,7 +71,7 @@ def write_report(run_dir: Path, out: Path | None = None, gallery: bool = True) -
         from medvox.run import RunError
 
         raise RunError(f"{run.path} is a fold folder; `medvox report` takes the run folder above it ({run.path.parent})")
-    out = Path(out) if out is not None else run.path / "report.html"
+    out = require_output_file(Path(out) if out is not None else run.path / "report.html", "--out")
     cases = functools.cache(lambda: _source_cases(run))
     with tempfile.TemporaryDirectory(prefix="medvox_report_") as tmp:
         sections = [
