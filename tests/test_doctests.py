@@ -17,7 +17,7 @@ RUNNABLE = (
     "medvox.engine.timing",
     "medvox.metrics.calibration", "medvox.descriptors", "medvox.metrics.classification",
     "medvox.plots", "medvox.metrics.decision", "medvox.metrics.stats",
-    "medvox.models", "medvox.models.base", "medvox.models.densenet", "medvox.models.mil",
+    "medvox.models", "medvox.models.base", "medvox.models.catalog", "medvox.models.densenet", "medvox.models.mil",
     "medvox.models.registry", "medvox.models.resnet", "medvox.models.swin",
     "medvox.transforms", "medvox.transforms.affine", "medvox.transforms.batch", "medvox.transforms.flips",
     "medvox.transforms.intensity", "medvox.transforms.mixup", "medvox.transforms.tta",

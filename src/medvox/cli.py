@@ -73,6 +73,7 @@ _TRAIN_FLAGS = {
     "output": "train.output",
     "run_name": "train.run_name",
     "plots": "train.plots",
+    "logger": "train.logger",
     "compile": "train.compile",
     "threads": "train.threads",
     "safetensors": "train.safetensors",
@@ -101,7 +102,9 @@ def _add_data_args(p: argparse.ArgumentParser, positional: bool = False) -> None
                         "view, with --target-spacing it resamples to that spacing and crops/pads")
     p.add_argument("--target-spacing", "--target_spacing", dest="target_spacing", type=float, nargs=3,
                    metavar=("SZ", "SY", "SX"), help="voxel spacing in mm (default: from the fingerprint)")
-    p.add_argument("--normalization", choices=config_mod.CHOICES["data.normalization"])
+    p.add_argument("--normalization", choices=config_mod.CHOICES["data.normalization"],
+                   help="intensity normalisation: ct (clip to the CT window, dataset-wide z-score), zscore (per image), "
+                        "minmax or none (default: from the fingerprint)")
     p.add_argument("--ct-window", "--ct_window", dest="ct_window", type=float, nargs=2, metavar=("LOW", "HIGH"),
                    help="CT intensity window in HU (default: from the fingerprint)")
     p.add_argument("--workers", type=int, help="preprocessing processes (default: auto)")
@@ -132,24 +135,30 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
                    help="learning-rate multiplier for new head layers (MedicalNet used 10-100)")
     p.add_argument("--dropout", type=float, help="dropout before the classifier (default 0.4)")
     p.add_argument("--lr", type=float, help="peak learning rate (default 2e-4)")
-    p.add_argument("--weight-decay", "--weight_decay", dest="weight_decay", type=float)
-    p.add_argument("--optimizer", choices=config_mod.CHOICES["optim.optimizer"], help="default adam")
-    p.add_argument("--scheduler", choices=config_mod.CHOICES["optim.scheduler"], help="default cosine")
-    p.add_argument("--loss", choices=config_mod.CHOICES["loss.name"], help="default LDAM")
-    p.add_argument("--label-smoothing", "--label_smoothing", dest="label_smoothing", type=float)
+    p.add_argument("--weight-decay", "--weight_decay", dest="weight_decay", type=float,
+                   help="weight decay, not applied to norms and biases (default 1e-5)")
+    p.add_argument("--optimizer", choices=config_mod.CHOICES["optim.optimizer"], help="optimizer (default adam)")
+    p.add_argument("--scheduler", choices=config_mod.CHOICES["optim.scheduler"],
+                   help="learning-rate schedule after the warmup, stepped per optimizer step (default cosine)")
+    p.add_argument("--loss", choices=config_mod.CHOICES["loss.name"], help="classification loss (default LDAM)")
+    p.add_argument("--label-smoothing", "--label_smoothing", dest="label_smoothing", type=float,
+                   help="label smoothing of the CE losses, in [0, 1) (default 0)")
     p.add_argument("--drw-start", "--drw_start", dest="drw_start", type=float,
                    help="fraction of epochs after which LDAM's deferred re-weighting starts (default 0.8)")
     p.add_argument("--fold", type=int, help="validation fold (default 0)")
-    p.add_argument("--epochs", type=int, help="default 60")
-    p.add_argument("--batch_size", "--batch-size", dest="batch_size", type=int, help="default 6")
+    p.add_argument("--epochs", type=int, help="epochs per fold (default 60)")
+    p.add_argument("--batch_size", "--batch-size", dest="batch_size", type=int,
+                   help="samples per step and process (default 6)")
     p.add_argument("--gradient_accumulation_steps", "--gradient-accumulation-steps", "--grad-accum",
-                   dest="gradient_accumulation_steps", type=int, help="default 2")
+                   dest="gradient_accumulation_steps", type=int,
+                   help="batches accumulated per optimizer step (default 2)")
     p.add_argument("--grad_clip", "--grad-clip", dest="grad_clip", type=float, help="global norm (default 0.5)")
     p.add_argument("--ema_decay", "--ema-decay", dest="ema_decay", type=float, help="0 disables EMA (default 0.999)")
     p.add_argument("--early_stopping", "--early-stopping", dest="early_stopping", type=int,
                    help="patience in epochs, 0 disables (default 7)")
     p.add_argument("--monitor", choices=config_mod.CHOICES["train.monitor"], help="validation metric for best checkpoints (default auc)")
-    p.add_argument("--precision", choices=config_mod.CHOICES["train.precision"])
+    p.add_argument("--precision", choices=config_mod.CHOICES["train.precision"],
+                   help="numeric precision (default auto: mixed precision with --amp, else fp32)")
     p.add_argument("--amp", action="store_const", const=True, help="mixed precision (bf16 where supported, else fp16)")
     p.add_argument("--gpu", action="store_const", const=True, help="train on a GPU")
     p.add_argument("--multi_gpu", "--multi-gpu", dest="multi_gpu", action="store_const", const=True,
@@ -160,20 +169,69 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
                    help="nodes of a multi-node DDP run, each running --devices processes (default 1; under "
                         "torchrun / srun: the nodes it spans); the cache and --output must be on a file system "
                         "every node shares")
-    p.add_argument("--seed", type=int)
+    p.add_argument("--seed", type=int, help="seed of initialisation, shuffling and augmentation (default 42)")
     p.add_argument("--deterministic", action="store_const", const=True, help="bit-reproducible on CPU")
     p.add_argument("--resume", action="store_const", const=True, help="continue from last.pt")
     p.add_argument("--output", help="results root (default results/)")
     p.add_argument("--run-name", "--run_name", dest="run_name", help="sub-folder under --output (default: model)")
+    p.add_argument("--logger", choices=config_mod.CHOICES["train.logger"],
+                   help="experiment tracker for the config (as hyperparameters) and each epoch's metrics, besides "
+                        "log.csv: tensorboard (default; tensorboard/ in each fold folder), csv (log.csv alone), "
+                        "mlflow or wandb (extras medvox[mlflow] / medvox[wandb]; MLFLOW_TRACKING_URI, WANDB_PROJECT "
+                        "...: docs/training.md)")
     p.add_argument("--plots", choices=config_mod.CHOICES["train.plots"],
                    help="per-epoch confusion/ROC images to keep (final: none; curves drawn once at the end)")
     p.add_argument("--compile", action="store_const", const=True, help="torch.compile the model")
     p.add_argument("--threads", type=int, help="CPU threads (default: all cores)")
     p.add_argument("--safetensors", action="store_const", const=True,
                    help="also write the best weights as best.safetensors / best_ema.safetensors (no pickle)")
-    p.add_argument("--no-augment", "--no_augment", dest="no_augment", action="store_const", const=False)
+    p.add_argument("--no-augment", "--no_augment", dest="no_augment", action="store_const", const=False,
+                   help="train without augmentation (augment.enabled = false)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="any config key, e.g. --set augment.prob=0.5")
+
+
+def _add_run_arg(p: argparse.ArgumentParser, what: str, inputs: str | None = None) -> None:
+    """The run a command reads, given the same way everywhere: as the first positional argument (``RUN``) or as
+    ``--run RUN``; ``inputs``: the command also takes input files, after the run."""
+    p.add_argument("--run", dest="run_flag", action="append", metavar="RUN",
+                   help=f"{what}; or give it as the first positional argument")
+    if inputs is None:
+        p.add_argument("run", nargs="?", metavar="RUN", help=f"{what} (or --run RUN)")
+    else:
+        p.add_argument("inputs", nargs="+", metavar="INPUT",
+                       help=f"RUN INPUT... or --run RUN INPUT...: the run first ({what}) unless --run gives it, "
+                            f"then the inputs: {inputs}")
+
+
+def _run_and_inputs(args: argparse.Namespace) -> tuple[str, list[str]]:
+    """The run folder of a command (positional ``RUN`` or ``--run RUN``) and its inputs, if it takes any.
+
+    Raises:
+        UsageError: no run, two runs, or a run and no inputs.
+    """
+    from medvox.errors import UsageError
+
+    flags = args.run_flag or []
+    takes_inputs = hasattr(args, "inputs")
+    positional = list(args.inputs) if takes_inputs else [args.run] if args.run else []
+    if len(flags) > 1:  # the run's decision and temperatures belong to one ensemble
+        raise UsageError(f"--run was given {len(flags)} times; {args.command} takes one run folder, fold folder or "
+                         "checkpoint (run the command once per run, or cross-validate them as one run)")
+    if flags:
+        run = flags[0]
+        if not takes_inputs and positional:
+            raise UsageError(f"the run was given twice (--run {run} and {positional[0]}): give it once, as RUN or "
+                             "--run RUN")
+    elif positional:
+        run, positional = positional[0], positional[1:]
+    else:
+        raise UsageError(f"{args.command}: no run given: `medvox {args.command} RUN ...` or "
+                         f"`medvox {args.command} --run RUN ...` (a run folder such as results/resnet18)")
+    if takes_inputs and not positional:
+        raise UsageError(f"{args.command}: no inputs after the run {run}: give the files or folders to "
+                         f"{args.command}, e.g. `medvox {args.command} --run {run} scans/`")
+    return run, positional if takes_inputs else []
 
 
 def _overrides(args: argparse.Namespace, table: dict[str, str]) -> dict[str, Any]:
@@ -199,10 +257,11 @@ def _default_config_file() -> str | None:
 
 
 def config_from_args(args: argparse.Namespace, table: dict[str, str] | None = None,
-                     fixed: dict[str, Any] | None = None) -> config_mod.ExperimentConfig:
+                     fixed: dict[str, Any] | None = None, recipe: bool = True) -> config_mod.ExperimentConfig:
     """The experiment config: defaults < config file (``--config`` or ``medvox.yaml``/``.json`` here) < flags <
     ``fixed`` (what the command itself sets); checked, then ``--recipe auto`` fills what nobody gave
-    (:func:`medvox.recipe.apply_recipe`, told exactly which keys the file and the flags set)."""
+    (:func:`medvox.recipe.apply_recipe`, told exactly which keys the file and the flags set) unless ``recipe`` is
+    false."""
     table = table if table is not None else {**_DATA_FLAGS, **_TRAIN_FLAGS}
     config_file = getattr(args, "config", None) or _default_config_file()
     overrides = _overrides(args, table) | (fixed or {})
@@ -211,7 +270,7 @@ def config_from_args(args: argparse.Namespace, table: dict[str, str] | None = No
     cfg = config_mod.resolve(config_file, overrides)
     if config_file and not getattr(args, "config", None):
         print(f"medvox: using settings from {config_file}", file=sys.stderr)
-    if "recipe" in table:
+    if recipe and "recipe" in table:
         from medvox.recipe import apply_recipe, explicit_keys
 
         given = explicit_keys(config_mod.load_file(config_file) if config_file else None, overrides)
@@ -269,11 +328,8 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     from medvox.inference.predict import predict_cases
     from medvox.metrics.decision import Decision
 
-    if len(args.run) > 1:  # the run's decision and temperatures belong to one ensemble
-        print(f"medvox: error: --run was given {len(args.run)} times; predict takes one run folder, fold folder or "
-              "checkpoint (predict with each run separately, or cross-validate them as one run)", file=sys.stderr)
-        return 2
-    result = predict_cases(args.run[0], args.inputs, args.out, tta=args.tta, calibrated=not args.uncalibrated,
+    run, inputs = _run_and_inputs(args)
+    result = predict_cases(run, inputs, args.out, tta=args.tta, calibrated=not args.uncalibrated,
                            batch_size=args.batch_size, argmax=args.argmax, gpu=args.gpu,
                            allow_missing=args.allow_missing)
     print(f"predicted {result['predicted']} case(s) -> {result['output']}")
@@ -296,7 +352,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 def _cmd_report(args: argparse.Namespace) -> int:
     from medvox.reporting.report import write_report
 
-    path = write_report(Path(args.run_dir), Path(args.out) if args.out else None, gallery=args.gallery)
+    run, _ = _run_and_inputs(args)
+    path = write_report(Path(run), Path(args.out) if args.out else None, gallery=args.gallery)
     print(f"report written: {path}")
     return 0
 
@@ -316,7 +373,8 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 def _cmd_export(args: argparse.Namespace) -> int:
     from medvox.inference.export import FORMATS, export_model
 
-    info = export_model(Path(args.run), Path(args.out), formats=tuple(args.format or FORMATS), fold=args.fold,
+    run, _ = _run_and_inputs(args)
+    info = export_model(Path(run), Path(args.out), formats=tuple(args.format or FORMATS), fold=args.fold,
                         calibrated=not args.uncalibrated, allow_missing=args.allow_missing)
     for name, item in (info.get("files") or {}).items():
         print(f"{name}: {item}")
@@ -339,7 +397,8 @@ def _cmd_explain(args: argparse.Namespace) -> int:
     from medvox.inference.explain import explain
 
     target = int(args.target_class) if args.target_class and args.target_class.isdigit() else args.target_class
-    results = explain(Path(args.run), args.inputs, Path(args.out), fold=args.fold, target_class=target, tta=args.tta,
+    run, inputs = _run_and_inputs(args)
+    results = explain(Path(run), inputs, Path(args.out), fold=args.fold, target_class=target, tta=args.tta,
                       layer=args.layer, allow_missing=args.allow_missing)
     for r in results:
         shows = (f"Grad-CAM of class {r['target_class']} at {r['cam_layer']}" if r.get("target_class") is not None
@@ -350,9 +409,29 @@ def _cmd_explain(args: argparse.Namespace) -> int:
 
 
 def _cmd_models(args: argparse.Namespace) -> int:
-    from medvox.models import list_models
+    from medvox.models.catalog import describe_models
 
-    print("\n".join(list_models()))
+    rows = describe_models()
+    width = max(len(name) for name, _ in rows)
+    print("\n".join(f"{name:<{width}}  {text}" for name, text in rows))
+    return 0
+
+
+def _cmd_config(args: argparse.Namespace) -> int:
+    if args.defaults:
+        given = sorted(f"--{dest.replace('_', '-')}" for dest in {**_DATA_FLAGS, **_TRAIN_FLAGS}
+                       if getattr(args, dest, None) is not None)
+        if given or args.config or args.set:
+            from medvox.errors import UsageError
+
+            raise UsageError(f"config --defaults prints the code defaults alone; drop {', '.join(given) or '--config/--set'}"
+                             ", or print the resolved config with `medvox config --show ...`")
+        cfg = config_mod.ExperimentConfig()
+        title = "every setting at its code default"
+    else:
+        cfg = config_from_args(args, recipe=False)
+        title = "the settings `medvox train` / `medvox cv` would start from with these flags"
+    print(config_mod.to_yaml(cfg, title=f"medvox config: {title}"), end="")
     return 0
 
 
@@ -362,6 +441,34 @@ EXIT_CODES = {0: "success", 1: "bad data, image or checkpoint (the message names
               4: "predict: some inputs could not be read (the others were predicted)",
               5: "a run folder that is missing, unfinished or inconsistent", 130: "interrupted"}
 EXIT_CODES_TEXT = "exit codes:\n" + "\n".join(f"  {code:>3}  {what}" for code, what in EXIT_CODES.items())
+
+
+# each command's --help ends with these (tests/test_cli_help.py parses every line with build_parser())
+EXAMPLES: dict[str, tuple[str, ...]] = {
+    "check": ("medvox check data/manifest.csv",
+              "medvox check data/manifest.csv --label-col diagnosis --group-col patient --classes benign,malignant"),
+    "make-demo-data": ("medvox make-demo-data demo_data", "medvox make-demo-data demo_data --n-cases 40 --seed 1"),
+    "prepare": ("medvox prepare data/manifest.csv", "medvox prepare data/manifest.csv --folds 5 --workers 2"),
+    "train": ("medvox train --data data/manifest.csv --fold 0 --model resnet18",
+              "medvox train --fold 0 --pretrained-path pretrained/medicalnet_resnet50_3d.pth --lr 2e-4 --batch_size 6 "
+              "--epochs 60 --optimizer adam --loss LDAM --multi_gpu --gpu --amp",
+              "medvox train --config configs/medmnist_quick.yaml --fold 1 --logger mlflow"),
+    "cv": ("medvox cv --data data/manifest.csv --recipe auto",
+           "medvox cv --config configs/medicalnet_finetune.yaml --data data/manifest.csv --gpu --amp",
+           "medvox cv --data data/manifest.csv --model resnet10 --epochs 20 --folds 3 --run-name quick"),
+    "predict": ("medvox predict --run results/resnet18 new_scans/ --out predictions.csv",
+                "medvox predict results/resnet18 scan_001.nii.gz scan_002.nii.gz --tta"),
+    "demo": ("medvox demo", "medvox demo --epochs 2 --out demo_results"),
+    "report": ("medvox report results/resnet18", "medvox report --run results/resnet18 --out resnet18.html"),
+    "compare": ("medvox compare results/resnet18 results/resnet50 --out comparison/",),
+    "export": ("medvox export results/resnet18 --out exported/",
+               "medvox export --run results/resnet18 --out exported/ --format onnx --fold 0"),
+    "explain": ("medvox explain --run results/resnet18 scan_001.nii.gz --out cams/",
+                "medvox explain results/resnet18 scan_001.nii.gz --out cams/ --class malignant"),
+    "models": ("medvox models",),
+    "config": ("medvox config --defaults > experiment.yaml",
+               "medvox config --config configs/medmnist_quick.yaml --lr 1e-3 --logger csv"),
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -378,49 +485,55 @@ def build_parser() -> argparse.ArgumentParser:
     loudness.add_argument("--verbose", "-v", dest="log_level", action="store_const", const=logging.DEBUG,
                           help="print debugging messages too")
     parser.set_defaults(log_level=logging.INFO)
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("check", help="check a dataset: every problem, by row and file, before anything runs")
+    def command(name: str, help_text: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=help_text, description=help_text[:1].upper() + help_text[1:] + ".",
+                              epilog="examples:\n" + "\n".join(f"  {line}" for line in EXAMPLES[name]),
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+
+    p = command("check", "check a dataset: every problem, by row and file, before anything runs")
     _add_data_args(p, positional=True)
     p.set_defaults(func=_cmd_check)
 
-    p = sub.add_parser("make-demo-data", help="write the synthetic CT demo dataset (.nii.gz + manifest)")
+    p = command("make-demo-data", "write the synthetic CT demo dataset (.nii.gz + manifest)")
     p.add_argument("out", help="output folder")
-    p.add_argument("--n-cases", "--n_cases", dest="n_cases", type=int, default=200)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--n-cases", "--n_cases", dest="n_cases", type=int, default=200,
+                   help="number of cases (default 200)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the generated volumes (default 0)")
     p.set_defaults(func=_cmd_make_demo)
 
-    p = sub.add_parser("prepare", help="check, fingerprint, preprocess into the cache and split a dataset")
+    p = command("prepare", "check, fingerprint, preprocess into the cache and split a dataset")
     _add_data_args(p, positional=True)
     p.set_defaults(func=_cmd_prepare)
 
-    p = sub.add_parser("train", help="train one fold")
+    p = command("train", "train one fold")
     _add_train_args(p)
     p.set_defaults(func=_cmd_train)
 
-    p = sub.add_parser("cv", help="k-fold cross-validation (the main job): all folds, summary, test ensemble")
+    p = command("cv", "k-fold cross-validation (the main job): all folds, summary, test ensemble")
     _add_train_args(p)
     p.add_argument("--no-tta", "--no_tta", dest="no_tta", action="store_true",
                    help="no test-time augmentation for the test-set ensemble")
     p.set_defaults(func=_cmd_cv)
 
-    p = sub.add_parser("predict", help="predict new inputs with a trained run (fold ensemble)")
-    p.add_argument("--run", action="append", required=True,
-                   help="run folder (results/<model>), fold folder, or one checkpoint .pt (decided by the argmax)")
-    p.add_argument("inputs", nargs="+", help="NIfTI/DICOM/.npy files, folders of them, or a manifest")
+    p = command("predict", "predict new inputs with a trained run (fold ensemble)")
+    _add_run_arg(p, "run folder (results/<model>), fold folder, or one checkpoint .pt (decided by the argmax)",
+                 inputs="NIfTI/DICOM/.npy files, folders of them, or a manifest")
     p.add_argument("--out", default="predictions.csv", help="output CSV (default predictions.csv)")
     p.add_argument("--tta", action="store_true", help="test-time augmentation (flips, small affines)")
     p.add_argument("--uncalibrated", action="store_true", help="ignore the fitted temperatures")
     p.add_argument("--argmax", action="store_true",
                    help="predict the most probable class instead of the run's own decision threshold")
-    p.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int, default=8)
+    p.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int, default=8,
+                   help="volumes per forward pass (default 8)")
     p.add_argument("--gpu", action="store_true", help="predict on the first visible GPU (the CPU when there is none)")
     p.add_argument("--allow-missing", "--allow_missing", dest="allow_missing", action="store_true",
                    help="when a fold's final checkpoint is missing, predict with the fold models that are there, by the "
                         "most probable class (the run's decision belongs to the full ensemble); default: refuse")
     p.set_defaults(func=_cmd_predict)
 
-    p = sub.add_parser("demo", help="the main job on the embedded demo data: make it, cross-validate, report")
+    p = command("demo", "the main job on the embedded demo data: make it, cross-validate, report")
     p.add_argument("--out", default="demo_results", help="results root (default demo_results/)")
     p.add_argument("--data-dir", "--data_dir", dest="data_dir", default="demo_data",
                    help="where the demo data is written (default demo_data/)")
@@ -428,23 +541,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="resnet10", help="model (default resnet10)")
     p.set_defaults(func=_cmd_demo)
 
-    p = sub.add_parser("report", help="one self-contained HTML report of a cross-validation run")
-    p.add_argument("run_dir", help="run folder (results/<model>)")
-    p.add_argument("--out", help="HTML file (default RUN_DIR/report.html)")
+    p = command("report", "one self-contained HTML report of a cross-validation run")
+    _add_run_arg(p, "run folder (results/<model>)")
+    p.add_argument("--out", help="HTML file (default RUN/report.html)")
     p.add_argument("--no-gallery", dest="gallery", action="store_false",
                    help="leave out the gallery of the most confident out-of-fold errors and their Grad-CAM maps (it "
                         "loads the fold models: one forward and backward pass per error shown)")
     p.set_defaults(func=_cmd_report)
 
-    p = sub.add_parser("compare", help="compare runs side by side: table, ROC overlay, DeLong test on OOF AUCs")
-    p.add_argument("runs", nargs="+", help="two or more run folders")
+    p = command("compare", "compare runs side by side: table, ROC overlay, DeLong test on OOF AUCs")
+    p.add_argument("runs", nargs="+", metavar="RUN", help="two or more run folders")
     p.add_argument("--out", required=True, help="output folder or .html file")
-    p.add_argument("--n-boot", "--n_boot", dest="n_boot", type=int, default=2000)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--n-boot", "--n_boot", dest="n_boot", type=int, default=2000,
+                   help="bootstrap resamples of the confidence intervals (default 2000)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap (default 0)")
     p.set_defaults(func=_cmd_compare)
 
-    p = sub.add_parser("export", help="export a run (fold ensemble) or checkpoint to TorchScript / ONNX / safetensors")
-    p.add_argument("run", help="run folder, fold folder or checkpoint .pt")
+    p = command("export", "export a run (fold ensemble) or checkpoint to TorchScript / ONNX / safetensors")
+    _add_run_arg(p, "run folder, fold folder or checkpoint .pt")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--format", action="append", choices=["torchscript", "onnx"], help="repeatable; default both")
     p.add_argument("--fold", type=int, help="export one fold instead of the ensemble")
@@ -454,9 +568,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "most probable class (the run's decision belongs to the full ensemble); default: refuse")
     p.set_defaults(func=_cmd_export)
 
-    p = sub.add_parser("explain", help="3D Grad-CAM (CNN/Swin) or attention maps (MIL) as NIfTI overlay + PNG")
-    p.add_argument("--run", required=True, help="run folder, fold folder or checkpoint .pt")
-    p.add_argument("inputs", nargs="+", help="NIfTI/DICOM/.npy files or folders")
+    p = command("explain", "3D Grad-CAM (CNN/Swin) or attention maps (MIL) as NIfTI overlay + PNG")
+    _add_run_arg(p, "run folder, fold folder or checkpoint .pt", inputs="NIfTI/DICOM/.npy files or folders")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--fold", type=int, help="one fold instead of the fold average")
     p.add_argument("--class", dest="target_class",
@@ -471,8 +584,20 @@ def build_parser() -> argparse.ArgumentParser:
                         "the most probable class (the run's decision belongs to the full ensemble); default: refuse")
     p.set_defaults(func=_cmd_explain)
 
-    p = sub.add_parser("models", help="list the registered models")
+    p = command("models", "list the registered models, each with a one-line description")
     p.set_defaults(func=_cmd_models)
+
+    p = command("config", "print an experiment config as YAML: the defaults, or what a command would resolve")
+    shown = p.add_mutually_exclusive_group()
+    shown.add_argument("--defaults", action="store_true",
+                       help="every setting at its code default (no config file, no flags); save it, edit it, pass "
+                            "it back with --config")
+    shown.add_argument("--show", action="store_true",
+                       help="(the default) the config `medvox train` / `cv` would start from with these flags: "
+                            "defaults < --config (or ./medvox.yaml) < flags; --recipe auto fills its settings "
+                            "later, from the data")
+    _add_train_args(p)
+    p.set_defaults(func=_cmd_config)
     return parser
 
 

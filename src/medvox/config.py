@@ -148,6 +148,9 @@ class TrainConfig:
     resume: bool = False
     output: str = "results"
     run_name: str | None = None  # default: the model name
+    # where the hyperparameters and per-epoch metrics go besides log.csv: tensorboard (tensorboard/ in the fold
+    # folder) | csv (log.csv alone) | mlflow | wandb (extras medvox[mlflow] / medvox[wandb]; see engine/trackers.py)
+    logger: str = "tensorboard"
     plots: str = "all"  # all | best_last | final: per-epoch confusion/ROC images to keep ("final": none, curves at the end)
     keep_last: bool = True  # keep last.pt (the last epoch's weights) once the fold has finished; false deletes it
     # a finished fold's last.pt drops the optimizer / schedule / scaler / RNG / EMA state it needs only for
@@ -199,6 +202,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "train.final_weights": ("ema", "raw", "best"),
     "train.precision": ("auto", "bf16", "fp16", "fp32"),
     "train.plots": ("all", "best_last", "final"),
+    "train.logger": ("tensorboard", "csv", "mlflow", "wandb"),
 }
 
 # (low, high, low_open, high_open): the range of each numeric setting; None = unbounded on that side.
@@ -501,6 +505,21 @@ def resolve(config_file: str | Path | None = None, overrides: dict[str, Any] | N
     if config_file:
         data = merge_dict(data, load_file(config_file))
     return apply_overrides(from_dict(data), overrides or {})
+
+
+def to_yaml(cfg: ExperimentConfig, title: str | None = None) -> str:
+    """The whole config as YAML, in the sections' field order; :func:`load_file` / :func:`resolve` read it back
+    to an equal config. ``title``: a comment line on top.
+
+    Example:
+        >>> import yaml
+        >>> from_dict(yaml.safe_load(to_yaml(ExperimentConfig()))) == ExperimentConfig()
+        True
+    """
+    import yaml
+
+    head = f"# {title}\n" if title else ""
+    return head + yaml.safe_dump(to_dict(cfg), sort_keys=False, default_flow_style=None, width=110)
 
 
 def save(cfg: ExperimentConfig, path: str | Path) -> None:

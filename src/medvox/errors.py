@@ -21,6 +21,12 @@ class CheckpointError(MedvoxError):
     exit_code = 1
 
 
+class UsageError(MedvoxError):
+    """A command line that names no run, two runs, or settings a command does not take."""
+
+    exit_code = 2
+
+
 class TrainingError(MedvoxError):
     """Training cannot go on (e.g. a non-finite loss); nothing good on disk is overwritten."""
 

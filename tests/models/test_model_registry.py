@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from medvox.config import ModelConfig
-from medvox.models import NormedLinear, create_model, create_model_from_config, list_models
+from medvox.models import NormedLinear, create_model, create_model_from_config, describe_models, list_models
 
 EXPECTED_MODELS = {"resnet10", "resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnet200",
                    "swin_unetr", "mil", "densenet121"}
@@ -36,9 +36,41 @@ DOCS_TABLE = {
 }
 
 
-def test_registry_holds_the_zoo():
+def test_registry_holds_the_zoo_by_family_then_depth_each_with_a_line():
     assert set(list_models()) == EXPECTED_MODELS
-    assert list_models() == sorted(list_models())
+    resnets = [n for n in list_models() if n.startswith("resnet")]
+    assert resnets == ["resnet10", "resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnet200"]
+    names = list_models()
+    assert names.index("densenet121") < names.index("mil") < names.index("resnet10") < names.index("swin_unetr")
+    described = describe_models()
+    assert [n for n, _ in described] == names
+    assert all(text and "\n" not in text and len(text) <= 110 for _, text in described)
+    assert len({text for _, text in described}) == len(described)  # each says what sets it apart
+
+
+def test_the_catalog_lists_every_registered_built_in_without_torch():
+    """`medvox models` reads the catalog alone: a fresh interpreter lists the zoo with torch never imported."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from medvox.cli import main; main(['models']); "
+            "assert 'torch' not in sys.modules, 'torch was imported'")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    rows = [line.split(None, 1) for line in out.stdout.splitlines()]
+    assert [(name, text.strip()) for name, text in rows] == describe_models()
+
+
+def test_a_model_registered_elsewhere_is_listed_with_its_own_line():
+    from medvox.models import register_model
+    from medvox.models.registry import _DESCRIPTIONS, _MODELS
+
+    try:
+        register_model(lambda **kw: None, name="toy7", description="a toy for this test")
+        assert ("toy7", "a toy for this test") in describe_models()
+    finally:
+        _MODELS.pop("toy7", None)
+        _DESCRIPTIONS.pop("toy7", None)
 
 
 DEEP = {"resnet101", "resnet152", "resnet200"}

@@ -28,11 +28,13 @@ def cross_validate(cfg: ExperimentConfig, tta: bool = True) -> dict:
         >>> summary = cross_validate(cfg)  # results/resnet18/fold_0..4, cv_summary.json, cv_table.md
     """
     from medvox.engine.setup import one_gpu_warning
+    from medvox.engine.trackers import check_tracker
     from medvox.logs import library_logging
     from medvox.recipe import apply_recipe
     from medvox.run import require_output_folder
 
     require_output_folder(cfg.train.output, "--output")  # before the recipe reads the data or anything is built
+    check_tracker(cfg)  # a missing tracker extra, too
     with library_logging():
         cfg = apply_recipe(cfg)
         with one_gpu_warning(cfg.train.gpu or cfg.train.multi_gpu, "--gpu/--multi_gpu",

@@ -28,10 +28,12 @@ def _finished(run_dir: Path) -> dict | None:
 
 
 def _check_model_and_weights(cfg: ExperimentConfig) -> None:
-    """The model name, its arguments and the pretrained file, checked before the data is read (a first
+    """The tracker, the model name, its arguments and the pretrained file, checked before the data is read (a first
     ``prepare`` of a large dataset takes minutes; a typo should not wait for it)."""
+    from medvox.engine.trackers import check_tracker
     from medvox.models import check_model
 
+    check_tracker(cfg)  # a missing tracker extra fails here too, not after the first prepare
     mc = cfg.model
     try:  # the arguments FoldTrainer passes (cosine_head is always given there), on a stand-in shape
         check_model(mc.name, {"in_channels": 1, "num_classes": 2, "dropout": mc.dropout, "cosine_head": True,
@@ -51,7 +53,7 @@ EXECUTION_KEYS = frozenset({
     "train.fold", "train.resume", "train.output", "train.run_name", "train.plots", "train.keep_last",
     "train.keep_resume_state", "train.safetensors", "train.threads", "train.gpu", "train.multi_gpu", "train.devices",
     "train.compile", "train.channels_last", "train.precision", "train.amp", "train.num_nodes",
-    "train.feature_fusion", "train.feature_grid", "train.threshold_rule",
+    "train.feature_fusion", "train.feature_grid", "train.threshold_rule", "train.logger",
 })
 
 

@@ -25,21 +25,20 @@ def _flatten(entry: dict, prefix: str = "") -> dict[str, Any]:
 
 
 class EpochLogger:
-    """Appends one row per epoch to ``log.csv`` and scalars to TensorBoard (``tensorboard/``)."""
+    """Appends one row per epoch to ``log.csv`` and sends the epoch's scalars to the tracker ``train.logger``
+    names (:mod:`medvox.engine.trackers`: TensorBoard by default), which logs the config as hyperparameters."""
 
-    def __init__(self, run_dir: Path):
+    def __init__(self, run_dir: Path, cfg=None):
         self.csv_path = run_dir / "log.csv"
-        self.tb_dir = run_dir / "tensorboard"
-        self._writer = None
+        self.run_dir, self.cfg = run_dir, cfg
+        self._tracker = None
 
-    def _tb(self):
-        if self._writer is None:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:  # TensorBoard is optional at run time
-                return None
-            self._writer = SummaryWriter(log_dir=str(self.tb_dir))
-        return self._writer
+    def _track(self):
+        if self._tracker is None and self.cfg is not None:
+            from medvox.engine.trackers import create_tracker
+
+            self._tracker = create_tracker(self.cfg, self.run_dir) or False  # False: csv, log.csv alone
+        return self._tracker or None
 
     def rewrite(self, history: list[dict]) -> None:
         """Rewrite the CSV from the full history (so a resumed run has no duplicate rows)."""
@@ -54,17 +53,36 @@ class EpochLogger:
 
     def log(self, entry: dict, history: list[dict]) -> None:
         self.rewrite(history)
-        writer = self._tb()
-        if writer is None:
+        tracker = self._track()
+        if tracker is None:
             return
-        for key, value in _flatten(to_jsonable(entry)).items():
-            if isinstance(value, (int, float)) and key != "epoch" and value is not None:
-                writer.add_scalar(key, value, entry["epoch"])
-        writer.flush()
+        tracker.log_metrics(_scalars(entry), step=entry["epoch"])
+        if hasattr(tracker, "experiment") and tracker.name == "tensorboard":
+            tracker.experiment.flush()  # the events of each epoch are on disk as it ends
 
-    def close(self) -> None:
-        if self._writer is not None:
-            self._writer.close()
+    def close(self, final: dict | None = None, status: str = "success", step: int | None = None) -> None:
+        """End the tracker's run; ``final``: the final weights' figures (``{"val": {...}, "test": {...}}``),
+        logged at ``step`` as ``final/val/auc``, ... and, for TensorBoard's hparams view, ``hp_metric`` (the
+        final validation value of ``train.monitor``)."""
+        tracker = self._tracker or None
+        if tracker is None:
+            return
+        if final:
+            scalars = _scalars({split: final[split] for split in ("val", "test") if split in final}, "final/")
+            monitor = (final.get("val") or {}).get(self.cfg.train.monitor)
+            if isinstance(monitor, (int, float)) and tracker.name == "tensorboard":
+                scalars["hp_metric"] = monitor
+            if scalars:
+                tracker.log_metrics(scalars, step=step)
+        tracker.finalize(status)
+        self._tracker = None
+
+
+def _scalars(entry: dict, prefix: str = "") -> dict[str, float]:
+    """The numbers of an epoch's entry (or of the final figures) as ``{"val/auc": 0.71, ...}``; the epoch
+    number itself, lists (confusion matrices) and missing values are left out."""
+    return {f"{prefix}{key}": float(value) for key, value in _flatten(to_jsonable(entry)).items()
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "epoch"}
 
 
 def epoch_plots(run_dir: Path, tag: str, labels: np.ndarray, probs: np.ndarray, metrics: dict,

@@ -78,7 +78,7 @@ class FoldTrainer:
         self.best: dict[str, dict] = {"raw": {"value": None, "epoch": None}, "ema": {"value": None, "epoch": None}}
         self.bad_epochs = 0
         self.start_epoch = 1
-        self.logger = artifacts.EpochLogger(run_dir) if fabric.is_global_zero else None
+        self.logger = artifacts.EpochLogger(run_dir, cfg) if fabric.is_global_zero else None
 
     # ---------------------------------------------------------------- construction
     def _make_loaders(self) -> dict[str, ArrayLoader]:
@@ -309,8 +309,11 @@ class FoldTrainer:
         return self._finish(status)
 
     def _record_failure(self, message: str) -> None:
-        """Mark metrics.json as failed (the checkpoints on disk stay as they were)."""
-        if not self.fabric.is_global_zero or not self.history:
+        """Mark metrics.json and the tracker's run as failed (the checkpoints on disk stay as they were)."""
+        if not self.fabric.is_global_zero:
+            return
+        self.logger.close(status="failed")  # the tracker's run ends as failed, not left running
+        if not self.history:
             return
         try:
             write_json(self.run_dir / "metrics.json", {**self._metrics_doc("failed"), "error": message})
@@ -409,7 +412,7 @@ class FoldTrainer:
             if self.cfg.train.plots == "final" and self.history:
                 self._curves()
             self._finish_last(status)
-            self.logger.close()
+            self.logger.close(final, step=len(self.history))
             log.info("fold %d %s: final (%s) val %s=%s", self.cfg.train.fold, status, fname,
                      self.cfg.train.monitor, _fmt(final["val"].get(self.cfg.train.monitor)))
         return artifacts.to_jsonable(doc)

@@ -12,37 +12,40 @@ Example:
     >>> model = create_model("resnet10", in_channels=2, num_classes=3, variant="faithful")
 """
 
-from medvox.models import densenet, mil, resnet, swin  # noqa: F401  (registers the factories)
-from medvox.models.base import ClassifierBase, NormedLinear
-from medvox.models.densenet import DenseNet3D
-from medvox.models.mil import MILClassifier
-from medvox.models.pretrained import LoadReport, inflate_input_conv, load_pretrained, read_state_dict
-from medvox.models.registry import (
-    check_model,
-    create_model,
-    create_model_from_config,
-    list_models,
-    register_model,
-    uses_cosine_head,
-)
-from medvox.models.resnet import MedResNet3D
-from medvox.models.swin import SwinClassifier
+# public name -> module: imported on first use (PEP 562), so `medvox models` lists the zoo (medvox.models.catalog)
+# without loading torch; the registry imports the built-in models' modules when first asked for a model
+_LAZY = {
+    "ClassifierBase": "medvox.models.base",
+    "NormedLinear": "medvox.models.base",
+    "DenseNet3D": "medvox.models.densenet",
+    "MILClassifier": "medvox.models.mil",
+    "MedResNet3D": "medvox.models.resnet",
+    "SwinClassifier": "medvox.models.swin",
+    "LoadReport": "medvox.models.pretrained",
+    "inflate_input_conv": "medvox.models.pretrained",
+    "load_pretrained": "medvox.models.pretrained",
+    "read_state_dict": "medvox.models.pretrained",
+    "check_model": "medvox.models.registry",
+    "create_model": "medvox.models.registry",
+    "create_model_from_config": "medvox.models.registry",
+    "describe_models": "medvox.models.registry",
+    "list_models": "medvox.models.registry",
+    "register_model": "medvox.models.registry",
+    "uses_cosine_head": "medvox.models.registry",
+}
 
-__all__ = [
-    "ClassifierBase",
-    "DenseNet3D",
-    "LoadReport",
-    "MILClassifier",
-    "MedResNet3D",
-    "NormedLinear",
-    "SwinClassifier",
-    "check_model",
-    "create_model",
-    "create_model_from_config",
-    "inflate_input_conv",
-    "list_models",
-    "load_pretrained",
-    "read_state_dict",
-    "register_model",
-    "uses_cosine_head",
-]
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module 'medvox.models' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(_LAZY[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))

@@ -1,5 +1,8 @@
 """A timm-style model registry: ``@register_model``, ``create_model(name, **kwargs)``, ``list_models()``.
 
+The built-in models' modules (:data:`medvox.models.catalog.BUILTIN_MODELS`) are imported, and so register
+their factories, the first time the registry is asked for a model.
+
 ``create_model`` drops ``None``-valued arguments, so a flag or config field left unset never
 overrides a factory's default, and turns every bad argument into one clear ``ValueError``.
 
@@ -12,20 +15,28 @@ Example:
 from __future__ import annotations
 
 import difflib
+import importlib
 import inspect
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch.nn as nn
+from medvox.models.catalog import BUILTIN_MODELS, model_order
+
+if TYPE_CHECKING:
+    import torch.nn as nn
 
 _MODELS: dict[str, Callable[..., nn.Module]] = {}
+_DESCRIPTIONS: dict[str, str] = {}
 
 
-def register_model(fn: Callable[..., nn.Module] | None = None, *, name: str | None = None):
+def register_model(fn: Callable[..., nn.Module] | None = None, *, name: str | None = None,
+                   description: str | None = None):
     """Register a model factory (a function or a class) under ``name`` (default: its ``__name__``).
 
-    Usable as ``@register_model`` or ``register_model(MyModel, name="my_model")``.
+    Usable as ``@register_model`` or ``register_model(MyModel, name="my_model", description="...")``.
+    ``description``: the line ``describe_models`` gives (a built-in's is in :mod:`medvox.models.catalog`;
+    default: the first line of the factory's docstring).
     """
 
     def _register(f: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
@@ -35,14 +46,34 @@ def register_model(fn: Callable[..., nn.Module] | None = None, *, name: str | No
         if old is not None and (old.__module__, old.__qualname__) != (f.__module__, f.__qualname__):
             raise ValueError(f"a model named {key!r} is already registered by {old.__module__}")
         _MODELS[key] = f
+        builtin = BUILTIN_MODELS.get(key, (None, None))[1]
+        _DESCRIPTIONS[key] = description or builtin or ((f.__doc__ or "").strip().splitlines() or [""])[0]
         return f
 
     return _register(fn) if fn is not None else _register
 
 
+def _load_builtins() -> None:
+    """Import the built-in models' modules (each registers its factories on import; later calls are free)."""
+    for module in dict.fromkeys(module for module, _ in BUILTIN_MODELS.values()):
+        importlib.import_module(module)
+
+
 def list_models() -> list[str]:
-    """Names of the registered models, sorted."""
-    return sorted(_MODELS)
+    """Names of the registered models: by family, then depth as a number (``resnet10``, ``resnet18``, ...,
+    ``resnet101``); see :func:`medvox.models.catalog.model_order`."""
+    _load_builtins()
+    return sorted(_MODELS, key=model_order)
+
+
+def describe_models() -> list[tuple[str, str]]:
+    """``(name, one-line description)`` of every registered model, in :func:`list_models`'s order.
+
+    Example:
+        >>> dict(describe_models())["resnet50"]
+        "ResNet-50-3D, bottleneck blocks (MedicalNet layout: its weights load); the original pipeline's model"
+    """
+    return [(name, _DESCRIPTIONS[name]) for name in list_models()]
 
 
 def create_model(name: str, in_channels: int = 1, num_classes: int = 2, dropout: float | None = 0.4,
@@ -72,7 +103,7 @@ def create_model(name: str, in_channels: int = 1, num_classes: int = 2, dropout:
     """
     args = {"in_channels": in_channels, "num_classes": num_classes, "dropout": dropout, **kwargs}
     args = {k: v for k, v in args.items() if v is not None}
-    check_model(name, args)
+    check_model(name, args)  # loads the built-ins
     model = _MODELS[name](**args)
     if pretrained is not None:
         from medvox.models.pretrained import load_pretrained
@@ -122,6 +153,7 @@ def check_model(name: str, args: dict[str, Any]) -> None:
     Raises:
         ValueError: unknown name (with the closest known one) or unknown argument(s) (with those accepted).
     """
+    _load_builtins()
     if name not in _MODELS:
         close = difflib.get_close_matches(str(name), list(_MODELS), n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
