@@ -272,6 +272,9 @@ def config_from_args(args: argparse.Namespace, table: dict[str, str] | None = No
         print(f"medvox: using settings from {config_file}", file=sys.stderr)
     if recipe and "recipe" in table:
         from medvox.recipe import apply_recipe, explicit_keys
+        from medvox.run import require_output_folder
+
+        require_output_folder(cfg.train.output, "--output")  # before the recipe reads the data
 
         given = explicit_keys(config_mod.load_file(config_file) if config_file else None, overrides)
         cfg = apply_recipe(cfg, given)
@@ -335,7 +338,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     print(f"predicted {result['predicted']} case(s) -> {result['output']}")
     print(f"decision: {Decision.from_json(result['decision']).describe()}")
     if result["failed"]:
-        print(f"{result['failed']} input(s) could not be read (status 'error' in the CSV):", file=sys.stderr)
+        print(f"{result['failed']} input(s) could not be read or were refused by the checks (status 'error' in the CSV):", file=sys.stderr)
         for f in result["failures"]:
             print(f"  {f['case_id']} ({f['source']}): {f['error']}", file=sys.stderr)
         return 4
@@ -371,25 +374,12 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from medvox.inference.export import FORMATS, export_model
+    from medvox.inference.export import FORMATS, export_model, summary_lines
 
     run, _ = _run_and_inputs(args)
     info = export_model(Path(run), Path(args.out), formats=tuple(args.format or FORMATS), fold=args.fold,
                         calibrated=not args.uncalibrated, allow_missing=args.allow_missing)
-    for name, item in (info.get("files") or {}).items():
-        print(f"{name}: {item}")
-    for fmt, check in (info.get("checks") or {}).items():
-        print(f"{fmt}: max |p - p_torch| = {check}")
-    decision = info["decision"]
-    if decision["threshold"] is not None:
-        print(f"decision: {info['classes'][1]} when probabilities[:, 1] >= {decision['threshold']:.6g} "
-              f"({decision['rule']}, chosen on {decision['fitted_on']})")
-    elif decision.get("class_weights"):
-        weights = ", ".join(f"{c}: {w:.6g}" for c, w in zip(info["classes"], decision["class_weights"], strict=True))
-        print(f"decision: the class with the largest weight x probability (class weights {weights}; "
-              f"{decision['rule']}, chosen on {decision['fitted_on']})")
-    else:
-        print(f"decision: the most probable class ({decision['fitted_on']})")
+    print("\n".join(summary_lines(info)))
     return 0
 
 
@@ -438,7 +428,7 @@ def _cmd_config(args: argparse.Namespace) -> int:
 # what every command returns; argparse itself exits 2 on a malformed command line
 EXIT_CODES = {0: "success", 1: "bad data, image or checkpoint (the message names the file and the fix)",
               2: "usage or configuration error", 3: "training refused or failed (e.g. a run trained with other settings)",
-              4: "predict: some inputs could not be read (the others were predicted)",
+              4: "predict: some inputs could not be read or were refused by the checks (the others were predicted)",
               5: "a run folder that is missing, unfinished or inconsistent", 130: "interrupted"}
 EXIT_CODES_TEXT = "exit codes:\n" + "\n".join(f"  {code:>3}  {what}" for code, what in EXIT_CODES.items())
 

@@ -223,3 +223,23 @@ def test_monai_bundle_agrees_with_medvox_predict(exported_run, real_nifti, tmp_p
     got = np.array([records[0]["probabilities"][c] for c in expected.classes])
     assert np.abs(got - expected.probs[0]).max() <= AGREE, (got, expected.probs[0])
     assert records[0]["label"] == expected.label
+
+
+def test_the_export_summary_names_each_check_and_the_decision():
+    from medvox.inference.export import summary_lines
+    from medvox.metrics.decision import Decision
+
+    decision = Decision.from_cut(0.42, ["benign", "malignant"], rule="youden")
+    info = {"files": {"torchscript": "out/model.torchscript.pt"},
+            "checks": {"inputs": "2 random N(0, 1) volumes", "torchscript": {"max_abs_diff": 3e-8, "ok": True},
+                       "onnx": {"skipped": "onnxruntime not installed"},
+                       "case": {"id": "case_7", "subset": "test", "tolerance": 1e-5,
+                                "torchscript": {"max_abs_diff": 2e-5, "ok": False}}},
+            "decision": decision.to_json()}
+    lines = summary_lines(info)
+    assert lines[0] == "torchscript: out/model.torchscript.pt"
+    assert "check on 2 random N(0, 1) volumes, torchscript: max |p - p_medvox| = 3e-08 (ok 1e-04)" in lines
+    assert "check on 2 random N(0, 1) volumes, onnx: skipped (onnxruntime not installed)" in lines
+    assert ("check on case case_7 (test) against medvox predict: torchscript max |p - p_medvox| = 2e-05 "
+            "(OVER 1e-05)") in lines
+    assert lines[-1] == f"decision: {decision.describe()}"

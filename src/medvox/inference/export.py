@@ -457,6 +457,30 @@ def _verify_case(files: dict[str, Path], predictor: Predictor, doc: dict[str, An
     return check
 
 
+def summary_lines(info: dict[str, Any]) -> list[str]:
+    """What ``medvox export`` prints: each file, the agreement checks in words, and the decision."""
+    lines = [f"{name}: {item}" for name, item in (info.get("files") or {}).items()]
+    checks = dict(info.get("checks") or {})
+    inputs = checks.pop("inputs", None)
+    case = checks.pop("case", None)
+
+    def verdict(item: dict[str, Any], tolerance: float) -> str:
+        if "skipped" in item:
+            return f"skipped ({item['skipped']})"
+        return f"max |p - p_medvox| = {item['max_abs_diff']:.2g} ({'ok' if item['ok'] else 'OVER'} {tolerance:.0e})"
+
+    for name, item in checks.items():
+        if isinstance(item, dict):
+            lines.append(f"check on {inputs or 'random volumes'}, {name}: {verdict(item, _TOLERANCE)}")
+    if isinstance(case, dict) and "skipped" in case:
+        lines.append(f"check on a real case: skipped ({case['skipped']})")
+    elif isinstance(case, dict):
+        parts = [f"{k} {verdict(v, case['tolerance'])}" for k, v in case.items() if isinstance(v, dict)]
+        lines.append(f"check on case {case['id']} ({case['subset']}) against medvox predict: " + "; ".join(parts))
+    lines.append(f"decision: {Decision.from_json(info['decision']).describe()}")
+    return lines
+
+
 def _load_standalone(path: Path):
     """The written ``predict.py`` as a module (not registered in ``sys.modules``)."""
     spec = importlib.util.spec_from_file_location(f"_medvox_export_{abs(hash(str(path)))}", path)
