@@ -14,8 +14,10 @@ TARGETS = [
     ("aug_vs_monai", "Augmentation: medvox / MONAI RandAffined (samples/s)", ">=", 2.0, "all"),
     ("aug_vs_torchio", "Augmentation: medvox / TorchIO RandomAffine, its faster set-up", ">=", 1.2, "all"),
     ("startup_s", "Warm start-up: `medvox train` process start -> first optimizer step (s)", "<", 5.0, "all"),
-    ("amp_time", "Precision: `--amp` epoch time / fp32 epoch time (never a precision slower than fp32)", "<=", 1.1,
-     "all"),
+    # paired: the median of per-round ratios, each of two epochs run one after the other (where --amp is fp32,
+    # the two run the same computation and the ratio of the medians is the load's noise alone)
+    ("amp_time", "Precision: `--amp` epoch time / fp32 epoch time, per-round median (never slower than fp32)", "<=",
+     1.1, "all"),
     ("train_fp32_vs_a", "Training, fp32: medvox / (a) MONAI tutorial pipeline (samples/s)", ">=", 1.3, "all"),
     ("train_bf16_vs_a", "Training, bf16: medvox / (a) MONAI tutorial pipeline (fp32, as written) (samples/s)", ">=",
      2.0, "bf16"),
@@ -51,7 +53,7 @@ def target_values(results: dict) -> dict:
     wait = train.get("configs", {}).get(best, {}).get("data_wait_frac", {}).get("median") if best else None
     return {"aug_vs_monai": aug.get("vs_monai"), "aug_vs_torchio": aug.get("vs_torchio_best"),
             "startup_s": results.get("startup", {}).get("warm", {}).get("first_step", {}).get("median"),
-            "amp_time": tr.get("fp32_vs_amp"), "train_fp32_vs_a": tr.get("fp32_vs_peer_a"),
+            "amp_time": tr.get("paired_fp32_vs_amp", tr.get("fp32_vs_amp")), "train_fp32_vs_a": tr.get("fp32_vs_peer_a"),
             "train_bf16_vs_a": tr.get("bf16_vs_peer_a"), "train_bf16_vs_b": tr.get("bf16_vs_peer_b"),
             "data_wait": wait}
 
