@@ -40,7 +40,8 @@ def graded_npz(medmnist_28, tmp_path_factory):
 def graded_run(graded_npz, tmp_path_factory):
     out = tmp_path_factory.mktemp("graded_runs")
     args = ["cv", "--data", str(graded_npz), "--output", str(out), "--recipe", "auto", "--model", "resnet10",
-            "--epochs", "2", "--folds", "3", "--threads", "2", "--plots", "final", "--set", "train.keep_last=false"]
+            "--epochs", "2", "--folds", "3", "--threads", "2", "--plots", "final", "--set", "train.keep_last=false",
+            "--time-budget", "0"]
     assert main(args) == 0
     return out / "resnet10"
 
@@ -131,5 +132,4 @@ def test_report_and_predict_handle_three_grades(graded_run, graded_npz, tmp_path
     assert main(["export", str(graded_run), "--fold", "0", "--out", str(tmp_path / "export"),
                  "--format", "torchscript"]) == 0
     weights = ", ".join(f"{g}: {w:.6g}" for g, w in zip(GRADES, used["class_weights"], strict=True))
-    assert f"decision: the class with the largest weight x probability (class weights {weights}; youden" \
-        in capsys.readouterr().out
+    assert f"(class weights {weights}) (youden, chosen on fold 0's validation set" in capsys.readouterr().out

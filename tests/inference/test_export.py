@@ -133,7 +133,7 @@ def test_export_records_the_runs_decision_or_the_fusion_it_leaves_out(cv_runs, t
     from medvox.cli import main
 
     assert main(["export", str(run), "--out", str(tmp_path / "cli"), "--format", "torchscript"]) == 0
-    assert f"decision: 1 when probabilities[:, 1] >= {decision['threshold']:.6g} (youden" in capsys.readouterr().out
+    assert f"decision: calibrated p(1) >= {decision['threshold']:.6f} (youden" in capsys.readouterr().out
     fused = Path(shutil.copytree(run, tmp_path / "fused", ignore=shutil.ignore_patterns("tensorboard")))
     (fused / "features").mkdir(exist_ok=True)
     (fused / "features" / "fusion.json").write_text(json.dumps({"weight": 0.6}))

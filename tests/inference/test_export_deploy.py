@@ -130,7 +130,7 @@ def test_refused_before_any_work(mil_checkpoint, tmp_path, monkeypatch, capsys):
         export_model(tmp_path / "missing.pt", tmp_path / "out")
     from medvox.cli import main
 
-    assert main(["export", str(mil_checkpoint), "--out", str(tmp_path / "out")]) == 1
+    assert main(["export", str(mil_checkpoint), "--out", str(tmp_path / "out")]) == 2  # a usage error
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--format torchscript" in err[0] and "Traceback" not in err[0]
     assert not (tmp_path / "out").exists()
@@ -242,4 +242,4 @@ def test_the_export_summary_names_each_check_and_the_decision():
     assert "check on 2 random N(0, 1) volumes, onnx: skipped (onnxruntime not installed)" in lines
     assert ("check on case case_7 (test) against medvox predict: torchscript max |p - p_medvox| = 2e-05 "
             "(OVER 1e-05)") in lines
-    assert lines[-1] == f"decision: {decision.describe()}"
+    assert lines[-1] == f"decision: {decision.describe(digits=6)}" == "decision: calibrated p(malignant) >= 0.420000"

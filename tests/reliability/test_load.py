@@ -91,7 +91,7 @@ def test_predict_1000_volumes_memory_flat_bad_files_reported(trained_run, tmp_pa
     prob_cols = [c for c in rows[0] if c.startswith("prob_")]
     assert all(abs(sum(float(r[c]) for c in prob_cols) - 1) < 1e-4 for r in ok)
     assert sorted(errors) == sorted(bad)
-    assert f"{len(bad)} input(s) could not be read (status 'error' in the CSV):" in err
+    assert f"{len(bad)} input(s) could not be read or were refused by the checks (status 'error' in the CSV):" in err
     for case_id, reason in bad.items():
         row = errors[case_id]
         assert row["error"].split(": ", 1)[1].startswith(reason), row  # "<path>: <reason> (<fix>)"

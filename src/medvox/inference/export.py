@@ -58,11 +58,11 @@ import torch
 from torch import nn
 
 from medvox.data.preprocess import read_case
-from medvox.errors import CheckpointError, MedvoxError
+from medvox.errors import CheckpointError, DataError, MedvoxError, UsageError
 from medvox.inference.predictor import Predictor
 from medvox.metrics.decision import Decision
 from medvox.models import uses_cosine_head
-from medvox.run import write_json
+from medvox.run import require_output_folder, write_json
 
 log = logging.getLogger("medvox")
 
@@ -127,8 +127,9 @@ def export_model(checkpoint_or_run: Path, out_dir: Path, formats: tuple[str, ...
 
     Raises:
         ValueError: an unknown format.
-        MedvoxError: ``"onnx"`` without the ``export`` extra (onnx) installed, or an ``out_dir`` that is a file or
-            a folder holding something other than an export (before anything is read or written).
+        UsageError: ``"onnx"`` without the ``export`` extra (onnx) installed (before anything is read or written).
+        DataError: an ``out_dir`` that is a file, cannot be written, or holds something other than an export
+            (before anything is read or written).
         RunError: the run is not a finished run / fold, or a fold's final checkpoint is missing (unless
             ``allow_missing``).
         CheckpointError: a checkpoint is not a medvox model, or the members are different models.
@@ -137,7 +138,7 @@ def export_model(checkpoint_or_run: Path, out_dir: Path, formats: tuple[str, ...
     if unknown:
         raise ValueError(f"unknown export format(s) {unknown}; choose from {list(FORMATS)}")
     if "onnx" in formats and importlib.util.find_spec("onnx") is None:
-        raise MedvoxError('ONNX export needs the onnx package: pip install "medvox[export]" (or export TorchScript '
+        raise UsageError('ONNX export needs the onnx package: pip install "medvox[export]" (or export TorchScript '
                          "alone with --format torchscript / formats=(\"torchscript\",))")
     out_dir = Path(out_dir)
     _check_out_dir(out_dir)
@@ -206,11 +207,11 @@ def load_exported(out_dir: Path) -> ProbabilityModel:
 
 
 def _check_out_dir(out_dir: Path) -> None:
-    """Refuse, before any work, an ``out_dir`` whose contents an export would destroy."""
-    if out_dir.exists() and not out_dir.is_dir():
-        raise MedvoxError(f"{out_dir} is a file: give a folder for the export (--out DIR)")
+    """Refuse, before any work, an ``out_dir`` that is not a writable folder
+    (:func:`~medvox.run.require_output_folder`) or whose contents an export would destroy."""
+    require_output_folder(out_dir, "--out")
     if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / EXPORT_JSON).is_file():
-        raise MedvoxError(f"{out_dir} holds files that are not a medvox export (no {EXPORT_JSON}): give a new or empty "
+        raise DataError(f"{out_dir} holds files that are not a medvox export (no {EXPORT_JSON}): give a new or empty "
                          "folder (an earlier export there is replaced)")
 
 
@@ -477,7 +478,7 @@ def summary_lines(info: dict[str, Any]) -> list[str]:
     elif isinstance(case, dict):
         parts = [f"{k} {verdict(v, case['tolerance'])}" for k, v in case.items() if isinstance(v, dict)]
         lines.append(f"check on case {case['id']} ({case['subset']}) against medvox predict: " + "; ".join(parts))
-    lines.append(f"decision: {Decision.from_json(info['decision']).describe()}")
+    lines.append(f"decision: {Decision.from_json(info['decision']).describe(digits=6)}")  # a deployer's precision
     return lines
 
 

@@ -151,11 +151,12 @@ class Decision:
             return f"the largest weighted {self.probabilities} probability (class weights {weights})"
         return f"the most probable class ({self.probabilities} probabilities)"
 
-    def describe(self) -> str:
-        """:meth:`text` with the rule and what it was fitted on."""
+    def describe(self, digits: int = 3) -> str:
+        """:meth:`text` (with ``digits``) with the rule and what it was fitted on."""
+        text = self.text(digits)
         if self.is_argmax:
-            return f"{self.text()}: {self.fitted_on}" if self.fitted_on else self.text()
-        return f"{self.text()} ({self.rule}, chosen on {self.fitted_on})" if self.fitted_on else self.text()
+            return f"{text}: {self.fitted_on}" if self.fitted_on else text
+        return f"{text} ({self.rule}, chosen on {self.fitted_on})" if self.fitted_on else text
 
     def to_json(self) -> dict[str, Any]:
         return {"rule": self.rule, "threshold": self.threshold,
