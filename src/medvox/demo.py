@@ -11,7 +11,7 @@ import logging
 from pathlib import Path
 
 from medvox.config import ExperimentConfig, resolve
-from medvox.machine import cpu_bf16_native
+from medvox.machine import EMULATED_BF16_SLOWDOWN, cpu_bf16_basis, cpu_bf16_native
 
 log = logging.getLogger("medvox")
 
@@ -35,6 +35,9 @@ def demo_config(manifest: Path, out: Path, model: str = "resnet10", epochs: int 
     # mixed precision only where this CPU runs bf16 natively (faster than fp32 there, benchmarks/RESULTS.md);
     # elsewhere oneDNN emulates it at ~26x the fp32 step time, so the demo trains in fp32
     overrides["train.amp"] = cpu_bf16_native()
+    if not overrides["train.amp"]:
+        log.info("the demo trains in fp32: bf16 is emulated on this CPU (%s), %s slower than fp32",
+                 cpu_bf16_basis(), EMULATED_BF16_SLOWDOWN)
     if epochs is not None:
         overrides["train.epochs"] = epochs
     return resolve(overrides=overrides)

@@ -120,9 +120,12 @@ def test_explicit_bf16_on_an_emulating_cpu_is_honoured_with_a_warning(tiny_medmn
     assert "~26x slower per step" in (run / "train.log").read_text()
 
 
-def test_demo_asks_for_amp_only_where_bf16_is_native(monkeypatch, tmp_path):
-    """The demo's mixed precision follows the capability: bf16 where native, fp32 (amp off) elsewhere."""
+def test_demo_asks_for_amp_only_where_bf16_is_native(monkeypatch, tmp_path, caplog):
+    """The demo's mixed precision follows the capability: bf16 where native, fp32 (amp off) elsewhere, and it
+    says why it trains in fp32."""
     from medvox.demo import DEMO_OVERRIDES, demo_config
+
+    caplog.set_level(logging.INFO, logger="medvox")
 
     assert "train.amp" not in DEMO_OVERRIDES and "train.precision" not in DEMO_OVERRIDES
     seen = []
@@ -131,3 +134,5 @@ def test_demo_asks_for_amp_only_where_bf16_is_native(monkeypatch, tmp_path):
         cfg = demo_config(tmp_path / "manifest.csv", tmp_path / "out")
         seen.append((cfg.train.amp, resolve_precision(cfg.train, "cpu")))
     assert seen == [(False, "32-true"), (True, "bf16-mixed")]
+    said = [r.getMessage() for r in caplog.records if "the demo trains in fp32" in r.getMessage()]
+    assert said == ["the demo trains in fp32: bf16 is emulated on this CPU (MEDVOX_CPU_BF16=0), ~26x slower than fp32"]

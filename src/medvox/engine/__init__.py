@@ -8,6 +8,7 @@ import logging
 from pathlib import Path
 
 from medvox.config import ConfigError, ExperimentConfig, flat_keys, validate
+from medvox.engine.timing import current_position
 from medvox.errors import CheckpointError, DataError
 from medvox.logs import library_logging, train_log
 from medvox.run import TRAIN_LOG, RunLock
@@ -223,6 +224,9 @@ def _train_locked(cfg: ExperimentConfig, fabric, prepared, run_dir: Path, state:
         if prepared.skipped:
             log.warning("--skip-bad: skipped %d bad case(s), listed with the reasons in %s", len(prepared.skipped),
                         prepared.cache_dir / "skipped_cases.json")
+        position = current_position()
+        if fabric.is_global_zero and (position is None or position.number == 1):  # once per cv, and per train
+            log.info("%s", prepared.summary())
         precision = choose_precision(cfg.train, fabric.device.type)  # what make_fabric chose, with its reason
         if precision.warning:
             log.warning(precision.warning)
