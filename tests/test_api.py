@@ -67,8 +67,9 @@ def test_python_auto_recipe_writes_the_cli_config_and_keeps_the_hosts_logging(ti
     config.json), picks its final weights by validation and says so; `train()` leaves a host's handler on the
     root logger in place and sends it medvox's records, and takes its own train.log handler away after."""
     out = tmp_path / "runs"
+    # --time-budget 0: the recipe without its throughput probe (tests/cv/test_time_budget.py covers that)
     assert main(["train", "--data", str(tiny_medmnist), "--recipe", "auto", "--folds", "2", "--epochs", "1",
-                 "--model", "resnet10", "--plots", "final", "--output", str(out)]) == 0
+                 "--model", "resnet10", "--plots", "final", "--time-budget", "0", "--output", str(out)]) == 0
     fold = out / "resnet10" / "fold_0"
     cli_config = (fold / "config.json").read_text()
     (out / "resnet10").rename(out / "from_cli")  # the Python run writes the same folder (train.output is in it)
@@ -86,7 +87,8 @@ def test_python_auto_recipe_writes_the_cli_config_and_keeps_the_hosts_logging(ti
     before = (list(root.handlers), list(medvox_log.handlers), medvox_log.level, medvox_log.propagate, root.level)
     try:
         cfg = ExperimentConfig(data=DataConfig(path=str(tiny_medmnist), folds=2), model=ModelConfig(name="resnet10"),
-                               train=TrainConfig(recipe="auto", epochs=1, plots="final", output=str(out)))
+                               train=TrainConfig(recipe="auto", epochs=1, plots="final", time_budget_min=0,
+                                                 output=str(out)))
         metrics = medvox.train(cfg)
         after = (list(root.handlers), list(medvox_log.handlers), medvox_log.level, medvox_log.propagate, root.level)
     finally:

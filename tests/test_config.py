@@ -121,7 +121,7 @@ def test_a_bad_config_file_fails_before_any_data_is_read_or_anything_written(tmp
 
 def test_cv_ignores_the_fold_a_config_file_sets_for_train_and_refuses_the_flag(tmp_path, capsys, monkeypatch):
     """A project's medvox.json may name the fold `medvox train` runs; `medvox cv --folds 3` trains all three
-    (it used to refuse a file's fold 4 as out of range). `medvox cv --fold 2` was silently ignored: now refused."""
+    (a file's fold 4 is not out of range for cv). `medvox cv --fold 2` is refused (cv trains every fold)."""
     from medvox.cv import crossval as cv
 
     got = []

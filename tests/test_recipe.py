@@ -161,10 +161,9 @@ def test_the_gpu_memory_probe_trains_where_the_deepest_map_is_one_voxel():
     model = create_model("resnet18", in_channels=1, num_classes=2)
     opt = torch.optim.AdamW(model.parameters())
     with pytest.raises(ValueError, match="more than 1 value per channel"):
-        probe_step(model, opt, 1, 1, [28, 28, 28], 2, "cpu")  # the old probe's first step
+        probe_step(model, opt, 1, 1, [28, 28, 28], 2, "cpu")  # batch 1: BatchNorm on a 1-voxel map cannot train
     before = [p.detach().clone() for p in model.parameters()]
-    for batch in PROBE_BATCHES:
-        probe_step(model, opt, batch, 1, [28, 28, 28], 2, "cpu")
+    probe_step(model, opt, min(PROBE_BATCHES), 1, [28, 28, 28], 2, "cpu")  # the smallest batch the probe uses
     assert min(PROBE_BATCHES) >= 2 and any(not torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
 
 
@@ -269,8 +268,8 @@ def test_optimizer_steps_count_what_the_trainer_runs(n, batch, accum, processes)
 
 
 def test_user_epochs_or_batch_give_the_ema_of_the_steps_that_run():
-    """`--epochs 12` under the recipe used to keep the EMA decay of the recipe's own 40 epochs (0.998, a time
-    constant of most of a 768-step run); now the decay is the one of the steps the user's settings make."""
+    """`--epochs 12` under the recipe gets the EMA decay of the steps the user's settings make, not that of the
+    recipe's own 40 epochs (0.998, a time constant of most of a 768-step run)."""
     plan = _plan((28, 28, 28))  # 1,028 training cases per fold, batch 16 x 1: 64 steps per epoch
     own, _ = auto_recipe(plan, folds=5, pretrained=False)
     assert (own["train.epochs"], own["train.ema_decay"]) == (40, ema_decay_for_steps(40 * 64)) == (40, 0.998)

@@ -38,7 +38,7 @@ def test_the_forecast_matches_the_time_the_cv_takes(tiny_medmnist, tmp_path):
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     said = done.stdout + done.stderr
     line = re.search(r"--recipe auto: 2 folds ~ (\d+) min on this CPU \(.*samples/s measured\): (\d+) epochs at "
-                     r"(\S+) \(within the 1.2 min time budget", said)
+                     rf"(\S+) \(within the {BUDGET_MIN:g} min time budget", said)
     assert line, said[-3000:]
     summary = json.loads((out / "mil" / "cv_summary.json").read_text())
     times = summary["time"]

@@ -147,7 +147,7 @@ def test_resume_refuses_a_run_started_on_another_preprocessing_plan(tiny_medmnis
     (run / "metrics.json").unlink()  # as if killed after its last epoch's last.pt
     state = load_checkpoint(run / "last.pt")
     assert state["plan"]["antialias"] is True
-    del state["plan"]["antialias"]  # what a medvox from before that change planned
+    del state["plan"]["antialias"]  # another plan: the same settings planned without anti-aliasing
     torch.save(state, run / "last.pt")
     before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
     again = subprocess.run([*cmd, "--resume"], capture_output=True, text=True)
