@@ -100,15 +100,6 @@ def ratio(ours: float | None, theirs: float | None) -> float | None:
 # ------------------------------------------------------------------------------------- machine
 
 
-def _cpu_model() -> str:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return platform.processor() or "unknown"
-    match = re.search(r"^model name\s*:\s*(.+)$", text, re.M)
-    return match.group(1).strip() if match else platform.processor() or "unknown"
-
-
 def _cpu_flags() -> set[str]:
     try:
         match = re.search(r"^flags\s*:\s*(.+)$", Path("/proc/cpuinfo").read_text(), re.M)
@@ -136,7 +127,7 @@ def machine_info() -> dict:
         import torchio
     except ImportError:  # the GPU machines have no TorchIO: its rows are left out there
         torchio = None
-    from medvox.machine import cpu_bf16_basis, cpu_bf16_native, cpu_capability
+    from medvox.machine import cpu_bf16_basis, cpu_bf16_native, cpu_capability, cpu_name
 
     flags = _cpu_flags()
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
@@ -147,7 +138,7 @@ def machine_info() -> dict:
         "mkldnn_bf16": bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()),
         "onednn_max_cpu_isa": os.environ.get("ONEDNN_MAX_CPU_ISA"),
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "cpu": _cpu_model(), "cores": os.cpu_count(), "memory_gb": _mem_total_gb(),
+        "cpu": cpu_name(), "cores": os.cpu_count(), "memory_gb": _mem_total_gb(),
         "cpu_flags": {f: f in flags for f in ("avx512f", "avx512_bf16", "amx_bf16", "amx_tile")},
         "gpu": gpu, "python": platform.python_version(), "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(), "monai": monai.__version__, "torchio": torchio.__version__ if torchio else None,

@@ -440,7 +440,7 @@ def _fit_time_budget(cfg, given: set[str], plan: dict[str, Any], chosen: dict[st
     from medvox.data.cache import cache_root
     from medvox.engine import budget
     from medvox.engine.probe import cached_throughput, measure_throughput
-    from medvox.engine.setup import choose_precision, compute_threads
+    from medvox.engine.setup import choose_precision, compute_threads, precision_name
     from medvox.machine import cpu_bf16_native, cpu_capability, cpu_name
 
     tc = cfg.train
@@ -522,7 +522,7 @@ def _fit_time_budget(cfg, given: set[str], plan: dict[str, Any], chosen: dict[st
         coarser = {"voxels": sides[plan_s.index] ** 3, "reason": "time budget"} if plan_s.index else {}
         chosen, why = recipe(**coarser, max_epochs=plan_s.epochs)
     chosen = {**chosen, **extra}
-    precision = {"32-true": "fp32", "bf16-mixed": "bf16", "16-mixed": "fp16"}.get(tp.precision, tp.precision)
+    precision = precision_name(tp.precision)
     if accelerator == "cpu":
         where = (f"this CPU ({cpu_name()}, {cpu_capability()}, bf16 {'native' if cpu_bf16_native() else 'emulated'}; "
                  f"{threads} thread{'s' if threads != 1 else ''}, {precision}")

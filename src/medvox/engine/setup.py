@@ -45,6 +45,11 @@ class PrecisionChoice:
 _FABRIC = {"bf16": "bf16-mixed", "fp16": "16-mixed", "fp32": "32-true"}
 
 
+def precision_name(fabric_precision: str) -> str:
+    """The user's name (``--precision``) of a Fabric precision: ``"32-true"`` -> ``"fp32"``."""
+    return {v: k for k, v in _FABRIC.items()}.get(fabric_precision, fabric_precision)
+
+
 def choose_precision(tc: TrainConfig, accelerator: str) -> PrecisionChoice:
     """The precision for ``tc`` on ``accelerator`` ("cpu" | "cuda"), with its reason.
 
