@@ -63,6 +63,7 @@ class FoldTrainer:
         self.channels_last = tc.channels_last and fabric.device.type != "cpu"
         self.classes = list(prepared.classes)
         self.mode = "min" if "loss" in tc.monitor else "max"
+        self._eta_clock: tuple[float, int] | None = None  # (when, epoch) of the first epoch this process ran
         self.loaders = self._make_loaders()
         self.model, self.ema = self._make_model()
         self.raw_model = self.model  # the unwrapped module: its state_dict has clean keys
@@ -345,7 +346,7 @@ class FoldTrainer:
         # the ETA from the mean wall time of the epochs since the first this process ran (checkpoints and plots
         # included); after that first one, the forecast's epoch when there is one, else its training + validation
         now, forecast = time.perf_counter(), timing.forecast_for(self.cfg)
-        if getattr(self, "_eta_clock", None) is None:
+        if self._eta_clock is None:
             self._eta_clock = (now, entry["epoch"])
         since, first = self._eta_clock
         epoch_s = ((now - since) / (entry["epoch"] - first) if entry["epoch"] > first else
