@@ -449,12 +449,7 @@ def _verify_case(files: dict[str, Path], predictor: Predictor, doc: dict[str, An
         x_alone = standalone.preprocess(array, meta.get("spacing", [1.0, 1.0, 1.0]), doc["preprocessing"])
         check["standalone_preprocessing_max_abs_diff"] = float(np.abs(x_alone - x).max())
         outputs["standalone"] = _run_case({"torchscript": files["torchscript"]}, x_alone[None])["torchscript"]
-    for name, out in outputs.items():
-        diff = float(np.abs(out - expected).max())
-        check[name] = {"max_abs_diff": diff, "ok": diff <= _CASE_TOLERANCE}
-        if diff > _CASE_TOLERANCE:
-            log.warning("exported %s differs from medvox predict on case %s by up to %.3g (tolerance %.0e)", name,
-                        case.id, diff, _CASE_TOLERANCE)
+    check.update(_agreement(outputs, expected, _CASE_TOLERANCE, f"medvox predict on case {case.id}"))
     return check
 
 
@@ -496,9 +491,18 @@ def _verify(files: dict[str, Path], probe: torch.Tensor, reference: np.ndarray) 
     outputs = _run_case(files, probe.numpy())
     if "onnx" in files and "onnx" not in outputs:
         checks["onnx"] = {"skipped": "onnxruntime not installed (pip install onnxruntime)"}
-    for name, out in outputs.items():
-        diff = float(np.abs(out - reference).max())
-        checks[name] = {"max_abs_diff": diff, "ok": diff <= _TOLERANCE}
-        if diff > _TOLERANCE:
-            log.warning("exported %s differs from PyTorch by up to %.3g (tolerance %.0e)", name, diff, _TOLERANCE)
+    checks.update(_agreement(outputs, reference, _TOLERANCE, "PyTorch"))
     return checks
+
+
+def _agreement(outputs: dict[str, np.ndarray], reference: np.ndarray, tolerance: float, against: str
+               ) -> dict[str, dict[str, Any]]:
+    """Each exported file's largest absolute difference to ``reference`` and whether it is within ``tolerance``;
+    a file beyond it is logged as a warning naming what it was compared ``against``."""
+    out: dict[str, dict[str, Any]] = {}
+    for name, probs in outputs.items():
+        diff = float(np.abs(probs - reference).max())
+        out[name] = {"max_abs_diff": diff, "ok": diff <= tolerance}
+        if diff > tolerance:
+            log.warning("exported %s differs from %s by up to %.3g (tolerance %.0e)", name, against, diff, tolerance)
+    return out
