@@ -19,11 +19,16 @@ install: $(BIN)/medvox
 demo: install
 	$(BIN)/medvox demo
 
+# Two workers (each with its share of the CPUs), then the tests that measure time, alone on the machine.
+TEST_WORKERS ?= 2
+PARALLEL := -n $(TEST_WORKERS)
+
 test: install
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q $(PARALLEL) -m "not alone"
+	$(BIN)/python -m pytest -q -m alone
 
 test-fast: install
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(BIN)/python -m pytest -q $(PARALLEL) -m "not slow"
 
 bench: install
 	$(BIN)/python benchmarks/run.py

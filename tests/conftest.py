@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +18,44 @@ def _require(path: Path) -> Path:
     if not path.is_file():
         pytest.skip(f"real data not found at {path} (set MEDVOX_MEDMNIST_DIR to the folder holding it)")
     return path
+
+
+def pytest_configure(config):
+    """Under pytest-xdist (``make test`` runs two workers), each worker keeps its own share of this process's
+    CPUs, and the processes its tests start inherit it: medvox sizes its threads by the affinity mask, so two
+    workers on two cores train side by side with one thread each instead of four threads time-slicing."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    if workers < 2 or not worker.startswith("gw") or not hasattr(os, "sched_setaffinity"):
+        return
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) >= workers:
+        os.sched_setaffinity(0, cpus[int(worker[2:]) % workers::workers])
+
+
+# Session fixtures that train or cross-validate: the test files that name one run on one xdist worker, so it is
+# made once per suite, not once per worker.
+SHARED_RUNS = ("cv_runs", "deterministic_runs", "trained_run")
+
+
+@functools.cache
+def _xdist_scope(file: str) -> str:
+    """The scheduling unit of a test file: the first shared run its source names, else the file itself (its
+    module fixtures are made once)."""
+    source = (REPO_ROOT / file).read_text(encoding="utf-8") if (REPO_ROOT / file).is_file() else ""
+    return next((name for name in SHARED_RUNS if re.search(rf"\b{name}\b", source)), file)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """``make test``'s workers receive whole test files, and the files that share a training run together."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class SharedRunScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return _xdist_scope(nodeid.split("::", 1)[0])
+
+    return SharedRunScheduling(config, log)
 
 
 @pytest.fixture(scope="session")

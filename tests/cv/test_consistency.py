@@ -63,7 +63,7 @@ def test_every_figure_shown_twice_is_the_same(run_dir, tmp_path):
 
     # the report
     assert main(["report", str(run_dir), "--out", str(tmp_path / "r.html")]) == 0
-    page = htmllib.unescape((tmp_path / "r.html").read_text())
+    page = htmllib.unescape((tmp_path / "r.html").read_text(encoding="utf-8"))
     assert decision.text() in page
     assert f"AUC {summary['oof']['auc']:.3f}" in page and f"AUC {summary['test']['final_at_threshold']['auc']:.3f}" in page
     assert "differs from cv_summary.json" not in page
@@ -76,7 +76,7 @@ def test_every_figure_shown_twice_is_the_same(run_dir, tmp_path):
     for row in cmp["runs"]:
         assert row["oof_auc"] == summary["oof"]["auc"] and row["test_auc"] == summary["test"]["final_at_threshold"]["auc"]
         assert row["oof"]["accuracy"] == summary["oof"]["accuracy"]
-    assert f"{summary['oof']['auc']:.3f}" in (tmp_path / "cmp" / "comparison.html").read_text()
+    assert f"{summary['oof']['auc']:.3f}" in (tmp_path / "cmp" / "comparison.html").read_text(encoding="utf-8")
 
 
 def test_every_predicted_follows_from_its_row_and_the_decision(run_dir):
@@ -141,7 +141,7 @@ def test_the_reliability_figures_are_raw_before_and_calibrated_after(run_dir, tm
         writer.writeheader()
         writer.writerows(rows)
     assert main(["report", str(run), "--out", str(tmp_path / "r.html")]) == 0
-    page = (tmp_path / "r.html").read_text()
+    page = (tmp_path / "r.html").read_text(encoding="utf-8")
     m = re.search(r"Pooled out-of-fold ECE \(15 bins, top-label\): raw ([0-9]+\.[0-9]+), "
                   r"each fold at its temperature ([0-9]+\.[0-9]+)",
                   page)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import locale
 from pathlib import Path
 
 import nibabel as nib
@@ -45,19 +47,30 @@ def write_dicom_series(folder: Path, data: np.ndarray, ras_affine: np.ndarray, s
     orientation = "\\".join(f"{v:.6f}" for v in [*direction[:, 0], *direction[:, 1]])
     writer = sitk.ImageFileWriter()
     writer.KeepOriginalImageUIDOn()
-    for k in range(data.shape[2]):
-        if k in skip:
-            continue
-        sl = image[:, :, k]
-        position = "\\".join(f"{v:.6f}" for v in image.TransformIndexToPhysicalPoint((0, 0, k)))
-        slice_tags = {"0008|0060": modality, "0020|000d": f"{uid_root}.1", "0020|000e": f"{uid_root}.2.{series}",
-                      "0020|0032": position, "0020|0037": orientation, "0020|0013": str(k + 1),
-                      "0008|0018": f"{uid_root}.3.{series}.{k + 1}", "0018|0050": f"{spacing[2]:.4f}", **tags}
-        for tag, value in slice_tags.items():
-            sl.SetMetaData(tag, value)
-        writer.SetFileName(str(folder / f"s{series}_{k:03d}.dcm"))
-        writer.Execute(sl)
+    with _locale_kept():  # GDCM's writer sets the process locale to "C" and leaves it there
+        for k in range(data.shape[2]):
+            if k in skip:
+                continue
+            sl = image[:, :, k]
+            position = "\\".join(f"{v:.6f}" for v in image.TransformIndexToPhysicalPoint((0, 0, k)))
+            slice_tags = {"0008|0060": modality, "0020|000d": f"{uid_root}.1", "0020|000e": f"{uid_root}.2.{series}",
+                          "0020|0032": position, "0020|0037": orientation, "0020|0013": str(k + 1),
+                          "0008|0018": f"{uid_root}.3.{series}.{k + 1}", "0018|0050": f"{spacing[2]:.4f}", **tags}
+            for tag, value in slice_tags.items():
+                sl.SetMetaData(tag, value)
+            writer.SetFileName(str(folder / f"s{series}_{k:03d}.dcm"))
+            writer.Execute(sl)
     return folder
+
+
+@contextlib.contextmanager
+def _locale_kept():
+    """Restore the process locale on exit: open() defaults to its encoding (ASCII under "C") in every later test."""
+    saved = locale.setlocale(locale.LC_ALL)
+    try:
+        yield
+    finally:
+        locale.setlocale(locale.LC_ALL, saved)
 
 
 def lesion_volume(rng: np.random.Generator, label: int, shape=(12, 12, 8)) -> np.ndarray:
