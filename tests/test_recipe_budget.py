@@ -28,8 +28,8 @@ class FakeProbe:
 
     def throughput(self, shape, precision="32-true") -> Throughput:
         rate = self.rate * 28 ** 3 / math.prod(shape) * (self.bf16 if "bf16" in precision else 1.0)
-        return Throughput(train=rate, evaluate=3 * rate, predict=3 * rate, save_s=0.5, plot_s=1.0,
-                          precision=precision, threads=2, device="cpu")
+        return Throughput(train=rate, evaluate=3 * rate, predict=3 * rate, save_s=0.5, images_s=0.3,
+                          curves_s=0.7, precision=precision, threads=2, device="cpu")
 
     def __call__(self, model_name, shape, channels, num_classes, batch, **kw):
         self.calls.append({"model_name": model_name, "shape": list(shape), "batch": batch, **kw})

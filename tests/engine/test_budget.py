@@ -3,27 +3,33 @@ epochs, the floors hold, the user's epochs are kept, and a coarser input is meas
 
 from __future__ import annotations
 
+import math
+
 import pytest
 
-from medvox.engine import budget
+from medvox.engine import budget, timing
 from medvox.engine.budget import MIN_EPOCHS, Workload, choose_schedule, epochs_within, forecast
 from medvox.engine.probe import Throughput
 
 WORK = Workload(folds=5, n_train=1028, n_val=258, n_test=298, batch=16)
 
 
-def _tp(train: float, plot_s: float = 1.0, save_s: float = 1.0) -> Throughput:
-    return Throughput(train=train, evaluate=3 * train, predict=2.5 * train, save_s=save_s, plot_s=plot_s,
-                      precision="32-true", threads=2, device="cpu")
+def _tp(train: float, images_s: float = 0.4, curves_s: float = 0.6, save_s: float = 1.0) -> Throughput:
+    return Throughput(train=train, evaluate=3 * train, predict=2.5 * train, save_s=save_s, images_s=images_s,
+                      curves_s=curves_s, precision="32-true", threads=2, device="cpu")
 
 
 def test_the_forecast_adds_up_its_parts():
     tp = _tp(16.0)
     fc = forecast(40, WORK, tp)
-    # 64 batches of 16 at 16 samples/s, 258 validation cases twice (raw + EMA) at 48/s, last.pt + a quarter, plots
-    epoch = 64 * 16 / 16 + 2 * 258 / 48 + 1.25 * 1.0 + 1.0
+    # 64 batches of 16 at 16 samples/s, 258 validation cases twice (raw + EMA) at 48/s, last.pt + a quarter, the
+    # epoch's images; the epoch outlasts CURVES_EVERY_S, so the curves are drawn after every epoch
+    core = 64 * 16 / 16 + 2 * 258 / 48 + 1.25 * 1.0 + 0.4
+    assert core > timing.CURVES_EVERY_S
+    epoch = core + 0.6
     assert fc.epoch_s == pytest.approx(epoch)
-    fixed = budget.FOLD_START_S + (258 + 298) / 48 + 0.5 * 1.0 + 0.5 * 1.0
+    # the final weights on validation and test with their images, the curves drawn whole, the slimmed last.pt
+    fixed = budget.FOLD_START_S + (258 + 298) / 48 + 2 * 0.4 + 0.6 + 0.5 * 1.0
     assert fc.fold_fixed_s == pytest.approx(fixed) and fc.fold_s == pytest.approx(40 * epoch + fixed)
     summary = budget.SUMMARY_FIXED_S + 5 * 298 * (1 + budget.TTA_VIEWS) / 40
     assert fc.summary_s == pytest.approx(summary)
@@ -34,7 +40,20 @@ def test_the_forecast_adds_up_its_parts():
     assert lean.epoch_s == pytest.approx(epoch - 258 / 48)
     assert lean.summary_s == pytest.approx(budget.SUMMARY_FIXED_S + 5 * 298 / 40)
     two = forecast(40, Workload(5, 1028, 258, 298, 16, processes=2), tp)
-    assert two.epoch_s == pytest.approx(32 * 16 / 16 + 2 * 129 / 48 + 2.25)
+    assert two.epoch_s == pytest.approx(32 * 16 / 16 + 2 * 129 / 48 + 1.25 + 0.4 + 0.6)
+
+
+def test_the_curves_of_short_epochs_count_once_per_redraw():
+    """Epochs shorter than CURVES_EVERY_S share one draw of the curves: a 10x faster machine forecasts the
+    images every epoch but the curves only every few."""
+    tp = _tp(160.0, images_s=0.4, curves_s=0.6)
+    core = 64 * 16 / 160 + 2 * 258 / 480 + 1.25 + 0.4
+    between = math.ceil(timing.CURVES_EVERY_S / core)
+    assert between > 1
+    assert forecast(40, WORK, tp).epoch_s == pytest.approx(core + 0.6 / between)
+    # without plots (train.plots = final) the epoch is its work alone
+    bare = forecast(40, WORK, _tp(160.0, images_s=0.0, curves_s=0.0))
+    assert bare.epoch_s == pytest.approx(core - 0.4)
 
 
 def test_a_smaller_budget_never_gives_more_epochs_and_the_floors_hold():

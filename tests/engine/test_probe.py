@@ -20,19 +20,20 @@ def test_the_probe_trains_a_tiny_model_and_returns_positive_throughput(tmp_path)
     tp = measure_throughput("mil", [16, 16, 16], 1, 2, 4, precision="32-true", threads=1, model_kwargs=MIL_KWARGS,
                             augment=AugmentConfig(flip_axes=[2]), workdir=tmp_path)
     assert isinstance(tp, Throughput)
-    assert tp.train > 0 and tp.evaluate > 0 and tp.predict > 0 and tp.save_s > 0 and tp.plot_s > 0
+    assert tp.train > 0 and tp.evaluate > 0 and tp.predict > 0 and tp.save_s > 0 and tp.images_s > 0
+    assert tp.curves_s > 0
     assert (tp.precision, tp.threads, tp.device) == ("32-true", 1, "cpu")
     assert torch.get_num_threads() == threads and torch.equal(torch.get_rng_state(), rng)
     assert list(tmp_path.iterdir()) == []  # its checkpoint and plots were written there and deleted
     # a ResNet (BatchNorm, batch 2) without EMA or plots
     resnet = measure_throughput("resnet10", [16, 16, 16], 1, 2, 2, precision="32-true", threads=1, plots=False,
                                 ema=False, steps=2)
-    assert resnet.train > 0 and resnet.plot_s == 0.0
+    assert resnet.train > 0 and resnet.images_s == resnet.curves_s == 0.0
     assert Throughput.from_json(json.loads(json.dumps(resnet.to_json()))) == resnet
 
 
 def _tp(rate: float) -> Throughput:
-    return Throughput(rate, rate, rate, 0.1, 0.1, "32-true", 1, "cpu")
+    return Throughput(rate, rate, rate, 0.1, 0.05, 0.05, "32-true", 1, "cpu")
 
 
 def test_a_measurement_is_kept_per_setting_and_the_first_written_wins(tmp_path):

@@ -6,14 +6,16 @@ choice. A cross-validation of ``k`` folds takes::
 
     k x (epochs x epoch + fold's fixed part) + summary
     epoch   = training samples / train rate + validation samples x (2 with EMA) / evaluation rate
-              + last.pt (and on average one best checkpoint of a quarter its size) + the epoch's plots
-    fixed   = start + the final weights on validation and test + their plots + the slimmed last.pt
+              + last.pt (and on average one best checkpoint of a quarter its size) + the epoch's images
+              + the curves' draw / the epochs between two draws (one draw per CURVES_EVERY_S at most)
+    fixed   = start + the final weights on validation and test + their images + the final curves
+              + the slimmed last.pt
     summary = k x test cases x (1 + TTA views) / fp32 prediction rate + a fixed part
 
 Example:
     >>> from medvox.engine.probe import Throughput
-    >>> tp = Throughput(train=16.0, evaluate=48.0, predict=40.0, save_s=1.0, plot_s=1.0, precision="32-true",
-    ...                 threads=2, device="cpu")
+    >>> tp = Throughput(train=16.0, evaluate=48.0, predict=40.0, save_s=1.0, images_s=0.3, curves_s=0.7,
+    ...                 precision="32-true", threads=2, device="cpu")
     >>> work = Workload(folds=5, n_train=1028, n_val=258, n_test=298, batch=16)
     >>> round(forecast(40, work, tp).total_s / 60)  # 5 x (40 x 77 s + 14 s) + 189 s
     261
@@ -28,7 +30,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from medvox.engine.probe import Throughput
-from medvox.engine.timing import Forecast
+from medvox.engine.timing import CURVES_EVERY_S, Forecast
 
 DEFAULT_CPU_BUDGET_MIN = 120.0  # the whole cv on a CPU when no --time-budget is given (none on a GPU)
 MIN_EPOCHS = 10  # the shortest useful schedule: warmup + cosine over fewer epochs hardly anneals
@@ -71,11 +73,15 @@ def forecast(epochs: int, work: Workload, tp: Throughput) -> Forecast:
     p = max(1, work.processes)
     train_s = train_batches(work.n_train, work.batch, p) * work.batch / tp.train
     val_s = math.ceil(work.n_val / p) * (2 if work.ema else 1) / tp.evaluate
-    epoch_s = train_s + val_s + 1.25 * tp.save_s + tp.plot_s
-    # the final weights on validation and test, their confusion matrices and ROC curves (about half an epoch's
-    # plots: the learning curves are the larger half), and last.pt read back and rewritten with the weights alone
-    fixed_s = (FOLD_START_S + math.ceil((work.n_val + work.n_test) / p) / tp.evaluate + 0.5 * tp.plot_s
-               + 0.5 * tp.save_s)
+    # the epoch's confusion matrix and ROC (train.plots = all; best_last draws them only where the monitor
+    # improved: counted every epoch, an upper bound), and the curves, redrawn once CURVES_EVERY_S have passed
+    core_s = train_s + val_s + 1.25 * tp.save_s + tp.images_s
+    between = max(1, math.ceil(CURVES_EVERY_S / core_s)) if core_s > 0 else 1
+    epoch_s = core_s + tp.curves_s / between
+    # the final weights on validation and test with their images, the curves drawn whole, and last.pt read back
+    # and rewritten with the weights alone
+    fixed_s = (FOLD_START_S + math.ceil((work.n_val + work.n_test) / p) / tp.evaluate + 2 * tp.images_s
+               + tp.curves_s + 0.5 * tp.save_s)
     fold_s = epochs * epoch_s + fixed_s
     views = 1 + (TTA_VIEWS if work.tta else 0)
     summary_s = SUMMARY_FIXED_S + work.folds * work.n_test * views / tp.predict
@@ -125,7 +131,7 @@ def choose_schedule(budget_s: float | None, candidates: list[list[int]], measure
 
     Example:
         >>> from medvox.engine.probe import Throughput
-        >>> tp = lambda rate: Throughput(rate, 3 * rate, 3 * rate, 0.5, 0.5, "32-true", 2, "cpu")
+        >>> tp = lambda rate: Throughput(rate, 3 * rate, 3 * rate, 0.5, 0.2, 0.3, "32-true", 2, "cpu")
         >>> work = lambda i: Workload(folds=5, n_train=1028, n_val=258, n_test=298, batch=16)
         >>> s = choose_schedule(60 * 60, [[28] * 3, [20] * 3], lambda i: tp([10.0, 30.0][i]), work, most=40)
         >>> s.epochs, s.shape, s.fits  # 28^3: not even 10 epochs in an hour; 20^3: 16

@@ -29,10 +29,10 @@ import torch
 
 log = logging.getLogger("medvox")
 
-PROBE_VERSION = 1  # part of the cache key: a change in what is measured measures again
+PROBE_VERSION = 2  # part of the cache key: a change in what is measured measures again
 MIN_SECONDS = 2.0  # the timed training steps last at least this long (evaluation: half), ...
 MAX_PASSES = 20  # ... unless this many more passes over them are done
-PLOT_DRAWS = 2  # one epoch's plots drawn this many times (a fast model's epoch is mostly its plots)
+PLOT_DRAWS = 2  # each kind of plot drawn this many times (a fast model's epoch is mostly its plots)
 
 
 @dataclass(frozen=True)
@@ -44,8 +44,9 @@ class Throughput:
         evaluate: validation samples per second (forward only, in the training precision).
         predict: test-ensemble samples per second (the Predictor's fp32 forward, batch 8).
         save_s: seconds to write one ``last.pt`` (weights, EMA and optimizer state).
-        plot_s: seconds of one epoch's plots (confusion matrix, ROC, loss and learning curves); 0 with
+        images_s: seconds of one evaluation's images (confusion matrix and ROC curve); 0 with
             ``train.plots = final``.
+        curves_s: seconds of one draw of the loss and learning curves; 0 with ``train.plots = final``.
         precision: the Fabric precision measured (``"32-true"``, ``"bf16-mixed"``, ...).
         threads: intra-op threads measured with.
         device: ``"cpu"`` or the GPU's name.
@@ -55,7 +56,8 @@ class Throughput:
     evaluate: float
     predict: float
     save_s: float
-    plot_s: float
+    images_s: float
+    curves_s: float
     precision: str
     threads: int
     device: str
@@ -188,10 +190,10 @@ def measure_throughput(model_name: str, shape: list[int], channels: int, num_cla
             t0 = time.perf_counter()
             atomic_save(state, tmp / "last.pt")
             save_s = time.perf_counter() - t0
-            plot_s = _plot_seconds(tmp, num_classes, ema) if plots else 0.0
+            images_s, curves_s = _plot_seconds(tmp, num_classes, ema) if plots else (0.0, 0.0)
         device = "cpu" if fabric.device.type == "cpu" else torch.cuda.get_device_name(fabric.device)
-        return Throughput(train=train_rate, evaluate=eval_rate, predict=predict_rate, save_s=save_s, plot_s=plot_s,
-                          precision=precision, threads=torch.get_num_threads(), device=device)
+        return Throughput(train=train_rate, evaluate=eval_rate, predict=predict_rate, save_s=save_s, images_s=images_s,
+                          curves_s=curves_s, precision=precision, threads=torch.get_num_threads(), device=device)
     finally:
         torch.set_num_threads(before)
         torch.set_rng_state(rng_state)
@@ -245,10 +247,10 @@ def _predict_rate(model, device, channels: int, shape: list[int], batch: int = 8
     return done * batch / max(time.perf_counter() - t0, 1e-9)
 
 
-def _plot_seconds(folder: Path, num_classes: int, ema: bool) -> float:
-    """Seconds of the plots one epoch draws (confusion matrix, ROC, loss curve, learning curves), the mean of
-    :data:`PLOT_DRAWS` draws after an untimed first one (importing matplotlib is paid once per process, not per
-    epoch)."""
+def _plot_seconds(folder: Path, num_classes: int, ema: bool) -> tuple[float, float]:
+    """Seconds of one evaluation's images (confusion matrix, ROC) and of one draw of the curves (loss, learning
+    curves), each the mean of :data:`PLOT_DRAWS` draws after an untimed first one (importing matplotlib is paid
+    once per process, not per epoch)."""
     from medvox import plots
     from medvox.engine import artifacts
     from medvox.metrics.classification import compute_metrics
@@ -261,16 +263,22 @@ def _plot_seconds(folder: Path, num_classes: int, ema: bool) -> float:
     entry = {"epoch": 1, "lr": 1e-3, "train": {"loss": 0.6}, "val": metrics, **({"val_ema": metrics} if ema else {})}
     history = [{**entry, "epoch": i} for i in range(1, 21)]  # the curves' cost grows a little with the epochs
 
-    def draw(tag: str) -> None:
+    def images(tag: str) -> None:
         artifacts.epoch_plots(folder, tag, labels, probs, metrics, classes)
+
+    def curves(tag: str) -> None:
         plots.plot_loss_curve(history, folder / f"loss_{tag}.png")
         plots.plot_learning_curves(history, folder / f"curves_{tag}.png")
 
-    draw("warm")
-    t0 = time.perf_counter()
-    for i in range(PLOT_DRAWS):
-        draw(f"timed{i}")
-    return (time.perf_counter() - t0) / PLOT_DRAWS
+    def timed(draw) -> float:
+        t0 = time.perf_counter()
+        for i in range(PLOT_DRAWS):
+            draw(f"timed{i}")
+        return (time.perf_counter() - t0) / PLOT_DRAWS
+
+    images("warm")
+    curves("warm")
+    return timed(images), timed(curves)
 
 
 def cache_key(settings: dict[str, Any]) -> str:

@@ -18,6 +18,10 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+# The learning curves (loss_curve.png, learning_curves.png) are redrawn after an epoch when this many seconds have
+# passed since they were last drawn, and always after the first epoch a process runs and at the fold's end: on a
+# CPU one draw takes about a second, a fifth of a small model's epoch.
+CURVES_EVERY_S = 30.0
 
 @dataclass(frozen=True)
 class Forecast:

@@ -64,6 +64,8 @@ class FoldTrainer:
         self.classes = list(prepared.classes)
         self.mode = "min" if "loss" in tc.monitor else "max"
         self._eta_clock: tuple[float, int] | None = None  # (when, epoch) of the first epoch this process ran
+        self._curves_drawn: float | None = None  # when the learning curves were last drawn (perf_counter)
+        self._last_val: tuple[np.ndarray, np.ndarray, dict] | None = None  # the latest validation: labels, probs, metrics
         self.loaders = self._make_loaders()
         self.model, self.ema = self._make_model()
         self.raw_model = self.model  # the unwrapped module: its state_dict has clean keys
@@ -212,9 +214,18 @@ class FoldTrainer:
         entry["time"] = {"train_seconds": d["seconds"], "samples_per_s": d["samples_per_s"],
                          "data_wait_frac": d["data_wait_frac"], "val_seconds": time.perf_counter() - t0}
         self.schedule.epoch_end(val.get(self.cfg.train.monitor))
-        if self.fabric.is_global_zero and self.cfg.train.plots != "final":
-            artifacts.epoch_plots(self.run_dir, f"epoch_{epoch:03d}", labels, probs, val, self.classes)
+        self._last_val = (labels, probs, val)
         return entry
+
+    def _epoch_plots(self, epoch: int, last: bool) -> None:
+        """The epoch's confusion matrix and ROC images: every epoch with ``train.plots = all``; with
+        ``best_last`` only where the raw weights' monitor improved, and for the last epoch of the fold (the images
+        of bests since overtaken are deleted at the fold's end)."""
+        plots = self.cfg.train.plots
+        wanted = plots == "all" or (plots == "best_last" and (last or self.best["raw"]["epoch"] == epoch))
+        if wanted and self.fabric.is_global_zero and self._last_val is not None:
+            labels, probs, val = self._last_val
+            artifacts.epoch_plots(self.run_dir, f"epoch_{epoch:03d}", labels, probs, val, self.classes)
 
     def _sync_buffers(self) -> None:
         """Give every rank rank 0's buffers (BatchNorm running statistics), of the raw and the EMA model.
@@ -298,6 +309,7 @@ class FoldTrainer:
             improved = self._update_best(epoch, entry)
             self.bad_epochs = 0 if improved else self.bad_epochs + 1
             stop = tc.early_stopping > 0 and self.bad_epochs >= tc.early_stopping
+            self._epoch_plots(epoch, last=stop or epoch == tc.epochs)
             if f.is_global_zero:
                 # everything --resume needs; _finish drops the resume state once the fold has finished
                 atomic_save(self._state(epoch), self.run_dir / "last.pt")
@@ -340,7 +352,10 @@ class FoldTrainer:
     def _write_epoch(self, entry: dict, status: str) -> None:
         write_json(self.run_dir / "metrics.json", self._metrics_doc(status))
         self.logger.log(entry, self.history)
-        if self.cfg.train.plots != "final":  # "final": drawn once in _finish (sweeps where plotting costs more than a GPU epoch)
+        # redrawn at most every CURVES_EVERY_S ("final": only in _finish, for sweeps where plotting costs more
+        # than a GPU epoch); _finish draws them whole in every mode
+        if self.cfg.train.plots != "final" and (
+                self._curves_drawn is None or time.perf_counter() - self._curves_drawn >= timing.CURVES_EVERY_S):
             self._curves()
         log.info(_summary_line(entry, self.cfg.train.monitor, self.cfg.loss.name))
         # the ETA from the mean wall time of the epochs since the first this process ran (checkpoints and plots
@@ -360,6 +375,7 @@ class FoldTrainer:
 
         plots.plot_loss_curve(self.history, self.run_dir / "loss_curve.png", train_loss=self.cfg.loss.name)
         plots.plot_learning_curves(self.history, self.run_dir / "learning_curves.png", train_loss=self.cfg.loss.name)
+        self._curves_drawn = time.perf_counter()
 
     def _choose_final(self) -> tuple[str, dict]:
         """Which best weights are the fold's result (``train.final_weights``), and the record of the choice.
@@ -410,7 +426,7 @@ class FoldTrainer:
             write_json(self.run_dir / "metrics.json", doc)
             if self.cfg.train.plots == "best_last":
                 artifacts.prune_epoch_plots(self.run_dir, {self.best["raw"]["epoch"], len(self.history)})
-            if self.cfg.train.plots == "final" and self.history:
+            if self.history:
                 self._curves()
             self._finish_last(status)
             self.logger.close(final, step=len(self.history))
