@@ -18,7 +18,7 @@ log = logging.getLogger("medvox")
 # A short schedule that still shows learning within the 10-minute budget of a 2-core CPU.
 DEMO_OVERRIDES = {
     "data.target_spacing": [3.0, 1.2, 1.2],  # 32^3 voxels instead of 32x48x48: the lesions stay visible
-    "train.epochs": 15,
+    "train.epochs": 12,
     "train.batch_size": 8,
     "train.grad_accum": 1,
     "train.early_stopping": 0,
