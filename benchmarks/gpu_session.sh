@@ -2,10 +2,12 @@
 # One GPU session, everything in one call (a lent GPU machine is billed from start to give-back):
 #   1. the GPU benchmark (issue 6): `benchmarks/run.py --gpu` -> GPU_RESULTS.md / gpu_results.json (BENCH=1 runs it)
 #   1b. the MFU sweep (issue 6): `benchmarks/gpu.py --mfu-sweep` -> mfu_sweep.json / .md (MFU_SWEEP=1 runs it)
+#   1c. the time budget on a GPU (issue 25): a 2-fold `medvox cv --recipe auto --gpu --amp --time-budget` on the
+#      64^3 data; prints the forecast against the measured time and the precision run_info records (BUDGET_CV=1)
 #   2. the accuracy sweep (issue 8): `benchmarks/accuracy.py run` of many recipes in parallel on the one GPU,
-#      stopped at the session's time limit; the small files of every finished run -> acc.tar.gz
+#      stopped at the session's time limit; the small files of every finished run -> acc.tar.gz (SWEEP=0 skips it)
 # Usage (repository root, on the GPU machine): OUT=/some/dir BUDGET_S=540 bash benchmarks/gpu_session.sh
-# Knobs (defaults: the accuracy sweep alone, issue 8 being the open one): BENCH=1 runs 1, MFU_SWEEP=1 runs 1b,
+# Knobs (defaults: the accuracy sweep alone): BENCH=1 runs 1, MFU_SWEEP=1 runs 1b, BUDGET_CV=1 runs 1c,
 # JOBS="..." and PARALLEL=N choose the sweep, FOLD_PARALLEL=0 runs each job's folds in turn in one process,
 # MPS=0 does not try CUDA MPS (tried by default, off again if a client cannot start).
 # Needs the MedMNIST files in .gpu/data/ and, where the machine lacks them, wheels of MONAI, nibabel and
@@ -54,6 +56,28 @@ if [ "${MFU_SWEEP:-0}" = 1 ]; then  # issue 6: which lever moves ResNet-50-3D's 
   timeout 240 python3 benchmarks/gpu.py --mfu-sweep --json "$OUT/mfu_sweep.json" > "$OUT/mfu.log" 2>&1
   echo "[$(elapsed) s] MFU sweep exit $?"; tail -n 40 "$OUT/mfu.log"
 fi
+if [ "${BUDGET_CV:-0}" = 1 ]; then
+  echo "[$(elapsed) s] time budget on the GPU: medvox cv --recipe auto, 2 folds, ${CV_BUDGET_MIN:-2} min"
+  rm -rf "$SCRATCH/budget_cv"
+  start=$(date +%s.%N)
+  timeout 300 python3 -m medvox cv --data .gpu/data/adrenalmnist3d_64.npz --recipe auto --gpu --amp --folds 2 \
+    --time-budget "${CV_BUDGET_MIN:-2}" --early_stopping 0 --output "$SCRATCH/budget_cv" > "$OUT/budget_cv.log" 2>&1
+  rc=$?; wall=$(python3 -c "import time; print(round(time.time() - $start, 1))")
+  echo "[$(elapsed) s] budget cv exit $rc, the whole command ${wall} s"
+  grep -E "recipe auto|precision|ETA: cv|cv ~|folder" "$OUT/budget_cv.log" | head -n 12
+  python3 - "$SCRATCH/budget_cv" "$wall" <<'PY' | tee "$OUT/budget_cv.json"
+import json, sys
+from pathlib import Path
+root = Path(sys.argv[1])
+summary = next(root.glob("*/cv_summary.json"))
+times = json.loads(summary.read_text())["time"]
+info = json.loads(next(root.glob("*/fold_0/run_info.json")).read_text())
+f, m = times["forecast_min"], times["measured_min"]
+print(json.dumps({"time": times, "error": round(abs(f - m) / m, 3), "command_s": float(sys.argv[2]),
+                  "precision": info.get("precision"), "hardware": info.get("hardware")}, indent=1))
+PY
+fi
+if [ "${SWEEP:-1}" = 0 ]; then echo "[$(elapsed) s] end"; exit 0; fi
 left=$(( BUDGET_S - $(elapsed) - 25 ))
 echo "[$(elapsed) s] accuracy sweep, ${left} s left"
 # done already (benchmarks/accuracy.md): r18 x 3 seeds (CPU), the MONAI baselines x 3 seeds (H100), r18_mixup (2 folds,
