@@ -5,11 +5,9 @@ epoch's; the learning curves are redrawn at most every ``CURVES_EVERY_S`` and al
 from __future__ import annotations
 
 import json
-import logging
 import math
 
 import pytest
-import torch
 
 from medvox.cli import main
 from medvox.engine import artifacts, timing
@@ -19,16 +17,7 @@ from tests.reliability.helpers import FAST, MIL
 EPOCHS = 5
 
 
-@pytest.fixture(autouse=True)
-def clean_process():
-    """In-process training sets torch's thread count and attaches train.log handlers: undo both."""
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
-    logger = logging.getLogger("medvox")
-    for handler in [h for h in logger.handlers if getattr(h, "_medvox", False)]:
-        logger.removeHandler(handler)
-        handler.close()
+pytestmark = pytest.mark.usefixtures("clean_process")
 
 
 @pytest.fixture

@@ -71,18 +71,6 @@ def test_a_bad_override_is_refused(monkeypatch):
         choose_precision(_tc(amp=True), "cpu")
 
 
-@pytest.fixture
-def clean_process():
-    """In-process training sets torch's thread count and attaches train.log handlers: undo both."""
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
-    logger = logging.getLogger("medvox")
-    for handler in [h for h in logger.handlers if getattr(h, "_medvox", False)]:
-        logger.removeHandler(handler)
-        handler.close()
-
-
 def _train(data, out, *extra) -> int:
     return main(["train", "--data", str(data), *MIL, *FAST, "--epochs", "1", "--folds", "2", "--target-shape", "16",
                  "16", "16", "--output", str(out), *extra])

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 
 import pytest
 import torch
@@ -15,17 +14,7 @@ from medvox.cli import main
 from medvox.engine.checkpoint import RESUME_STATE_KEYS, load_checkpoint, safetensors_epoch
 from tests.reliability.helpers import FAST, MIL, comparable, snapshot
 
-
-@pytest.fixture(autouse=True)
-def clean_process():
-    """In-process training sets torch's thread count and attaches train.log handlers: undo both."""
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
-    logger = logging.getLogger("medvox")
-    for handler in [h for h in logger.handlers if getattr(h, "_medvox", False)]:
-        logger.removeHandler(handler)
-        handler.close()
+pytestmark = pytest.mark.usefixtures("clean_process")
 
 
 def _args(data, out, *extra) -> list[str]:
