@@ -65,7 +65,6 @@ class FoldTrainer:
         self.mode = "min" if "loss" in tc.monitor else "max"
         self._eta_clock: tuple[float, int] | None = None  # (when, epoch) of the first epoch this process ran
         self._curves_drawn: float | None = None  # when the learning curves were last drawn (perf_counter)
-        self._last_val: tuple[np.ndarray, np.ndarray, dict] | None = None  # the latest validation: labels, probs, metrics
         self.loaders = self._make_loaders()
         self.model, self.ema = self._make_model()
         self.raw_model = self.model  # the unwrapped module: its state_dict has clean keys
@@ -200,7 +199,8 @@ class FoldTrainer:
                 ema_update=lambda: update_ema(self.ema, self.raw_model), channels_last=self.channels_last,
                 mixup_alpha=self.cfg.augment.mixup if self.cfg.augment.enabled else 0.0, progress=bar.advance)
 
-    def _run_epoch(self, epoch: int) -> dict:
+    def _run_epoch(self, epoch: int) -> tuple[dict, np.ndarray, np.ndarray]:
+        """Train one epoch and validate it: the history entry, and the validation labels and probabilities."""
         lr = self.optimizer.param_groups[0]["lr"]
         stats = self._train_epoch(epoch)
         self._sync_buffers()
@@ -214,18 +214,16 @@ class FoldTrainer:
         entry["time"] = {"train_seconds": d["seconds"], "samples_per_s": d["samples_per_s"],
                          "data_wait_frac": d["data_wait_frac"], "val_seconds": time.perf_counter() - t0}
         self.schedule.epoch_end(val.get(self.cfg.train.monitor))
-        self._last_val = (labels, probs, val)
-        return entry
+        return entry, labels, probs
 
-    def _epoch_plots(self, epoch: int, last: bool) -> None:
+    def _epoch_plots(self, entry: dict, labels: np.ndarray, probs: np.ndarray, last: bool) -> None:
         """The epoch's confusion matrix and ROC images: every epoch with ``train.plots = all``; with
         ``best_last`` only where the raw weights' monitor improved, and for the last epoch of the fold (the images
         of bests since overtaken are deleted at the fold's end)."""
-        plots = self.cfg.train.plots
+        plots, epoch = self.cfg.train.plots, entry["epoch"]
         wanted = plots == "all" or (plots == "best_last" and (last or self.best["raw"]["epoch"] == epoch))
-        if wanted and self.fabric.is_global_zero and self._last_val is not None:
-            labels, probs, val = self._last_val
-            artifacts.epoch_plots(self.run_dir, f"epoch_{epoch:03d}", labels, probs, val, self.classes)
+        if wanted and self.fabric.is_global_zero:
+            artifacts.epoch_plots(self.run_dir, f"epoch_{epoch:03d}", labels, probs, entry["val"], self.classes)
 
     def _sync_buffers(self) -> None:
         """Give every rank rank 0's buffers (BatchNorm running statistics), of the raw and the EMA model.
@@ -301,7 +299,7 @@ class FoldTrainer:
         status = "complete"
         for epoch in range(self.start_epoch, tc.epochs + 1):
             try:
-                entry = self._run_epoch(epoch)
+                entry, labels, probs = self._run_epoch(epoch)
             except TrainingError as exc:
                 self._record_failure(f"epoch {epoch}: {exc}")
                 raise TrainingError(f"epoch {epoch}: {exc}") from exc
@@ -309,7 +307,7 @@ class FoldTrainer:
             improved = self._update_best(epoch, entry)
             self.bad_epochs = 0 if improved else self.bad_epochs + 1
             stop = tc.early_stopping > 0 and self.bad_epochs >= tc.early_stopping
-            self._epoch_plots(epoch, last=stop or epoch == tc.epochs)
+            self._epoch_plots(entry, labels, probs, last=stop or epoch == tc.epochs)
             if f.is_global_zero:
                 # everything --resume needs; _finish drops the resume state once the fold has finished
                 atomic_save(self._state(epoch), self.run_dir / "last.pt")
